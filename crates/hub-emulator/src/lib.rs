@@ -1,0 +1,2 @@
+//! A local Azure IoT Hub.
+pub mod query;
