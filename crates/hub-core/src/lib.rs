@@ -4,6 +4,8 @@
 //! - protocol (pure: no I/O, no clock reads): [`connection_string`], [`sas`], [`policy`],
 //!   [`topic`], [`timestamp`], and the wire model [`device`], [`twin`], [`method`], [`job`],
 //!   [`query`], [`error`].
+//! - clients (async I/O on tokio): [`tls`] (trust roots), [`device_client`] (MQTT),
+//!   [`service_client`] (REST).
 pub mod connection_string;
 pub mod sas;
 pub mod policy;
@@ -15,3 +17,6 @@ pub mod method;
 pub mod job;
 pub mod query;
 pub mod error;
+pub mod tls;
+pub mod device_client;
+pub mod service_client;
