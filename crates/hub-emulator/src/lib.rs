@@ -1,2 +1,269 @@
-//! A local Azure IoT Hub.
+//! A local Azure IoT Hub that speaks IoT Hub's own MQTT device protocol and REST service API,
+//! so that the official SDKs and our tools run against it unchanged.
+//!
+//! Module map:
+//! - [`config`]: command-line flags and data directory.
+//! - [`tls`]: the hub's local CA and server certificate.
+//! - [`store`]: durable state in SQLite.
+//! - [`hub`]: registry, twins, policies and the device-session router (shared state).
+//! - [`twins`]: twin sections, merge patches, `$version` and `$metadata`.
+//! - [`mqtt`]: the device endpoint (MQTT 3.1.1 over TLS and over WebSocket).
+//! - [`http`]: the service REST API (registry, twins, methods, query, jobs).
+//! - [`query`]: the IoT Hub query language (parser and evaluator).
+//! - [`jobs`]: Jobs v2, scheduled direct methods and twin updates over a query.
+//!
+//! [`start`] binds the listeners and returns a [`RunningHub`]; [`run`] is the binary's loop.
+
+pub mod config;
+pub mod http;
+pub mod hub;
+pub mod jobs;
+pub mod mqtt;
 pub mod query;
+pub mod store;
+pub mod tls;
+pub mod twins;
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Args, Config};
+pub use hub::Hub;
+
+/// How long shutdown waits for sessions and requests to finish.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(4);
+
+/// Why the hub could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory could not be created.
+    #[error("cannot create the data directory {}: {source}", path.display())]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A port could not be bound.
+    #[error("cannot listen for {what} on {addr}: {source}{hint}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        hint: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// The certificates could not be prepared.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// The stored state could not be loaded.
+    #[error("cannot load the hub's state: {0}")]
+    State(#[from] hub::HubError),
+    /// hub.env could not be written.
+    #[error("cannot write {}: {source}", path.display())]
+    Env {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What clients need to reach this hub (also written to `DATA_DIR/hub.env`).
+#[derive(Clone)]
+pub struct HubEnv {
+    /// `IOTHUB_CONNECTION_STRING`: the iothubowner policy.
+    pub service_connection_string: String,
+    /// `IOTHUB_DEVICE_CONNECTION_STRING`: the tutorial device `myDeviceId`.
+    pub device_connection_string: String,
+    /// `IOTHUB_CA_FILE`, when the hub has a data directory.
+    pub ca_file: Option<PathBuf>,
+    /// The CA certificate (PEM) clients must trust.
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for HubEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubEnv").field("ca_file", &self.ca_file).finish_non_exhaustive()
+    }
+}
+
+impl HubEnv {
+    /// The `KEY=value` lines of hub.env.
+    pub fn to_env_lines(&self) -> String {
+        let mut text = format!(
+            "IOTHUB_CONNECTION_STRING={}\nIOTHUB_DEVICE_CONNECTION_STRING={}\n",
+            self.service_connection_string, self.device_connection_string
+        );
+        if let Some(ca) = &self.ca_file {
+            text.push_str(&format!("IOTHUB_CA_FILE={}\n", ca.display()));
+        }
+        text
+    }
+}
+
+/// A started hub: its addresses, what clients need, and a handle to stop it.
+#[derive(Debug)]
+pub struct RunningHub {
+    /// Where MQTT over TLS listens.
+    pub mqtt_addr: SocketAddr,
+    /// Where HTTPS (REST and MQTT over WebSocket) listens.
+    pub https_addr: SocketAddr,
+    /// Connection strings and CA.
+    pub env: HubEnv,
+    hub: Hub,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl RunningHub {
+    /// The shared state (for in-process tests and benchmarks).
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Stops accepting, closes sessions, and waits (up to the drain deadline) for tasks to end.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        self.hub.kill_all_sessions();
+        self.tracker.close();
+        if tokio::time::timeout(DRAIN_DEADLINE, self.tracker.wait()).await.is_err() {
+            tracing::warn!("some connections did not close within {DRAIN_DEADLINE:?}; exiting anyway");
+        }
+    }
+}
+
+impl Drop for RunningHub {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr).await.map_err(|source| {
+        let hint = match source.kind() {
+            io::ErrorKind::AddrInUse => {
+                "; another program (or another hub-emulator) uses this port: stop it, or pick another port with --mqtt-port/--https-port"
+            }
+            io::ErrorKind::PermissionDenied => {
+                "; ports below 1024 need privileges (e.g. sudo setcap 'cap_net_bind_service=+ep' on the binary)"
+            }
+            _ => "",
+        };
+        StartError::Bind { what, addr, hint, source }
+    })
+}
+
+fn host_with_port(host: &str, port: u16, default_port: u16) -> String {
+    if port == default_port { host.to_owned() } else { format!("{host}:{port}") }
+}
+
+/// Opens the state, prepares TLS, binds both listeners and starts serving.
+pub async fn start(config: Config) -> Result<RunningHub, StartError> {
+    if let Some(dir) = &config.data_dir {
+        std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir { path: dir.clone(), source })?;
+    }
+    let tls = tls::load_or_create(config.data_dir.as_deref(), &config.hostnames)?;
+    let store = match (&config.data_dir, config.durable) {
+        (Some(dir), true) => store::Store::open(&dir.join("hub.db"))?,
+        _ => store::Store::in_memory(),
+    };
+    let mut host_names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    host_names.extend(config.hostnames.iter().cloned());
+    let hub = Hub::open(store, host_names)?;
+
+    let mqtt_listener = bind("MQTT over TLS", SocketAddr::new(config.bind, config.mqtt_port)).await?;
+    let https_listener = bind("HTTPS", SocketAddr::new(config.bind, config.https_port)).await?;
+    let mqtt_addr = mqtt_listener.local_addr().map_err(|source| StartError::Bind {
+        what: "MQTT over TLS",
+        addr: SocketAddr::new(config.bind, config.mqtt_port),
+        hint: "",
+        source,
+    })?;
+    let https_addr = https_listener.local_addr().map_err(|source| StartError::Bind {
+        what: "HTTPS",
+        addr: SocketAddr::new(config.bind, config.https_port),
+        hint: "",
+        source,
+    })?;
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let jobs = jobs::Jobs::open(hub.clone(), config.max_active_jobs)?;
+    jobs.spawn(shutdown.clone(), &tracker);
+    let acceptor = TlsAcceptor::from(tls.server_config.clone());
+    tracker.spawn(mqtt::serve(mqtt_listener, acceptor.clone(), hub.clone(), shutdown.clone(), tracker.clone()));
+    let router = http::router(http::AppState::new(hub.clone(), jobs.clone(), shutdown.clone(), tracker.clone()));
+    tracker.spawn(http::serve(https_listener, acceptor, router, shutdown.clone(), tracker.clone()));
+
+    let owner = hub.policy_keys("iothubowner").map(|k| k.primary_key).unwrap_or_default();
+    let device_key = hub.device_primary_key(hub::TUTORIAL_DEVICE_ID).unwrap_or_default();
+    let env = HubEnv {
+        service_connection_string: format!(
+            "HostName={};SharedAccessKeyName=iothubowner;SharedAccessKey={owner}",
+            host_with_port("localhost", https_addr.port(), 443)
+        ),
+        device_connection_string: format!(
+            "HostName={};DeviceId={};SharedAccessKey={device_key}",
+            host_with_port("localhost", mqtt_addr.port(), config::DEFAULT_MQTT_PORT),
+            hub::TUTORIAL_DEVICE_ID
+        ),
+        ca_file: tls.ca_file.clone(),
+        ca_pem: tls.ca_pem.clone(),
+    };
+    if let Some(dir) = &config.data_dir {
+        let path = dir.join("hub.env");
+        write_secret_file(&path, &env.to_env_lines()).map_err(|source| StartError::Env { path, source })?;
+    }
+    Ok(RunningHub { mqtt_addr, https_addr, env, hub, shutdown, tracker })
+}
+
+fn write_secret_file(path: &std::path::Path, contents: &str) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+        file.write_all(contents.as_bytes())
+    }
+    #[cfg(not(unix))]
+    {
+        std::fs::write(path, contents)
+    }
+}
+
+/// The binary's body: start, print what clients need, serve until `shutdown`, then drain.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
+    let durable = config.durable;
+    let data_dir = config.data_dir.clone();
+    let running = start(config).await?;
+    // These lines are the hub's interface to people and scripts: keep them stable.
+    println!("IOTHUB_CONNECTION_STRING={}", running.env.service_connection_string);
+    println!("IOTHUB_DEVICE_CONNECTION_STRING={}", running.env.device_connection_string);
+    if let Some(ca) = &running.env.ca_file {
+        println!("IOTHUB_CA_FILE={}", ca.display());
+    }
+    if let Some(dir) = &data_dir {
+        println!(
+            "# written to {} ({}); MQTT/TLS on {}, HTTPS on {}",
+            dir.join("hub.env").display(),
+            if durable { "state kept in hub.db" } else { "in memory: state is not kept" },
+            running.mqtt_addr,
+            running.https_addr
+        );
+    }
+    println!("hub-emulator ready");
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,118 @@
+//! The emulator's settings: command-line flags and where its data lives.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// The MQTT/TLS port every IoT Hub device SDK uses.
+pub const DEFAULT_MQTT_PORT: u16 = 8883;
+/// The HTTPS port for the service API (443 needs privileges; Python and our tools take a port).
+pub const DEFAULT_HTTPS_PORT: u16 = 8443;
+/// Concurrent active jobs allowed by default: IoT Hub's S3 tier.
+pub const DEFAULT_MAX_ACTIVE_JOBS: usize = 10;
+
+/// A local Azure IoT Hub: device MQTT (TLS and WebSocket), the service REST API, the query
+/// language and Jobs v2, with durable state.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "hub-emulator",
+    version,
+    after_help = "Examples:
+  hub-emulator                              # 127.0.0.1, MQTT on 8883, HTTPS on 8443
+  hub-emulator --https-port 443             # for clients that cannot take a port (Node service SDK)
+  hub-emulator --data-dir ./hub --hostname myhub.azure-devices.net
+  hub-emulator --in-memory --mqtt-port 0 --https-port 0   # throwaway hub on free ports
+
+Then, in other terminals: sim-device, and schedule-job (both read DATA_DIR/hub.env)."
+)]
+pub struct Args {
+    /// Where the hub keeps its keys, CA, registry, twins and jobs
+    /// [default: the user's data directory, e.g. ~/.local/share/iothub-emulator].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Keep nothing on disk except the CA and hub.env (throwaway runs).
+    #[arg(long)]
+    pub in_memory: bool,
+    /// Address to listen on.
+    #[arg(long, value_name = "ADDR", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    pub bind: IpAddr,
+    /// MQTT over TLS port (0 picks a free one).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MQTT_PORT)]
+    pub mqtt_port: u16,
+    /// HTTPS port for the service API and MQTT over WebSocket (0 picks a free one).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_HTTPS_PORT)]
+    pub https_port: u16,
+    /// Extra host names clients may use (added to the certificate and accepted in SAS audiences).
+    #[arg(long = "hostname", value_name = "NAME")]
+    pub hostnames: Vec<String>,
+    /// How many jobs may be active at once (IoT Hub: 1 on S1, 5 on S2, 10 on S3).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_ACTIVE_JOBS)]
+    pub max_active_jobs: usize,
+}
+
+/// The default data directory: `$XDG_DATA_HOME/iothub-emulator` or its platform equivalent.
+pub fn default_data_dir() -> Option<PathBuf> {
+    dirs::data_dir().map(|d| d.join("iothub-emulator"))
+}
+
+/// Everything `start` needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where keys, CA and hub.env are written (None: nothing is written at all).
+    pub data_dir: Option<PathBuf>,
+    /// Whether the registry, twins and jobs persist in `data_dir`.
+    pub durable: bool,
+    /// Listen address.
+    pub bind: IpAddr,
+    /// MQTT/TLS port (0 = any free port).
+    pub mqtt_port: u16,
+    /// HTTPS port (0 = any free port).
+    pub https_port: u16,
+    /// Extra host names.
+    pub hostnames: Vec<String>,
+    /// Active job cap.
+    pub max_active_jobs: usize,
+}
+
+impl Config {
+    /// An in-memory hub on free loopback ports that writes nothing (tests, examples).
+    pub fn ephemeral() -> Config {
+        Config {
+            data_dir: None,
+            durable: false,
+            bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            mqtt_port: 0,
+            https_port: 0,
+            hostnames: Vec::new(),
+            max_active_jobs: DEFAULT_MAX_ACTIVE_JOBS,
+        }
+    }
+}
+
+impl TryFrom<Args> for Config {
+    type Error = String;
+
+    fn try_from(args: Args) -> Result<Config, String> {
+        let data_dir = match args.data_dir {
+            Some(dir) => dir,
+            None => default_data_dir().ok_or(
+                "cannot tell where the user's data directory is; pass --data-dir DIR".to_owned(),
+            )?,
+        };
+        for name in &args.hostnames {
+            if name.is_empty() || name.contains(['/', ' ', ':']) {
+                return Err(format!("--hostname `{name}` is not a host name (no port, path or spaces)"));
+            }
+        }
+        Ok(Config {
+            data_dir: Some(data_dir),
+            durable: !args.in_memory,
+            bind: args.bind,
+            mqtt_port: args.mqtt_port,
+            https_port: args.https_port,
+            hostnames: args.hostnames,
+            max_active_jobs: args.max_active_jobs.max(1),
+        })
+    }
+}

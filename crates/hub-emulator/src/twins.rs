@@ -1,0 +1,396 @@
+//! Twin sections as IoT Hub keeps them: merge patches with `null` deletes, `$version`, and
+//! `$metadata` (`$lastUpdated` at every object level, plus `$lastUpdatedVersion` for desired).
+//!
+//! Pure functions over JSON maps; the hub decides when to call them and persists the result.
+
+use serde_json::{Map, Value};
+
+/// Maximum nesting of twin objects (IoT Hub counts the section root as level 1).
+pub const MAX_DEPTH: usize = 10;
+/// Maximum size of `tags`.
+pub const MAX_TAGS_BYTES: usize = 8 * 1024;
+/// Maximum size of `properties.desired` or `properties.reported` (without `$` members).
+pub const MAX_SECTION_BYTES: usize = 32 * 1024;
+/// Maximum length of one string value.
+pub const MAX_STRING_BYTES: usize = 4 * 1024;
+/// Largest integer IoT Hub stores exactly.
+pub const MAX_SAFE_INT: i64 = 4_503_599_627_370_495;
+
+/// A patch or document IoT Hub would refuse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TwinError {
+    /// A patch was not a JSON object.
+    #[error("{section} must be a JSON object, got {found}")]
+    NotAnObject { section: &'static str, found: &'static str },
+    /// A property name breaks IoT Hub's rules.
+    #[error("property name `{name}` in {section} is not allowed: names may not be empty or contain `.`, `$`, spaces or control characters")]
+    BadName { section: &'static str, name: String },
+    /// The document nests too deeply.
+    #[error("{section} nests deeper than {MAX_DEPTH} levels")]
+    TooDeep { section: &'static str },
+    /// The section is over its size limit.
+    #[error("{section} would be {size} bytes, over IoT Hub's limit of {limit} bytes")]
+    TooLarge { section: &'static str, size: usize, limit: usize },
+    /// A value is outside what IoT Hub stores.
+    #[error("value of `{name}` in {section} is not allowed: {reason}")]
+    BadValue { section: &'static str, name: String, reason: &'static str },
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Checks a patch (nulls allowed) against IoT Hub's name, depth and value rules.
+pub fn validate_patch(section: &'static str, patch: &Value) -> Result<(), TwinError> {
+    let Value::Object(map) = patch else {
+        return Err(TwinError::NotAnObject { section, found: kind(patch) });
+    };
+    validate_map(section, map, 1)
+}
+
+fn validate_map(section: &'static str, map: &Map<String, Value>, depth: usize) -> Result<(), TwinError> {
+    if depth > MAX_DEPTH {
+        return Err(TwinError::TooDeep { section });
+    }
+    for (name, value) in map {
+        if name.is_empty()
+            || name.len() > 1024
+            || name.chars().any(|c| c == '.' || c == '$' || c == ' ' || c.is_control())
+        {
+            return Err(TwinError::BadName { section, name: name.clone() });
+        }
+        validate_value(section, name, value, depth)?;
+    }
+    Ok(())
+}
+
+fn validate_value(section: &'static str, name: &str, value: &Value, depth: usize) -> Result<(), TwinError> {
+    match value {
+        Value::Object(inner) => validate_map(section, inner, depth + 1),
+        Value::String(s) if s.len() > MAX_STRING_BYTES => Err(TwinError::BadValue {
+            section,
+            name: name.to_owned(),
+            reason: "strings are limited to 4 KB",
+        }),
+        Value::Number(n) if n.as_i64().is_some_and(|i| !(-MAX_SAFE_INT - 1..=MAX_SAFE_INT).contains(&i)) => {
+            Err(TwinError::BadValue {
+                section,
+                name: name.to_owned(),
+                reason: "integers must lie within [-4503599627370496, 4503599627370495]",
+            })
+        }
+        Value::Array(items) => {
+            for item in items {
+                validate_value(section, name, item, depth + 1)?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// IoT Hub's size of a section: UTF-8 names plus values, `$` members excluded.
+pub fn section_size(map: &Map<String, Value>) -> usize {
+    map.iter()
+        .filter(|(k, _)| !k.starts_with('$'))
+        .map(|(k, v)| k.len() + value_size(v))
+        .sum()
+}
+
+fn value_size(value: &Value) -> usize {
+    match value {
+        Value::Null => 1,
+        Value::Bool(_) => 4,
+        Value::Number(_) => 8,
+        Value::String(s) => s.chars().filter(|c| !c.is_control()).count(),
+        Value::Array(items) => items.iter().map(value_size).sum(),
+        Value::Object(map) => section_size(map),
+    }
+}
+
+/// Merges `patch` into `target` (JSON merge patch: `null` deletes, objects merge).
+pub fn merge(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
+    for (key, value) in patch {
+        match value {
+            Value::Null => {
+                target.remove(key);
+            }
+            Value::Object(inner) => match target.get_mut(key) {
+                Some(Value::Object(existing)) => merge(existing, inner),
+                _ => {
+                    let mut fresh = Map::new();
+                    merge(&mut fresh, inner);
+                    target.insert(key.clone(), Value::Object(fresh));
+                }
+            },
+            other => {
+                target.insert(key.clone(), other.clone());
+            }
+        }
+    }
+}
+
+fn metadata_for(value: &Value, now: &str, version: Option<u64>) -> Value {
+    let mut meta = Map::new();
+    meta.insert("$lastUpdated".into(), Value::String(now.to_owned()));
+    if let Some(v) = version {
+        meta.insert("$lastUpdatedVersion".into(), Value::from(v));
+    }
+    if let Value::Object(map) = value {
+        for (key, inner) in map {
+            meta.insert(key.clone(), metadata_for(inner, now, version));
+        }
+    }
+    Value::Object(meta)
+}
+
+fn merge_with_metadata(
+    values: &mut Map<String, Value>,
+    meta: &mut Map<String, Value>,
+    patch: &Map<String, Value>,
+    now: &str,
+    version: Option<u64>,
+) {
+    for (key, value) in patch {
+        match value {
+            Value::Null => {
+                values.remove(key);
+                meta.remove(key);
+            }
+            Value::Object(inner) if matches!(values.get(key), Some(Value::Object(_))) => {
+                if let Some(Value::Object(existing)) = values.get_mut(key) {
+                    let entry = meta
+                        .entry(key.clone())
+                        .or_insert_with(|| Value::Object(Map::new()));
+                    if !entry.is_object() {
+                        *entry = Value::Object(Map::new());
+                    }
+                    if let Value::Object(child_meta) = entry {
+                        merge_with_metadata(existing, child_meta, inner, now, version);
+                    }
+                }
+            }
+            other => {
+                let mut stored = other.clone();
+                if let Value::Object(map) = &mut stored {
+                    // A new object may itself contain nulls: they mean "absent".
+                    let mut clean = Map::new();
+                    merge(&mut clean, map);
+                    *map = clean;
+                }
+                meta.insert(key.clone(), metadata_for(&stored, now, version));
+                values.insert(key.clone(), stored);
+            }
+        }
+    }
+    meta.insert("$lastUpdated".into(), Value::String(now.to_owned()));
+    if let Some(v) = version {
+        meta.insert("$lastUpdatedVersion".into(), Value::from(v));
+    }
+}
+
+/// Which twin section a patch targets; desired metadata carries `$lastUpdatedVersion`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    /// `properties.desired`, written by the service.
+    Desired,
+    /// `properties.reported`, written by the device.
+    Reported,
+}
+
+impl Section {
+    fn name(self) -> &'static str {
+        match self {
+            Section::Desired => "properties.desired",
+            Section::Reported => "properties.reported",
+        }
+    }
+}
+
+/// An empty section at version 1 with metadata, as a new device's twin has.
+pub fn new_section(now: &str, section: Section) -> Map<String, Value> {
+    let version = matches!(section, Section::Desired).then_some(1);
+    let mut map = Map::new();
+    map.insert("$metadata".into(), metadata_for(&Value::Object(Map::new()), now, version));
+    map.insert("$version".into(), Value::from(1u64));
+    map
+}
+
+/// The section's `$version`.
+pub fn version_of(section: &Map<String, Value>) -> u64 {
+    section.get("$version").and_then(Value::as_u64).unwrap_or(1)
+}
+
+/// Applies `patch` to a section (keeping `$metadata`, bumping `$version`), checking limits.
+/// Returns the new `$version`. On error the section is unchanged.
+pub fn apply_patch(
+    current: &mut Map<String, Value>,
+    patch: &Value,
+    section: Section,
+    now: &str,
+) -> Result<u64, TwinError> {
+    validate_patch(section.name(), patch)?;
+    let Value::Object(patch) = patch else {
+        return Err(TwinError::NotAnObject { section: section.name(), found: kind(patch) });
+    };
+    let mut next = current.clone();
+    let version = version_of(&next) + 1;
+    let mut meta = match next.remove("$metadata") {
+        Some(Value::Object(meta)) => meta,
+        _ => Map::new(),
+    };
+    next.remove("$version");
+    let meta_version = matches!(section, Section::Desired).then_some(version);
+    merge_with_metadata(&mut next, &mut meta, patch, now, meta_version);
+    let size = section_size(&next);
+    if size > MAX_SECTION_BYTES {
+        return Err(TwinError::TooLarge { section: section.name(), size, limit: MAX_SECTION_BYTES });
+    }
+    next.insert("$metadata".into(), Value::Object(meta));
+    next.insert("$version".into(), Value::from(version));
+    *current = next;
+    Ok(version)
+}
+
+/// Replaces a section's properties wholesale (service `PUT /twins`), bumping `$version`.
+/// Returns the new version and the patch a connected device should receive (removed
+/// properties as `null`).
+pub fn replace_section(
+    current: &mut Map<String, Value>,
+    replacement: &Value,
+    section: Section,
+    now: &str,
+) -> Result<(u64, Map<String, Value>), TwinError> {
+    validate_patch(section.name(), replacement)?;
+    let Value::Object(replacement) = replacement else {
+        return Err(TwinError::NotAnObject { section: section.name(), found: kind(replacement) });
+    };
+    let mut patch: Map<String, Value> = replacement
+        .iter()
+        .filter(|(k, _)| !k.starts_with('$'))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    for key in current.keys().filter(|k| !k.starts_with('$')) {
+        if !patch.contains_key(key) {
+            patch.insert(key.clone(), Value::Null);
+        }
+    }
+    let version = apply_patch(current, &Value::Object(patch.clone()), section, now)?;
+    Ok((version, patch))
+}
+
+/// Merges a tags patch, checking names and the 8 KB limit. On error tags are unchanged.
+pub fn apply_tags(tags: &mut Map<String, Value>, patch: &Value) -> Result<(), TwinError> {
+    validate_patch("tags", patch)?;
+    let Value::Object(patch) = patch else {
+        return Err(TwinError::NotAnObject { section: "tags", found: kind(patch) });
+    };
+    let mut next = tags.clone();
+    merge(&mut next, patch);
+    let size = section_size(&next);
+    if size > MAX_TAGS_BYTES {
+        return Err(TwinError::TooLarge { section: "tags", size, limit: MAX_TAGS_BYTES });
+    }
+    *tags = next;
+    Ok(())
+}
+
+/// A section without its `$metadata` (what devices receive in a GET twin answer keeps it out).
+pub fn without_metadata(section: &Map<String, Value>) -> Map<String, Value> {
+    section.iter().filter(|(k, _)| k.as_str() != "$metadata").map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => panic!("not an object"),
+        }
+    }
+
+    #[test]
+    fn desired_patch_bumps_version_and_records_metadata_at_every_level() {
+        let mut desired = new_section("t0", Section::Desired);
+        let v = apply_patch(&mut desired, &json!({"a": {"b": 1}, "c": 2}), Section::Desired, "t1")
+            .expect("patch");
+        assert_eq!(v, 2);
+        assert_eq!(desired["a"], json!({"b": 1}));
+        assert_eq!(desired["$metadata"]["$lastUpdated"], "t1");
+        assert_eq!(desired["$metadata"]["$lastUpdatedVersion"], 2);
+        assert_eq!(desired["$metadata"]["a"]["b"]["$lastUpdated"], "t1");
+        assert_eq!(desired["$metadata"]["a"]["$lastUpdatedVersion"], 2);
+
+        let v = apply_patch(&mut desired, &json!({"a": {"d": 3}, "c": null}), Section::Desired, "t2")
+            .expect("patch");
+        assert_eq!(v, 3);
+        assert_eq!(desired["a"], json!({"b": 1, "d": 3}));
+        assert!(desired.get("c").is_none());
+        assert!(desired["$metadata"].get("c").is_none());
+        assert_eq!(desired["$metadata"]["a"]["b"]["$lastUpdated"], "t1", "untouched leaf keeps its time");
+        assert_eq!(desired["$metadata"]["a"]["d"]["$lastUpdated"], "t2");
+    }
+
+    #[test]
+    fn reported_metadata_has_no_version() {
+        let mut reported = new_section("t0", Section::Reported);
+        apply_patch(&mut reported, &json!({"fw": "1.1"}), Section::Reported, "t1").expect("patch");
+        assert!(reported["$metadata"].get("$lastUpdatedVersion").is_none());
+        assert_eq!(version_of(&reported), 2);
+    }
+
+    #[test]
+    fn invalid_patches_are_refused_and_change_nothing() {
+        let mut desired = new_section("t0", Section::Desired);
+        let before = desired.clone();
+        let cases = [
+            json!([1, 2]),
+            json!({"a.b": 1}),
+            json!({"$x": 1}),
+            json!({"has space": 1}),
+            json!({"big": 4_503_599_627_370_496_i64}),
+            json!({"s": "x".repeat(5000)}),
+            json!({"a":{"b":{"c":{"d":{"e":{"f":{"g":{"h":{"i":{"j":{"k":1}}}}}}}}}}}),
+        ];
+        for case in cases {
+            assert!(apply_patch(&mut desired, &case, Section::Desired, "t1").is_err(), "{case}");
+            assert_eq!(desired, before);
+        }
+        let mut huge = Map::new();
+        for i in 0..20 {
+            huge.insert(format!("k{i}"), Value::String("x".repeat(4000)));
+        }
+        let err = apply_patch(&mut desired, &Value::Object(huge), Section::Desired, "t1").expect_err("too large");
+        assert!(matches!(err, TwinError::TooLarge { .. }));
+    }
+
+    #[test]
+    fn replace_yields_a_patch_with_nulls_for_removed_properties() {
+        let mut desired = new_section("t0", Section::Desired);
+        apply_patch(&mut desired, &json!({"a": 1, "b": 2}), Section::Desired, "t1").expect("patch");
+        let (v, patch) = replace_section(&mut desired, &json!({"b": 3, "c": 4}), Section::Desired, "t2")
+            .expect("replace");
+        assert_eq!(v, 3);
+        assert_eq!(Value::Object(patch), json!({"b": 3, "c": 4, "a": null}));
+        assert_eq!(Value::Object(without_metadata(&desired)), json!({"b": 3, "c": 4, "$version": 3}));
+    }
+
+    #[test]
+    fn tags_merge_and_limit() {
+        let mut tags = obj(json!({"building": "43", "floor": 1}));
+        apply_tags(&mut tags, &json!({"floor": null, "region": {"name": "eu"}})).expect("tags");
+        assert_eq!(Value::Object(tags.clone()), json!({"building": "43", "region": {"name": "eu"}}));
+        let big = json!({"a": "x".repeat(4000), "b": "x".repeat(4000), "c": "x".repeat(500)});
+        assert!(matches!(apply_tags(&mut tags, &big), Err(TwinError::TooLarge { .. })));
+    }
+}
