@@ -1,0 +1,502 @@
+//! The connection task: owns rumqttc's `EventLoop` and polls it continuously. It routes incoming
+//! publishes (methods, twin answers, desired patches), resubscribes and re-reads the twin after
+//! each CONNACK, renews SAS tokens, and reconnects with backoff. It never awaits the application:
+//! channels are `try_send`/unbounded and its own publishes go straight into the event loop's queue.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::{
+    ConnectionError, Disconnect, Event, EventLoop, Outgoing, Packet, Publish, QoS, Request,
+    Subscribe,
+};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::desired::{DesiredTracker, Step};
+use super::{
+    Backoff, ConnectError, ConnectionStatus, Credentials, DesiredPatch, DeviceClientOptions,
+    MethodRequest, Shared, TwinDocument, TwinReply, unix_now,
+};
+use crate::topic::{Topic, TopicFilter};
+
+/// How a failed attempt is treated.
+enum Failure {
+    /// CONNACK 4/5.
+    Refused(u8),
+    /// Another CONNACK refusal that retrying will not fix (1, 2).
+    Rejected(u8),
+    /// Certificate or handshake failure.
+    Tls(String),
+    /// Worth retrying (network, timeout, server unavailable).
+    Transient(String),
+}
+
+fn connack_reason(code: u8) -> &'static str {
+    match code {
+        1 => "unacceptable protocol version",
+        2 => "client identifier rejected",
+        3 => "server unavailable",
+        4 => "bad user name or password",
+        5 => "not authorized",
+        _ => "unknown return code",
+    }
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}
+
+fn classify(e: &ConnectionError) -> Failure {
+    if let ConnectionError::ConnectionRefused(code) = e {
+        let code = *code as u8;
+        return match code {
+            4 | 5 => Failure::Refused(code),
+            3 => Failure::Transient(format!("CONNACK 3 ({})", connack_reason(3))),
+            _ => Failure::Rejected(code),
+        };
+    }
+    if let Some(tls) = crate::tls::find_rustls_error(e) {
+        return Failure::Tls(tls.to_string());
+    }
+    Failure::Transient(chain(e))
+}
+
+fn refused(device_id: &str, addr: &str, code: u8) -> ConnectError {
+    match code {
+        4 | 5 => ConnectError::Refused {
+            device_id: device_id.to_owned(),
+            code,
+            reason: connack_reason(code),
+        },
+        _ => ConnectError::Rejected {
+            device_id: device_id.to_owned(),
+            addr: addr.to_owned(),
+            code,
+            reason: connack_reason(code),
+        },
+    }
+}
+
+/// Polls until the first CONNACK, retrying transient failures with backoff until `deadline`.
+pub(super) async fn first_connect(
+    eventloop: &mut EventLoop,
+    device_id: &str,
+    addr: &str,
+    options: &DeviceClientOptions,
+    deadline: Instant,
+) -> Result<(), ConnectError> {
+    let mut attempt = 0;
+    let mut last_error = String::from("no connection attempt finished");
+    let unreachable = |last_error: String| ConnectError::Unreachable {
+        addr: addr.to_owned(),
+        timeout: options.connect_timeout,
+        last_error,
+    };
+    loop {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Err(_) => return Err(unreachable(last_error)),
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => match classify(&e) {
+                Failure::Refused(code) | Failure::Rejected(code) => {
+                    return Err(refused(device_id, addr, code));
+                }
+                Failure::Tls(detail) => {
+                    return Err(ConnectError::Tls {
+                        addr: addr.to_owned(),
+                        detail,
+                    });
+                }
+                Failure::Transient(text) => {
+                    tracing::debug!(device_id, attempt, error = %text, "connect attempt failed");
+                    last_error = text;
+                    let wake = Instant::now() + options.backoff.delay(attempt);
+                    if wake >= deadline {
+                        return Err(unreachable(last_error));
+                    }
+                    tokio::time::sleep_until(wake).await;
+                    attempt += 1;
+                }
+            },
+        }
+    }
+}
+
+/// The task's state; see the module docs.
+pub(super) struct Connection {
+    pub(super) eventloop: EventLoop,
+    pub(super) shared: std::sync::Arc<Shared>,
+    pub(super) responder: rumqttc::AsyncClient,
+    pub(super) methods: mpsc::Sender<Box<MethodRequest>>,
+    pub(super) desired: mpsc::UnboundedSender<Box<DesiredPatch>>,
+    pub(super) status: watch::Sender<ConnectionStatus>,
+    pub(super) credentials: Credentials,
+    pub(super) token_expiry: Option<u64>,
+    pub(super) ttl: Duration,
+    pub(super) backoff: Backoff,
+    pub(super) tracker: DesiredTracker,
+    pub(super) first_twin: Option<oneshot::Sender<TwinDocument>>,
+    /// The `$rid` of the twin read in flight after a (re)connect.
+    pub(super) resync: Option<String>,
+    pub(super) subacks_due: u8,
+    pub(super) shutdown: CancellationToken,
+    pub(super) addr: String,
+}
+
+/// Resync request ids are `s{n}`; application requests are plain numbers.
+const RESYNC_PREFIX: char = 's';
+
+impl Connection {
+    fn device_id(&self) -> &str {
+        &self.shared.device_id
+    }
+
+    /// When to reconnect with a fresh token: 2 minutes before expiry (or at 80% of short TTLs).
+    fn renew_at(&self) -> Option<Instant> {
+        if !self.credentials.renewable() {
+            return None;
+        }
+        let expiry = self.token_expiry?;
+        let margin = 120.min(self.ttl.as_secs() / 5);
+        let left = expiry.saturating_sub(margin).saturating_sub(unix_now());
+        Some(Instant::now() + Duration::from_secs(left))
+    }
+
+    fn refresh_password(&mut self) {
+        if self.credentials.renewable() {
+            let (password, expiry) = self.credentials.password();
+            let username = self
+                .eventloop
+                .mqtt_options
+                .credentials()
+                .map(|l| l.username)
+                .unwrap_or_default();
+            self.eventloop
+                .mqtt_options
+                .set_credentials(username, password);
+            self.token_expiry = expiry;
+        }
+    }
+
+    /// Runs after `first_connect` returned a CONNACK, until shutdown or a fatal refusal.
+    pub(super) async fn run_connected(mut self) {
+        self.on_connack();
+        let mut attempt: u32 = 0;
+        let mut renewing = false;
+        loop {
+            let renew_at = self.renew_at();
+            let event = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => break,
+                _ = sleep_until_opt(renew_at), if renew_at.is_some() && !renewing => {
+                    // Python's way: a new password needs a new connection. Say goodbye
+                    // cleanly; the hub closes the socket and the error path reconnects at once.
+                    tracing::debug!(device_id = self.device_id(), "renewing the SAS token");
+                    self.refresh_password();
+                    self.eventloop.pending.push_back(Request::Disconnect(Disconnect));
+                    renewing = true;
+                    continue;
+                }
+                event = self.eventloop.poll() => event,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    attempt = 0;
+                    renewing = false;
+                    self.on_connack();
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => self.on_publish(publish),
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    self.subacks_due = self.subacks_due.saturating_sub(1);
+                    if ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                    {
+                        tracing::warn!(
+                            device_id = self.device_id(),
+                            "the hub refused a subscription"
+                        );
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.shared.fail_pending();
+                    self.tracker.on_disconnect();
+                    self.resync = None;
+                    let failure = classify(&e);
+                    let text = match &failure {
+                        Failure::Refused(code) | Failure::Rejected(code) => {
+                            format!("CONNACK {code}: {}", connack_reason(*code))
+                        }
+                        Failure::Tls(detail) => format!("TLS: {detail}"),
+                        Failure::Transient(text) => text.clone(),
+                    };
+                    if matches!(failure, Failure::Refused(_)) && !self.credentials.renewable() {
+                        tracing::warn!(device_id = self.device_id(), error = %text, "the hub refused the given SAS token; giving up");
+                        self.status
+                            .send_replace(ConnectionStatus::Closed { error: Some(text) });
+                        return;
+                    }
+                    if renewing && attempt == 0 {
+                        tracing::debug!(
+                            device_id = self.device_id(),
+                            "reconnecting with the new token"
+                        );
+                    } else {
+                        tracing::info!(device_id = self.device_id(), attempt, error = %text, "connection lost; reconnecting");
+                    }
+                    self.status.send_replace(ConnectionStatus::Reconnecting {
+                        attempt,
+                        error: text,
+                    });
+                    if !(renewing && attempt == 0) {
+                        let delay = self.backoff.delay(attempt);
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                    renewing = false;
+                    attempt = attempt.saturating_add(1);
+                    self.refresh_password();
+                }
+            }
+        }
+        self.close().await;
+    }
+
+    async fn close(&mut self) {
+        self.shared.fail_pending();
+        if self.eventloop.network.is_some() {
+            self.eventloop
+                .pending
+                .push_front(Request::Disconnect(Disconnect));
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                loop {
+                    match self.eventloop.poll().await {
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+        }
+        self.eventloop.network = None;
+        self.status
+            .send_replace(ConnectionStatus::Closed { error: None });
+    }
+
+    /// Subscribes (ahead of anything queued) and reads the twin to catch up on desired changes.
+    fn on_connack(&mut self) {
+        tracing::debug!(device_id = self.device_id(), addr = %self.addr, "connected");
+        let rid = format!(
+            "{RESYNC_PREFIX}{}",
+            self.shared
+                .next_rid
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let mut first = vec![
+            Request::Subscribe(Subscribe::new(
+                TopicFilter::Methods.to_string(),
+                QoS::AtLeastOnce,
+            )),
+            Request::Subscribe(Subscribe::new(
+                TopicFilter::TwinResponses.to_string(),
+                QoS::AtLeastOnce,
+            )),
+            Request::Subscribe(Subscribe::new(
+                TopicFilter::TwinDesired.to_string(),
+                QoS::AtLeastOnce,
+            )),
+            Request::Publish(Publish::new(
+                Topic::TwinGet { rid: rid.clone() }.to_string(),
+                QoS::AtLeastOnce,
+                " ",
+            )),
+        ];
+        self.subacks_due = 3;
+        while let Some(request) = first.pop() {
+            self.eventloop.pending.push_front(request);
+        }
+        if self.first_twin.is_none() {
+            self.tracker.begin_resync();
+        }
+        self.resync = Some(rid);
+        self.status.send_replace(ConnectionStatus::Connected);
+    }
+
+    fn send_twin_get(&mut self) {
+        let rid = format!(
+            "{RESYNC_PREFIX}{}",
+            self.shared
+                .next_rid
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        self.eventloop
+            .pending
+            .push_back(Request::Publish(Publish::new(
+                Topic::TwinGet { rid: rid.clone() }.to_string(),
+                QoS::AtLeastOnce,
+                " ",
+            )));
+        self.resync = Some(rid);
+    }
+
+    fn respond_now(&mut self, rid: String, status: i32, body: Value) {
+        let topic = Topic::MethodResponse { status, rid }.to_string();
+        self.eventloop
+            .pending
+            .push_back(Request::Publish(Publish::new(
+                topic,
+                QoS::AtLeastOnce,
+                body.to_string(),
+            )));
+    }
+
+    fn on_publish(&mut self, publish: Publish) {
+        let topic = match Topic::parse(&publish.topic) {
+            Ok(topic) => topic,
+            Err(e) => {
+                tracing::debug!(device_id = self.device_id(), topic = %publish.topic, error = %e, "ignoring a publish on an unknown topic");
+                return;
+            }
+        };
+        match topic {
+            Topic::MethodRequest { name, rid } => self.on_method(name, rid, publish.payload),
+            Topic::TwinResponse {
+                status,
+                rid,
+                version,
+            } => self.on_twin_response(status, rid, version, publish.payload),
+            Topic::TwinDesiredPatch { version } => self.on_desired(Some(version), publish.payload),
+            other => {
+                tracing::debug!(device_id = self.device_id(), topic = %other, "ignoring a publish");
+            }
+        }
+    }
+
+    fn on_method(&mut self, name: String, rid: String, payload: Bytes) {
+        let request = Box::new(MethodRequest {
+            name,
+            rid,
+            payload,
+            responder: self.responder.clone(),
+        });
+        if let Err(e) = self.methods.try_send(request) {
+            let (request, why) = match e {
+                mpsc::error::TrySendError::Full(r) => {
+                    (r, "the device is busy: too many method calls are waiting")
+                }
+                mpsc::error::TrySendError::Closed(r) => {
+                    (r, "the device does not handle direct methods")
+                }
+            };
+            tracing::warn!(device_id = self.device_id(), method = %request.name, "{why}; answering 503");
+            self.respond_now(request.rid, 503, json!({ "message": why }));
+        }
+    }
+
+    fn on_twin_response(&mut self, status: u16, rid: String, version: Option<u64>, body: Bytes) {
+        if self.resync.as_deref() == Some(rid.as_str()) {
+            self.resync = None;
+            let twin = if status == 200 {
+                TwinDocument::from_json(&body)
+            } else {
+                Err(format!("status {status}"))
+            };
+            match twin {
+                Ok(twin) => {
+                    let first = self.first_twin.is_some();
+                    let patches = self.tracker.on_twin(&twin.desired, first);
+                    if let Some(tx) = self.first_twin.take() {
+                        let _ = tx.send(twin);
+                    }
+                    self.deliver(patches);
+                }
+                Err(e) => {
+                    // 429/5xx: ask again; the hub's throttle makes this self-limiting.
+                    tracing::warn!(device_id = self.device_id(), error = %e, "twin read after connect failed; retrying");
+                    self.send_twin_get();
+                }
+            }
+            return;
+        }
+        let Some(number) = rid.parse::<u64>().ok() else {
+            tracing::debug!(
+                device_id = self.device_id(),
+                rid,
+                "twin answer for an unknown request"
+            );
+            return;
+        };
+        let waiter = self.shared.pending().remove(&number);
+        if let Some(waiter) = waiter {
+            let _ = waiter.send(Ok(TwinReply {
+                status,
+                version,
+                body,
+            }));
+        }
+    }
+
+    fn on_desired(&mut self, version: Option<u64>, body: Bytes) {
+        let patch: Value = match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(device_id = self.device_id(), error = %e, "desired patch is not JSON; re-reading the twin");
+                self.tracker.begin_resync();
+                self.send_twin_get();
+                return;
+            }
+        };
+        let Some(version) = version.or_else(|| patch.get("$version").and_then(Value::as_u64))
+        else {
+            tracing::warn!(
+                device_id = self.device_id(),
+                "desired patch without $version; re-reading the twin"
+            );
+            self.tracker.begin_resync();
+            self.send_twin_get();
+            return;
+        };
+        match self.tracker.on_notification(version, patch) {
+            Step::Deliver(patches) => self.deliver(patches),
+            Step::Resync => {
+                tracing::debug!(
+                    device_id = self.device_id(),
+                    version,
+                    "desired versions missing; re-reading the twin"
+                );
+                self.send_twin_get();
+            }
+        }
+    }
+
+    fn deliver(&mut self, patches: Vec<DesiredPatch>) {
+        for patch in patches {
+            // Unbounded: desired changes are rare and small; the hub throttles them.
+            let _ = self.desired.send(Box::new(patch));
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
