@@ -102,7 +102,9 @@ impl TryFrom<Args> for Config {
         };
         for name in &args.hostnames {
             if name.is_empty() || name.contains(['/', ' ', ':']) {
-                return Err(format!("--hostname `{name}` is not a host name (no port, path or spaces)"));
+                return Err(format!(
+                    "--hostname `{name}` is not a host name (no port, path or spaces)"
+                ));
             }
         }
         Ok(Config {

@@ -186,7 +186,11 @@ fn matches_etag(if_match: Option<&str>, current: &str) -> bool {
 
 impl DeviceRecord {
     fn connection_state(&self) -> &'static str {
-        if self.connected { "Connected" } else { "Disconnected" }
+        if self.connected {
+            "Connected"
+        } else {
+            "Disconnected"
+        }
     }
 
     fn etag(&self) -> String {
@@ -321,7 +325,11 @@ impl MethodCall {
         };
         let name = match map.get("methodName") {
             Some(Value::String(name)) => name.clone(),
-            Some(_) => return Err(HubError::InvalidArgument("methodName must be a string".into())),
+            Some(_) => {
+                return Err(HubError::InvalidArgument(
+                    "methodName must be a string".into(),
+                ));
+            }
             None => return Err(HubError::InvalidArgument("methodName is required".into())),
         };
         validate_method_name(&name)?;
@@ -336,7 +344,12 @@ impl MethodCall {
                 },
             }
         };
-        let response = seconds("responseTimeoutInSeconds", DEFAULT_METHOD_RESPONSE_TIMEOUT, 5, 300)?;
+        let response = seconds(
+            "responseTimeoutInSeconds",
+            DEFAULT_METHOD_RESPONSE_TIMEOUT,
+            5,
+            300,
+        )?;
         let connect = seconds("connectTimeoutInSeconds", 0, 0, 300)?;
         let payload = match map.get("payload") {
             None => Bytes::new(),
@@ -366,7 +379,10 @@ pub fn validate_method_name(name: &str) -> Result<(), HubError> {
             name.len()
         )));
     }
-    if let Some(c) = name.chars().find(|c| !c.is_ascii_graphic() || FORBIDDEN.contains(*c)) {
+    if let Some(c) = name
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || FORBIDDEN.contains(*c))
+    {
         return Err(HubError::InvalidArgument(format!(
             "method name `{name}` contains `{c}`; use printable ASCII without $()<>@,;:\\\"/[]?={{}} or spaces"
         )));
@@ -374,21 +390,10 @@ pub fn validate_method_name(name: &str) -> Result<(), HubError> {
     Ok(())
 }
 
-/// Checks a device id against IoT Hub's rules.
+/// Checks a device id against IoT Hub's rules (shared with the clients in hub-core).
 pub fn validate_device_id(id: &str) -> Result<(), HubError> {
-    const EXTRA: &str = "-.%_*?!(),:=@$'";
-    if id.is_empty() || id.len() > 128 {
-        return Err(HubError::InvalidArgument(format!(
-            "device id must be 1 to 128 characters, got {}",
-            id.len()
-        )));
-    }
-    if let Some(c) = id.chars().find(|c| !c.is_ascii_alphanumeric() && !EXTRA.contains(*c)) {
-        return Err(HubError::InvalidArgument(format!(
-            "device id `{id}` contains `{c}`; IoT Hub allows ASCII letters, digits and -.%_*?!(),:=@$'"
-        )));
-    }
-    Ok(())
+    hub_core::connection_string::validate_device_id(id)
+        .map_err(|e| HubError::InvalidArgument(e.to_string()))
 }
 
 fn random_key() -> String {
@@ -401,13 +406,18 @@ fn fill_random(bytes: &mut [u8]) {
     use ring::rand::SecureRandom as _;
     // The system RNG only fails when the OS has none; nothing secure can be made then.
     #[allow(clippy::expect_used)]
-    ring::rand::SystemRandom::new().fill(bytes).expect("the operating system's random number generator failed");
+    ring::rand::SystemRandom::new()
+        .fill(bytes)
+        .expect("the operating system's random number generator failed");
 }
 
 fn generation_id() -> String {
     let mut bytes = [0u8; 8];
     fill_random(&mut bytes);
-    format!("638{:015}", u64::from_le_bytes(bytes) % 1_000_000_000_000_000)
+    format!(
+        "638{:015}",
+        u64::from_le_bytes(bytes) % 1_000_000_000_000_000
+    )
 }
 
 struct State {
@@ -433,14 +443,18 @@ pub struct Hub {
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hub").field("host_names", &self.inner.host_names).finish_non_exhaustive()
+        f.debug_struct("Hub")
+            .field("host_names", &self.inner.host_names)
+            .finish_non_exhaustive()
     }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a hub lock is a bug already reported; the data is still consistent
     // because every mutation is computed before it is stored.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Hub {
@@ -450,7 +464,9 @@ impl Hub {
     pub fn open(store: Store, host_names: Vec<String>) -> Result<Hub, HubError> {
         let policies: Vec<PolicyKeys> = match store.meta("policies")? {
             Some(text) => serde_json::from_str(&text).map_err(|e| {
-                HubError::InvalidArgument(format!("the hub store's policy record is unreadable: {e}"))
+                HubError::InvalidArgument(format!(
+                    "the hub store's policy record is unreadable: {e}"
+                ))
             })?,
             None => {
                 let fresh: Vec<PolicyKeys> = Policy::defaults()
@@ -461,8 +477,12 @@ impl Hub {
                         secondary_key: random_key(),
                     })
                     .collect();
-                let text = serde_json::to_string(&fresh).map_err(|e| HubError::InvalidArgument(e.to_string()))?;
-                store.write(&[Write::PutMeta { key: "policies", value: &text }])?;
+                let text = serde_json::to_string(&fresh)
+                    .map_err(|e| HubError::InvalidArgument(e.to_string()))?;
+                store.write(&[Write::PutMeta {
+                    key: "policies",
+                    value: &text,
+                }])?;
                 fresh
             }
         };
@@ -481,7 +501,9 @@ impl Hub {
         let mut devices = BTreeMap::new();
         for (id, text) in store.load_devices()? {
             let mut record: DeviceRecord = serde_json::from_str(&text).map_err(|e| {
-                HubError::InvalidArgument(format!("the hub store's record of device {id} is unreadable: {e}"))
+                HubError::InvalidArgument(format!(
+                    "the hub store's record of device {id} is unreadable: {e}"
+                ))
             })?;
             record.refresh();
             devices.insert(id, record);
@@ -501,10 +523,17 @@ impl Hub {
         };
         if fresh_hub {
             if hub.get_device(TUTORIAL_DEVICE_ID).is_err() {
-                hub.create_or_update_device(TUTORIAL_DEVICE_ID, &json!({"deviceId": TUTORIAL_DEVICE_ID}), None)?;
+                hub.create_or_update_device(
+                    TUTORIAL_DEVICE_ID,
+                    &json!({"deviceId": TUTORIAL_DEVICE_ID}),
+                    None,
+                )?;
             }
             let now = timestamp(OffsetDateTime::now_utc());
-            hub.inner.store.write(&[Write::PutMeta { key: "created", value: &now }])?;
+            hub.inner.store.write(&[Write::PutMeta {
+                key: "created",
+                value: &now,
+            }])?;
         }
         Ok(hub)
     }
@@ -516,25 +545,44 @@ impl Hub {
 
     /// The hub's primary host name.
     pub fn host_name(&self) -> &str {
-        self.inner.host_names.first().map(String::as_str).unwrap_or("localhost")
+        self.inner
+            .host_names
+            .first()
+            .map(String::as_str)
+            .unwrap_or("localhost")
     }
 
     /// The keys of a policy, for writing connection strings.
     pub fn policy_keys(&self, name: &str) -> Option<PolicyKeys> {
-        self.inner.policies.iter().find(|(k, _)| k.name == name).map(|(k, _)| k.clone())
+        self.inner
+            .policies
+            .iter()
+            .find(|(k, _)| k.name == name)
+            .map(|(k, _)| k.clone())
     }
 
     /// A device's primary key (for writing its connection string).
     pub fn device_primary_key(&self, id: &str) -> Option<String> {
-        lock(&self.inner.state).devices.get(id).and_then(|d| d.primary_key.clone())
+        lock(&self.inner.state)
+            .devices
+            .get(id)
+            .and_then(|d| d.primary_key.clone())
     }
 
     fn audience_ok(&self, token: &SasToken, path: &str) -> bool {
-        self.inner.host_names.iter().any(|host| token.covers(host, path))
+        self.inner
+            .host_names
+            .iter()
+            .any(|host| token.covers(host, path))
     }
 
     /// Checks a service request's `Authorization` header and that its policy grants `needed`.
-    pub fn authorize_service(&self, header: &str, needed: Permission, now_unix: u64) -> Result<(), AuthError> {
+    pub fn authorize_service(
+        &self,
+        header: &str,
+        needed: Permission,
+        now_unix: u64,
+    ) -> Result<(), AuthError> {
         let token = SasToken::parse(header).map_err(|e| AuthError::Malformed(e.to_string()))?;
         token
             .check_expiry(now_unix, SAS_SKEW_SECS)
@@ -544,8 +592,15 @@ impl Hub {
                 "a device token cannot call service APIs; use a shared access policy (skn)".into(),
             ));
         };
-        let Some((keys, permissions)) = self.inner.policies.iter().find(|(k, _)| k.name == policy_name) else {
-            return Err(AuthError::Refused(format!("unknown shared access policy `{policy_name}`")));
+        let Some((keys, permissions)) = self
+            .inner
+            .policies
+            .iter()
+            .find(|(k, _)| k.name == policy_name)
+        else {
+            return Err(AuthError::Refused(format!(
+                "unknown shared access policy `{policy_name}`"
+            )));
         };
         self.verify_with_keys(&token, &keys.primary_key, &keys.secondary_key)?;
         if !self.audience_ok(&token, "") {
@@ -561,7 +616,12 @@ impl Hub {
         Ok(())
     }
 
-    fn verify_with_keys(&self, token: &SasToken, primary: &str, secondary: &str) -> Result<(), AuthError> {
+    fn verify_with_keys(
+        &self,
+        token: &SasToken,
+        primary: &str,
+        secondary: &str,
+    ) -> Result<(), AuthError> {
         for key in [primary, secondary] {
             if let Ok(key) = hub_core::connection_string::SharedKey::from_base64(key)
                 && token.verify_signature(&key).is_ok()
@@ -569,7 +629,9 @@ impl Hub {
                 return Ok(());
             }
         }
-        Err(AuthError::Refused("the signature does not match the key".into()))
+        Err(AuthError::Refused(
+            "the signature does not match the key".into(),
+        ))
     }
 
     /// Authenticates an MQTT CONNECT: client id, username and SAS password.
@@ -605,14 +667,24 @@ impl Hub {
         let (primary, secondary, enabled) = {
             let state = lock(&self.inner.state);
             let Some(device) = state.devices.get(device_id) else {
-                return Err(AuthError::Refused(format!("device {device_id} is not registered")));
+                return Err(AuthError::Refused(format!(
+                    "device {device_id} is not registered"
+                )));
             };
-            (device.primary_key.clone(), device.secondary_key.clone(), device.status == "enabled")
+            (
+                device.primary_key.clone(),
+                device.secondary_key.clone(),
+                device.status == "enabled",
+            )
         };
         match token.key_name.as_deref() {
             Some(policy) => {
-                let Some((keys, permissions)) = self.inner.policies.iter().find(|(k, _)| k.name == policy) else {
-                    return Err(AuthError::Refused(format!("unknown shared access policy `{policy}`")));
+                let Some((keys, permissions)) =
+                    self.inner.policies.iter().find(|(k, _)| k.name == policy)
+                else {
+                    return Err(AuthError::Refused(format!(
+                        "unknown shared access policy `{policy}`"
+                    )));
                 };
                 self.verify_with_keys(&token, &keys.primary_key, &keys.secondary_key)?;
                 if !permissions.contains(Permission::DeviceConnect) {
@@ -639,13 +711,22 @@ impl Hub {
         if !self.inner.store.is_durable() {
             return Ok(());
         }
-        let doc = serde_json::to_string(record).map_err(|e| HubError::InvalidArgument(e.to_string()))?;
-        self.inner.store.write(&[Write::PutDevice { id: &record.device_id, doc: &doc }])?;
+        let doc =
+            serde_json::to_string(record).map_err(|e| HubError::InvalidArgument(e.to_string()))?;
+        self.inner.store.write(&[Write::PutDevice {
+            id: &record.device_id,
+            doc: &doc,
+        }])?;
         Ok(())
     }
 
     /// `PUT /devices/{id}`: creates a device (no `If-Match`) or updates one.
-    pub fn create_or_update_device(&self, id: &str, body: &Value, if_match: Option<&str>) -> Result<Value, HubError> {
+    pub fn create_or_update_device(
+        &self,
+        id: &str,
+        body: &Value,
+        if_match: Option<&str>,
+    ) -> Result<Value, HubError> {
         validate_device_id(id)?;
         if let Some(body_id) = body.get("deviceId").and_then(Value::as_str)
             && body_id != id
@@ -663,7 +744,10 @@ impl Hub {
                 )));
             }
         };
-        let status_reason = body.get("statusReason").and_then(Value::as_str).map(str::to_owned);
+        let status_reason = body
+            .get("statusReason")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         let auth = body.get("authentication");
         let auth_type = auth
             .and_then(|a| a.get("type"))
@@ -676,12 +760,17 @@ impl Hub {
             )));
         }
         let key = |name: &str| -> Result<Option<String>, HubError> {
-            match auth.and_then(|a| a.get("symmetricKey")).and_then(|k| k.get(name)) {
+            match auth
+                .and_then(|a| a.get("symmetricKey"))
+                .and_then(|k| k.get(name))
+            {
                 None | Some(Value::Null) => Ok(None),
                 Some(Value::String(s)) if s.is_empty() => Ok(None),
                 Some(Value::String(s)) => {
                     let decoded = BASE64.decode(s).map_err(|_| {
-                        HubError::InvalidArgument(format!("authentication.symmetricKey.{name} is not valid base64"))
+                        HubError::InvalidArgument(format!(
+                            "authentication.symmetricKey.{name} is not valid base64"
+                        ))
                     })?;
                     if !(16..=64).contains(&decoded.len()) {
                         return Err(HubError::InvalidArgument(format!(
@@ -719,7 +808,10 @@ impl Hub {
                     return Err(HubError::DeviceNotFound(id.to_owned()));
                 }
                 let (primary, secondary) = if auth_type == "sas" {
-                    (Some(primary.unwrap_or_else(random_key)), Some(secondary.unwrap_or_else(random_key)))
+                    (
+                        Some(primary.unwrap_or_else(random_key)),
+                        Some(secondary.unwrap_or_else(random_key)),
+                    )
                 } else {
                     (primary, secondary)
                 };
@@ -755,7 +847,10 @@ impl Hub {
                     return Err(HubError::DeviceAlreadyExists(id.to_owned()));
                 }
                 if !matches_etag(if_match, &existing.etag()) {
-                    return Err(HubError::PreconditionFailed { what: "device", id: id.to_owned() });
+                    return Err(HubError::PreconditionFailed {
+                        what: "device",
+                        id: id.to_owned(),
+                    });
                 }
                 let mut record = existing.clone();
                 if let Some(status) = status
@@ -767,8 +862,16 @@ impl Hub {
                 record.status_reason = status_reason;
                 record.auth_type = auth_type;
                 if record.auth_type == "sas" {
-                    record.primary_key = Some(primary.or(record.primary_key.take()).unwrap_or_else(random_key));
-                    record.secondary_key = Some(secondary.or(record.secondary_key.take()).unwrap_or_else(random_key));
+                    record.primary_key = Some(
+                        primary
+                            .or(record.primary_key.take())
+                            .unwrap_or_else(random_key),
+                    );
+                    record.secondary_key = Some(
+                        secondary
+                            .or(record.secondary_key.take())
+                            .unwrap_or_else(random_key),
+                    );
                 } else {
                     record.primary_key = primary;
                     record.secondary_key = secondary;
@@ -808,7 +911,12 @@ impl Hub {
 
     /// `GET /devices?top=n`: the first `top` devices by id.
     pub fn list_devices(&self, top: usize) -> Vec<Value> {
-        lock(&self.inner.state).devices.values().take(top).map(DeviceRecord::device_json).collect()
+        lock(&self.inner.state)
+            .devices
+            .values()
+            .take(top)
+            .map(DeviceRecord::device_json)
+            .collect()
     }
 
     /// `DELETE /devices/{id}`.
@@ -818,7 +926,10 @@ impl Hub {
             return Err(HubError::DeviceNotFound(id.to_owned()));
         };
         if !matches_etag(if_match, &existing.etag()) {
-            return Err(HubError::PreconditionFailed { what: "device", id: id.to_owned() });
+            return Err(HubError::PreconditionFailed {
+                what: "device",
+                id: id.to_owned(),
+            });
         }
         self.inner.store.write(&[Write::DeleteDevice { id }])?;
         state.devices.remove(id);
@@ -841,7 +952,9 @@ impl Hub {
     pub fn twin_documents_after(&self, after: Option<&str>) -> Vec<Arc<Value>> {
         let state = lock(&self.inner.state);
         let range = match after {
-            Some(after) => state.devices.range::<str, _>((Bound::Excluded(after), Bound::Unbounded)),
+            Some(after) => state
+                .devices
+                .range::<str, _>((Bound::Excluded(after), Bound::Unbounded)),
             None => state.devices.range::<str, _>(..),
         };
         range.map(|(_, d)| Arc::clone(&d.doc)).collect()
@@ -849,9 +962,17 @@ impl Hub {
 
     /// `PATCH /twins/{id}` (`replace == false`) or `PUT /twins/{id}` (`replace == true`):
     /// tags and desired properties; reported properties are the device's and are refused.
-    pub fn update_twin(&self, id: &str, body: &Value, if_match: Option<&str>, replace: bool) -> Result<Value, HubError> {
+    pub fn update_twin(
+        &self,
+        id: &str,
+        body: &Value,
+        if_match: Option<&str>,
+        replace: bool,
+    ) -> Result<Value, HubError> {
         let mut results = self.update_twins(&[id], body, if_match, replace);
-        results.pop().unwrap_or_else(|| Err(HubError::DeviceNotFound(id.to_owned())))
+        results
+            .pop()
+            .unwrap_or_else(|| Err(HubError::DeviceNotFound(id.to_owned())))
     }
 
     /// Applies one twin update to many devices in one durable transaction (used by twin jobs).
@@ -870,10 +991,18 @@ impl Hub {
         let mut results: Vec<Result<usize, HubError>> = Vec::with_capacity(ids.len());
         for id in ids {
             let outcome = (|| {
-                let (tags, desired) = parsed.as_ref().map_err(|e| HubError::InvalidArgument(e.clone()))?;
-                let current = state.devices.get(*id).ok_or_else(|| HubError::DeviceNotFound((*id).to_owned()))?;
+                let (tags, desired) = parsed
+                    .as_ref()
+                    .map_err(|e| HubError::InvalidArgument(e.clone()))?;
+                let current = state
+                    .devices
+                    .get(*id)
+                    .ok_or_else(|| HubError::DeviceNotFound((*id).to_owned()))?;
                 if !matches_etag(if_match, &twin_etag_of(current.twin_version)) {
-                    return Err(HubError::PreconditionFailed { what: "twin", id: (*id).to_owned() });
+                    return Err(HubError::PreconditionFailed {
+                        what: "twin",
+                        id: (*id).to_owned(),
+                    });
                 }
                 let mut record = current.clone();
                 let mut notify = None;
@@ -895,9 +1024,19 @@ impl Hub {
                 }
                 if let Some(desired) = desired {
                     let (version, patch) = if replace {
-                        twins::replace_section(&mut record.desired, desired, Section::Desired, &now)?
+                        twins::replace_section(
+                            &mut record.desired,
+                            desired,
+                            Section::Desired,
+                            &now,
+                        )?
                     } else {
-                        let version = twins::apply_patch(&mut record.desired, desired, Section::Desired, &now)?;
+                        let version = twins::apply_patch(
+                            &mut record.desired,
+                            desired,
+                            Section::Desired,
+                            &now,
+                        )?;
                         (version, desired.as_object().cloned().unwrap_or_default())
                     };
                     let mut patch = patch;
@@ -913,7 +1052,10 @@ impl Hub {
         }
         // One transaction for the whole batch: either every staged change is durable or none is.
         let docs: Vec<Result<String, serde_json::Error>> = if self.inner.store.is_durable() {
-            staged.iter().map(|(r, _)| serde_json::to_string(r)).collect()
+            staged
+                .iter()
+                .map(|(r, _)| serde_json::to_string(r))
+                .collect()
         } else {
             Vec::new()
         };
@@ -925,14 +1067,24 @@ impl Hub {
             let writes: Vec<Write<'_>> = staged
                 .iter()
                 .zip(&docs)
-                .map(|((r, _), doc)| Write::PutDevice { id: &r.device_id, doc })
+                .map(|((r, _), doc)| Write::PutDevice {
+                    id: &r.device_id,
+                    doc,
+                })
                 .collect();
             self.inner.store.write(&writes)?;
             Ok(())
         })();
         if let Err(e) = write_result {
             let message = e.to_string();
-            return ids.iter().map(|_| Err(HubError::InvalidArgument(format!("twin update not saved: {message}")))).collect();
+            return ids
+                .iter()
+                .map(|_| {
+                    Err(HubError::InvalidArgument(format!(
+                        "twin update not saved: {message}"
+                    )))
+                })
+                .collect();
         }
         let sessions = lock(&self.inner.sessions);
         let mut applied: Vec<Value> = Vec::with_capacity(staged.len());
@@ -941,9 +1093,15 @@ impl Hub {
                 && let Some(session) = sessions.get(&record.device_id)
                 && session.subscriptions.desired
             {
-                let version = patch.get("$version").and_then(Value::as_u64).unwrap_or_default();
+                let version = patch
+                    .get("$version")
+                    .and_then(Value::as_u64)
+                    .unwrap_or_default();
                 let topic = Topic::TwinDesiredPatch { version }.to_string();
-                let message = Outbound::Publish { topic, payload: Bytes::from(Value::Object(patch).to_string()) };
+                let message = Outbound::Publish {
+                    topic,
+                    payload: Bytes::from(Value::Object(patch).to_string()),
+                };
                 if session.tx.try_send(message).is_err() {
                     // The device is not reading; dropping it makes it reconnect and re-read its
                     // twin, which is how IoT Hub devices catch up on missed patches.
@@ -973,7 +1131,10 @@ impl Hub {
     pub fn patch_reported(&self, id: &str, patch: &Value) -> Result<u64, HubError> {
         let now = self.now();
         let mut state = lock(&self.inner.state);
-        let current = state.devices.get(id).ok_or_else(|| HubError::DeviceNotFound(id.to_owned()))?;
+        let current = state
+            .devices
+            .get(id)
+            .ok_or_else(|| HubError::DeviceNotFound(id.to_owned()))?;
         let mut record = current.clone();
         let version = twins::apply_patch(&mut record.reported, patch, Section::Reported, &now)?;
         record.twin_version += 1;
@@ -993,7 +1154,12 @@ impl Hub {
         let conn_id = self.next_id();
         let (tx, outbound) = mpsc::channel(SESSION_QUEUE);
         let kill = CancellationToken::new();
-        let entry = SessionEntry { conn_id, tx, kill: kill.clone(), subscriptions: Subscriptions::default() };
+        let entry = SessionEntry {
+            conn_id,
+            tx,
+            kill: kill.clone(),
+            subscriptions: Subscriptions::default(),
+        };
         if let Some(previous) = lock(&self.inner.sessions).insert(device_id.to_owned(), entry) {
             previous.kill.cancel();
         }
@@ -1004,7 +1170,13 @@ impl Hub {
             device.last_activity_time = now;
             device.refresh();
         }
-        SessionTicket { device_id: device_id.to_owned(), conn_id, kill, outbound, token_expiry }
+        SessionTicket {
+            device_id: device_id.to_owned(),
+            conn_id,
+            kill,
+            outbound,
+            token_expiry,
+        }
     }
 
     /// Unregisters a session that ended (a no-op if it was already replaced).
@@ -1012,7 +1184,9 @@ impl Hub {
         let removed = {
             let mut sessions = lock(&self.inner.sessions);
             match sessions.get(&ticket.device_id) {
-                Some(entry) if entry.conn_id == ticket.conn_id => sessions.remove(&ticket.device_id).is_some(),
+                Some(entry) if entry.conn_id == ticket.conn_id => {
+                    sessions.remove(&ticket.device_id).is_some()
+                }
                 _ => false,
             }
         };
@@ -1027,7 +1201,11 @@ impl Hub {
     }
 
     /// Records that a session subscribed to a hub-to-device stream.
-    pub fn set_subscriptions(&self, ticket: &SessionTicket, update: impl FnOnce(&mut Subscriptions)) {
+    pub fn set_subscriptions(
+        &self,
+        ticket: &SessionTicket,
+        update: impl FnOnce(&mut Subscriptions),
+    ) {
         if let Some(entry) = lock(&self.inner.sessions).get_mut(&ticket.device_id)
             && entry.conn_id == ticket.conn_id
         {
@@ -1068,11 +1246,17 @@ impl Hub {
 
     /// Whether the device is connected and subscribed to method requests.
     pub fn method_ready(&self, device_id: &str) -> bool {
-        lock(&self.inner.sessions).get(device_id).is_some_and(|s| s.subscriptions.methods)
+        lock(&self.inner.sessions)
+            .get(device_id)
+            .is_some_and(|s| s.subscriptions.methods)
     }
 
     /// Invokes a direct method and waits for the device's answer, as `POST /twins/{id}/methods`.
-    pub async fn invoke_method(&self, device_id: &str, call: &MethodCall) -> Result<MethodOutcome, HubError> {
+    pub async fn invoke_method(
+        &self,
+        device_id: &str,
+        call: &MethodCall,
+    ) -> Result<MethodOutcome, HubError> {
         if !self.device_exists(device_id) {
             return Err(HubError::DeviceNotFound(device_id.to_owned()));
         }
@@ -1088,7 +1272,9 @@ impl Hub {
                 return Err(HubError::DeviceNotFound(device_id.to_owned()));
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(HubError::DeviceNotOnline { timeout_secs: call.connect_timeout.as_secs() });
+                return Err(HubError::DeviceNotOnline {
+                    timeout_secs: call.connect_timeout.as_secs(),
+                });
             }
         };
         let answer = tokio::time::timeout(call.response_timeout, reply).await;
@@ -1124,9 +1310,22 @@ impl Hub {
         };
         let rid = self.next_id();
         let (reply_tx, reply_rx) = oneshot::channel();
-        lock(&self.inner.pending).insert(rid, PendingMethod { device_id: device_id.to_owned(), reply: reply_tx });
-        let topic = Topic::MethodRequest { name: call.name.clone(), rid: rid.to_string() }.to_string();
-        match session.tx.try_send(Outbound::Publish { topic, payload: call.payload.clone() }) {
+        lock(&self.inner.pending).insert(
+            rid,
+            PendingMethod {
+                device_id: device_id.to_owned(),
+                reply: reply_tx,
+            },
+        );
+        let topic = Topic::MethodRequest {
+            name: call.name.clone(),
+            rid: rid.to_string(),
+        }
+        .to_string();
+        match session.tx.try_send(Outbound::Publish {
+            topic,
+            payload: call.payload.clone(),
+        }) {
             Ok(()) => Ok(Some((rid, reply_rx))),
             Err(_) => {
                 lock(&self.inner.pending).remove(&rid);
@@ -1151,7 +1350,9 @@ type TwinUpdateParts<'a> = (Option<&'a Value>, Option<&'a Value>);
 
 fn parse_twin_update(body: &Value) -> Result<TwinUpdateParts<'_>, String> {
     let Value::Object(map) = body else {
-        return Err("the twin update must be a JSON object with tags and/or properties.desired".into());
+        return Err(
+            "the twin update must be a JSON object with tags and/or properties.desired".into(),
+        );
     };
     let tags = map.get("tags").filter(|v| !v.is_null());
     let properties = map.get("properties").filter(|v| !v.is_null());
@@ -1159,11 +1360,19 @@ fn parse_twin_update(body: &Value) -> Result<TwinUpdateParts<'_>, String> {
         let Value::Object(props) = props else {
             return Err("properties must be an object with desired".into());
         };
-        if props.get("reported").is_some_and(|r| !r.is_null() && r.as_object().is_none_or(|o| !o.is_empty())) {
-            return Err("properties.reported is written by the device and cannot be updated by the service".into());
+        if props
+            .get("reported")
+            .is_some_and(|r| !r.is_null() && r.as_object().is_none_or(|o| !o.is_empty()))
+        {
+            return Err(
+                "properties.reported is written by the device and cannot be updated by the service"
+                    .into(),
+            );
         }
     }
-    let desired = properties.and_then(|p| p.get("desired")).filter(|v| !v.is_null());
+    let desired = properties
+        .and_then(|p| p.get("desired"))
+        .filter(|v| !v.is_null());
     Ok((tags, desired))
 }
 
@@ -1181,14 +1390,20 @@ mod tests {
         let device = hub.get_device(TUTORIAL_DEVICE_ID).expect("device");
         assert_eq!(device["status"], "enabled");
         assert_eq!(device["connectionState"], "Disconnected");
-        assert!(device["authentication"]["symmetricKey"]["primaryKey"].as_str().is_some_and(|k| k.len() == 44));
+        assert!(
+            device["authentication"]["symmetricKey"]["primaryKey"]
+                .as_str()
+                .is_some_and(|k| k.len() == 44)
+        );
         assert!(hub.policy_keys("iothubowner").is_some());
     }
 
     #[test]
     fn create_update_delete_follow_etags() {
         let hub = hub();
-        let created = hub.create_or_update_device("dev2", &json!({"deviceId": "dev2"}), None).expect("create");
+        let created = hub
+            .create_or_update_device("dev2", &json!({"deviceId": "dev2"}), None)
+            .expect("create");
         let etag = created["etag"].as_str().expect("etag").to_owned();
         assert!(matches!(
             hub.create_or_update_device("dev2", &json!({"deviceId": "dev2"}), None),
@@ -1199,7 +1414,11 @@ mod tests {
             Err(HubError::PreconditionFailed { .. })
         ));
         let updated = hub
-            .create_or_update_device("dev2", &json!({"status": "disabled"}), Some(&format!("\"{etag}\"")))
+            .create_or_update_device(
+                "dev2",
+                &json!({"status": "disabled"}),
+                Some(&format!("\"{etag}\"")),
+            )
             .expect("update");
         assert_eq!(updated["status"], "disabled");
         assert_eq!(
@@ -1208,7 +1427,10 @@ mod tests {
             "keys are kept when an update does not give them"
         );
         hub.delete_device("dev2", Some("*")).expect("delete");
-        assert!(matches!(hub.get_device("dev2"), Err(HubError::DeviceNotFound(_))));
+        assert!(matches!(
+            hub.get_device("dev2"),
+            Err(HubError::DeviceNotFound(_))
+        ));
     }
 
     #[test]
@@ -1228,18 +1450,33 @@ mod tests {
         assert_eq!(patched["properties"]["desired"]["$version"], 2);
         assert_eq!(patched["tags"]["building"], "43");
         assert!(matches!(
-            hub.update_twin(TUTORIAL_DEVICE_ID, &json!({"tags": {"a": 1}}), Some(&format!("\"{etag}\"")), false),
+            hub.update_twin(
+                TUTORIAL_DEVICE_ID,
+                &json!({"tags": {"a": 1}}),
+                Some(&format!("\"{etag}\"")),
+                false
+            ),
             Err(HubError::PreconditionFailed { .. })
         ));
         assert!(matches!(
-            hub.update_twin(TUTORIAL_DEVICE_ID, &json!({"properties": {"reported": {"x": 1}}}), None, false),
+            hub.update_twin(
+                TUTORIAL_DEVICE_ID,
+                &json!({"properties": {"reported": {"x": 1}}}),
+                None,
+                false
+            ),
             Err(HubError::InvalidArgument(_))
         ));
     }
 
     #[test]
     fn method_call_validation() {
-        assert!(MethodCall::from_request(&json!({"methodName": "lockDoor", "payload": {"lockTime": "10m"}})).is_ok());
+        assert!(
+            MethodCall::from_request(
+                &json!({"methodName": "lockDoor", "payload": {"lockTime": "10m"}})
+            )
+            .is_ok()
+        );
         for bad in [
             json!({"payload": 1}),
             json!({"methodName": "a b"}),
@@ -1251,6 +1488,9 @@ mod tests {
             assert!(MethodCall::from_request(&bad).is_err(), "{bad}");
         }
         let big = json!({"methodName": "x", "payload": "y".repeat(MAX_METHOD_PAYLOAD)});
-        assert!(matches!(MethodCall::from_request(&big), Err(HubError::MessageTooLarge(_))));
+        assert!(matches!(
+            MethodCall::from_request(&big),
+            Err(HubError::MessageTooLarge(_))
+        ));
     }
 }

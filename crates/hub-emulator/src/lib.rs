@@ -92,7 +92,9 @@ pub struct HubEnv {
 
 impl std::fmt::Debug for HubEnv {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HubEnv").field("ca_file", &self.ca_file).finish_non_exhaustive()
+        f.debug_struct("HubEnv")
+            .field("ca_file", &self.ca_file)
+            .finish_non_exhaustive()
     }
 }
 
@@ -135,8 +137,13 @@ impl RunningHub {
         self.shutdown.cancel();
         self.hub.kill_all_sessions();
         self.tracker.close();
-        if tokio::time::timeout(DRAIN_DEADLINE, self.tracker.wait()).await.is_err() {
-            tracing::warn!("some connections did not close within {DRAIN_DEADLINE:?}; exiting anyway");
+        if tokio::time::timeout(DRAIN_DEADLINE, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "some connections did not close within {DRAIN_DEADLINE:?}; exiting anyway"
+            );
         }
     }
 }
@@ -163,13 +170,20 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 }
 
 fn host_with_port(host: &str, port: u16, default_port: u16) -> String {
-    if port == default_port { host.to_owned() } else { format!("{host}:{port}") }
+    if port == default_port {
+        host.to_owned()
+    } else {
+        format!("{host}:{port}")
+    }
 }
 
 /// Opens the state, prepares TLS, binds both listeners and starts serving.
 pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     if let Some(dir) = &config.data_dir {
-        std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir { path: dir.clone(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
+            path: dir.clone(),
+            source,
+        })?;
     }
     let tls = tls::load_or_create(config.data_dir.as_deref(), &config.hostnames)?;
     let store = match (&config.data_dir, config.durable) {
@@ -180,32 +194,62 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     host_names.extend(config.hostnames.iter().cloned());
     let hub = Hub::open(store, host_names)?;
 
-    let mqtt_listener = bind("MQTT over TLS", SocketAddr::new(config.bind, config.mqtt_port)).await?;
+    let mqtt_listener = bind(
+        "MQTT over TLS",
+        SocketAddr::new(config.bind, config.mqtt_port),
+    )
+    .await?;
     let https_listener = bind("HTTPS", SocketAddr::new(config.bind, config.https_port)).await?;
-    let mqtt_addr = mqtt_listener.local_addr().map_err(|source| StartError::Bind {
-        what: "MQTT over TLS",
-        addr: SocketAddr::new(config.bind, config.mqtt_port),
-        hint: "",
-        source,
-    })?;
-    let https_addr = https_listener.local_addr().map_err(|source| StartError::Bind {
-        what: "HTTPS",
-        addr: SocketAddr::new(config.bind, config.https_port),
-        hint: "",
-        source,
-    })?;
+    let mqtt_addr = mqtt_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            what: "MQTT over TLS",
+            addr: SocketAddr::new(config.bind, config.mqtt_port),
+            hint: "",
+            source,
+        })?;
+    let https_addr = https_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            what: "HTTPS",
+            addr: SocketAddr::new(config.bind, config.https_port),
+            hint: "",
+            source,
+        })?;
 
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let jobs = jobs::Jobs::open(hub.clone(), config.max_active_jobs)?;
     jobs.spawn(shutdown.clone(), &tracker);
     let acceptor = TlsAcceptor::from(tls.server_config.clone());
-    tracker.spawn(mqtt::serve(mqtt_listener, acceptor.clone(), hub.clone(), shutdown.clone(), tracker.clone()));
-    let router = http::router(http::AppState::new(hub.clone(), jobs.clone(), shutdown.clone(), tracker.clone()));
-    tracker.spawn(http::serve(https_listener, acceptor, router, shutdown.clone(), tracker.clone()));
+    tracker.spawn(mqtt::serve(
+        mqtt_listener,
+        acceptor.clone(),
+        hub.clone(),
+        shutdown.clone(),
+        tracker.clone(),
+    ));
+    let router = http::router(http::AppState::new(
+        hub.clone(),
+        jobs.clone(),
+        shutdown.clone(),
+        tracker.clone(),
+    ));
+    tracker.spawn(http::serve(
+        https_listener,
+        acceptor,
+        router,
+        shutdown.clone(),
+        tracker.clone(),
+    ));
 
-    let owner = hub.policy_keys("iothubowner").map(|k| k.primary_key).unwrap_or_default();
-    let device_key = hub.device_primary_key(hub::TUTORIAL_DEVICE_ID).unwrap_or_default();
+    let owner = hub
+        .policy_keys("iothubowner")
+        .map(|k| k.primary_key)
+        .unwrap_or_default();
+    let device_key = hub
+        .device_primary_key(hub::TUTORIAL_DEVICE_ID)
+        .unwrap_or_default();
     let env = HubEnv {
         service_connection_string: format!(
             "HostName={};SharedAccessKeyName=iothubowner;SharedAccessKey={owner}",
@@ -221,9 +265,17 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     };
     if let Some(dir) = &config.data_dir {
         let path = dir.join("hub.env");
-        write_secret_file(&path, &env.to_env_lines()).map_err(|source| StartError::Env { path, source })?;
+        write_secret_file(&path, &env.to_env_lines())
+            .map_err(|source| StartError::Env { path, source })?;
     }
-    Ok(RunningHub { mqtt_addr, https_addr, env, hub, shutdown, tracker })
+    Ok(RunningHub {
+        mqtt_addr,
+        https_addr,
+        env,
+        hub,
+        shutdown,
+        tracker,
+    })
 }
 
 fn write_secret_file(path: &std::path::Path, contents: &str) -> io::Result<()> {
@@ -231,8 +283,12 @@ fn write_secret_file(path: &std::path::Path, contents: &str) -> io::Result<()> {
     {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let mut file =
-            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)?;
         file.write_all(contents.as_bytes())
     }
     #[cfg(not(unix))]
@@ -247,8 +303,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     let data_dir = config.data_dir.clone();
     let running = start(config).await?;
     // These lines are the hub's interface to people and scripts: keep them stable.
-    println!("IOTHUB_CONNECTION_STRING={}", running.env.service_connection_string);
-    println!("IOTHUB_DEVICE_CONNECTION_STRING={}", running.env.device_connection_string);
+    println!(
+        "IOTHUB_CONNECTION_STRING={}",
+        running.env.service_connection_string
+    );
+    println!(
+        "IOTHUB_DEVICE_CONNECTION_STRING={}",
+        running.env.device_connection_string
+    );
     if let Some(ca) = &running.env.ca_file {
         println!("IOTHUB_CA_FILE={}", ca.display());
     }
@@ -256,7 +318,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         println!(
             "# written to {} ({}); MQTT/TLS on {}, HTTPS on {}",
             dir.join("hub.env").display(),
-            if durable { "state kept in hub.db" } else { "in memory: state is not kept" },
+            if durable {
+                "state kept in hub.db"
+            } else {
+                "in memory: state is not kept"
+            },
             running.mqtt_addr,
             running.https_addr
         );

@@ -51,7 +51,11 @@ pub enum Write<'a> {
     /// Remove a job and its device rows.
     DeleteJob { id: &'a str },
     /// Insert or replace one device's row of a job (JSON).
-    PutDeviceJob { job_id: &'a str, device_id: &'a str, doc: &'a str },
+    PutDeviceJob {
+        job_id: &'a str,
+        device_id: &'a str,
+        doc: &'a str,
+    },
     /// Insert or replace a value in the hub's settings (keys, policies).
     PutMeta { key: &'a str, value: &'a str },
 }
@@ -77,7 +81,10 @@ impl Store {
 
     /// Opens (or creates) the store at `path`, refusing damaged or newer-format files.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let corrupt = |source| StoreError::Corrupt { path: path.to_path_buf(), source };
+        let corrupt = |source| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            source,
+        };
         let conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -86,13 +93,19 @@ impl Store {
         )
         .map_err(corrupt)?;
         // Reading the schema version is the first access to the file: a non-database fails here.
-        let version: i64 =
-            conn.query_row("PRAGMA user_version", [], |row| row.get(0)).map_err(corrupt)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(corrupt)?;
         if version > SCHEMA_VERSION {
-            return Err(StoreError::TooNew { path: path.to_path_buf(), found: version });
+            return Err(StoreError::TooNew {
+                path: path.to_path_buf(),
+                found: version,
+            });
         }
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(corrupt)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(corrupt)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(corrupt)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(corrupt)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
@@ -102,8 +115,11 @@ impl Store {
                  PRIMARY KEY (job_id, device_id));",
         )
         .map_err(corrupt)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(corrupt)?;
-        Ok(Store { conn: Some(Mutex::new(conn)) })
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(corrupt)?;
+        Ok(Store {
+            conn: Some(Mutex::new(conn)),
+        })
     }
 
     fn with_conn<T>(
@@ -165,8 +181,9 @@ impl Store {
     /// Reads one setting.
     pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
         self.with_conn(|conn| {
-            let mut stmt =
-                conn.prepare_cached("SELECT value FROM meta WHERE key = ?1").map_err(sql("settings read"))?;
+            let mut stmt = conn
+                .prepare_cached("SELECT value FROM meta WHERE key = ?1")
+                .map_err(sql("settings read"))?;
             let mut rows = stmt.query(params![key]).map_err(sql("settings read"))?;
             match rows.next().map_err(sql("settings read"))? {
                 Some(row) => row.get(0).map(Some).map_err(sql("settings read")),
@@ -224,18 +241,36 @@ mod tests {
             let store = Store::open(&path).expect("open");
             store
                 .write(&[
-                    Write::PutDevice { id: "d1", doc: "{\"a\":1}" },
-                    Write::PutJob { id: "j1", doc: "{}" },
-                    Write::PutDeviceJob { job_id: "j1", device_id: "d1", doc: "{}" },
-                    Write::PutMeta { key: "k", value: "v" },
+                    Write::PutDevice {
+                        id: "d1",
+                        doc: "{\"a\":1}",
+                    },
+                    Write::PutJob {
+                        id: "j1",
+                        doc: "{}",
+                    },
+                    Write::PutDeviceJob {
+                        job_id: "j1",
+                        device_id: "d1",
+                        doc: "{}",
+                    },
+                    Write::PutMeta {
+                        key: "k",
+                        value: "v",
+                    },
                 ])
                 .expect("write");
         }
         let store = Store::open(&path).expect("reopen");
-        assert_eq!(store.load_devices().expect("load"), vec![("d1".into(), "{\"a\":1}".into())]);
+        assert_eq!(
+            store.load_devices().expect("load"),
+            vec![("d1".into(), "{\"a\":1}".into())]
+        );
         assert_eq!(store.load_device_jobs().expect("load").len(), 1);
         assert_eq!(store.meta("k").expect("meta").as_deref(), Some("v"));
-        store.write(&[Write::DeleteJob { id: "j1" }]).expect("delete");
+        store
+            .write(&[Write::DeleteJob { id: "j1" }])
+            .expect("delete");
         assert!(store.load_jobs().expect("load").is_empty());
         assert!(store.load_device_jobs().expect("load").is_empty());
     }
@@ -252,16 +287,22 @@ mod tests {
         let newer = dir.path().join("newer.db");
         {
             let conn = Connection::open(&newer).expect("open");
-            conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).expect("pragma");
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+                .expect("pragma");
         }
         let err = Store::open(&newer).expect_err("newer must be refused");
-        assert!(matches!(err, StoreError::TooNew { found, .. } if found == SCHEMA_VERSION + 1), "{err}");
+        assert!(
+            matches!(err, StoreError::TooNew { found, .. } if found == SCHEMA_VERSION + 1),
+            "{err}"
+        );
     }
 
     #[test]
     fn in_memory_store_keeps_nothing() {
         let store = Store::in_memory();
-        store.write(&[Write::PutDevice { id: "d", doc: "{}" }]).expect("write");
+        store
+            .write(&[Write::PutDevice { id: "d", doc: "{}" }])
+            .expect("write");
         assert!(store.load_devices().expect("load").is_empty());
         assert!(!store.is_durable());
     }

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::ServerConfig;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -59,7 +59,9 @@ pub struct TlsMaterial {
 
 impl std::fmt::Debug for TlsMaterial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsMaterial").field("ca_file", &self.ca_file).finish_non_exhaustive()
+        f.debug_struct("TlsMaterial")
+            .field("ca_file", &self.ca_file)
+            .finish_non_exhaustive()
     }
 }
 
@@ -102,7 +104,11 @@ fn server_params(hostnames: &[String]) -> Result<CertificateParams, rcgen::Error
 }
 
 fn write_private(path: &Path, contents: &str) -> Result<(), TlsError> {
-    let err = |source| TlsError::File { action: "write", path: path.to_path_buf(), source };
+    let err = |source| TlsError::File {
+        action: "write",
+        path: path.to_path_buf(),
+        source,
+    };
     #[cfg(unix)]
     {
         use std::io::Write;
@@ -129,15 +135,21 @@ pub fn load_or_create(dir: Option<&Path>, hostnames: &[String]) -> Result<TlsMat
         Some(dir) => {
             let key_path = dir.join("ca-key.pem");
             let key = match fs::read_to_string(&key_path) {
-                Ok(pem) => KeyPair::from_pem(&pem)
-                    .map_err(|source| TlsError::BadCaKey { path: key_path.clone(), source })?,
+                Ok(pem) => KeyPair::from_pem(&pem).map_err(|source| TlsError::BadCaKey {
+                    path: key_path.clone(),
+                    source,
+                })?,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     let key = KeyPair::generate()?;
                     write_private(&key_path, &key.serialize_pem())?;
                     key
                 }
                 Err(source) => {
-                    return Err(TlsError::File { action: "read", path: key_path, source });
+                    return Err(TlsError::File {
+                        action: "read",
+                        path: key_path,
+                        source,
+                    });
                 }
             };
             (key, Some(dir.join("ca.pem")))
@@ -166,8 +178,11 @@ pub fn load_or_create(dir: Option<&Path>, hostnames: &[String]) -> Result<TlsMat
     if let Some(dir) = dir {
         write_private(&dir.join("server-key.pem"), &server_key.serialize_pem())?;
         let path = dir.join("server.pem");
-        fs::write(&path, server_cert.pem())
-            .map_err(|source| TlsError::File { action: "write", path, source })?;
+        fs::write(&path, server_cert.pem()).map_err(|source| TlsError::File {
+            action: "write",
+            path,
+            source,
+        })?;
     }
 
     let chain: Vec<CertificateDer<'static>> = vec![server_cert.der().clone()];
@@ -179,7 +194,11 @@ pub fn load_or_create(dir: Option<&Path>, hostnames: &[String]) -> Result<TlsMat
         .with_single_cert(chain, key)?;
     // The HTTPS port serves plain HTTP/1.1 (REST and the MQTT WebSocket upgrade).
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsMaterial { ca_pem, ca_file, server_config: Arc::new(config) })
+    Ok(TlsMaterial {
+        ca_pem,
+        ca_file,
+        server_config: Arc::new(config),
+    })
 }
 
 #[cfg(test)]
@@ -193,13 +212,19 @@ mod tests {
         let key_before = fs::read_to_string(dir.path().join("ca-key.pem")).expect("ca key");
         let second = load_or_create(Some(dir.path()), &["myhub.example".into()]).expect("restart");
         let key_after = fs::read_to_string(dir.path().join("ca-key.pem")).expect("ca key");
-        assert_eq!(key_before, key_after, "the CA key must not change across restarts");
+        assert_eq!(
+            key_before, key_after,
+            "the CA key must not change across restarts"
+        );
         assert!(first.ca_pem.contains("BEGIN CERTIFICATE"));
         assert!(second.ca_file.as_deref().is_some_and(Path::exists));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(dir.path().join("ca-key.pem")).expect("meta").permissions().mode();
+            let mode = fs::metadata(dir.path().join("ca-key.pem"))
+                .expect("meta")
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }
@@ -210,6 +235,9 @@ mod tests {
         fs::write(dir.path().join("ca-key.pem"), "garbage").expect("write");
         let err = load_or_create(Some(dir.path()), &[]).expect_err("must refuse");
         assert!(err.to_string().contains("ca-key.pem"), "{err}");
-        assert_eq!(fs::read_to_string(dir.path().join("ca-key.pem")).expect("read"), "garbage");
+        assert_eq!(
+            fs::read_to_string(dir.path().join("ca-key.pem")).expect("read"),
+            "garbage"
+        );
     }
 }

@@ -21,19 +21,32 @@ pub const MAX_SAFE_INT: i64 = 4_503_599_627_370_495;
 pub enum TwinError {
     /// A patch was not a JSON object.
     #[error("{section} must be a JSON object, got {found}")]
-    NotAnObject { section: &'static str, found: &'static str },
+    NotAnObject {
+        section: &'static str,
+        found: &'static str,
+    },
     /// A property name breaks IoT Hub's rules.
-    #[error("property name `{name}` in {section} is not allowed: names may not be empty or contain `.`, `$`, spaces or control characters")]
+    #[error(
+        "property name `{name}` in {section} is not allowed: names may not be empty or contain `.`, `$`, spaces or control characters"
+    )]
     BadName { section: &'static str, name: String },
     /// The document nests too deeply.
     #[error("{section} nests deeper than {MAX_DEPTH} levels")]
     TooDeep { section: &'static str },
     /// The section is over its size limit.
     #[error("{section} would be {size} bytes, over IoT Hub's limit of {limit} bytes")]
-    TooLarge { section: &'static str, size: usize, limit: usize },
+    TooLarge {
+        section: &'static str,
+        size: usize,
+        limit: usize,
+    },
     /// A value is outside what IoT Hub stores.
     #[error("value of `{name}` in {section} is not allowed: {reason}")]
-    BadValue { section: &'static str, name: String, reason: &'static str },
+    BadValue {
+        section: &'static str,
+        name: String,
+        reason: &'static str,
+    },
 }
 
 fn kind(value: &Value) -> &'static str {
@@ -50,28 +63,45 @@ fn kind(value: &Value) -> &'static str {
 /// Checks a patch (nulls allowed) against IoT Hub's name, depth and value rules.
 pub fn validate_patch(section: &'static str, patch: &Value) -> Result<(), TwinError> {
     let Value::Object(map) = patch else {
-        return Err(TwinError::NotAnObject { section, found: kind(patch) });
+        return Err(TwinError::NotAnObject {
+            section,
+            found: kind(patch),
+        });
     };
     validate_map(section, map, 1)
 }
 
-fn validate_map(section: &'static str, map: &Map<String, Value>, depth: usize) -> Result<(), TwinError> {
+fn validate_map(
+    section: &'static str,
+    map: &Map<String, Value>,
+    depth: usize,
+) -> Result<(), TwinError> {
     if depth > MAX_DEPTH {
         return Err(TwinError::TooDeep { section });
     }
     for (name, value) in map {
         if name.is_empty()
             || name.len() > 1024
-            || name.chars().any(|c| c == '.' || c == '$' || c == ' ' || c.is_control())
+            || name
+                .chars()
+                .any(|c| c == '.' || c == '$' || c == ' ' || c.is_control())
         {
-            return Err(TwinError::BadName { section, name: name.clone() });
+            return Err(TwinError::BadName {
+                section,
+                name: name.clone(),
+            });
         }
         validate_value(section, name, value, depth)?;
     }
     Ok(())
 }
 
-fn validate_value(section: &'static str, name: &str, value: &Value, depth: usize) -> Result<(), TwinError> {
+fn validate_value(
+    section: &'static str,
+    name: &str,
+    value: &Value,
+    depth: usize,
+) -> Result<(), TwinError> {
     match value {
         Value::Object(inner) => validate_map(section, inner, depth + 1),
         Value::String(s) if s.len() > MAX_STRING_BYTES => Err(TwinError::BadValue {
@@ -79,7 +109,10 @@ fn validate_value(section: &'static str, name: &str, value: &Value, depth: usize
             name: name.to_owned(),
             reason: "strings are limited to 4 KB",
         }),
-        Value::Number(n) if n.as_i64().is_some_and(|i| !(-MAX_SAFE_INT - 1..=MAX_SAFE_INT).contains(&i)) => {
+        Value::Number(n)
+            if n.as_i64()
+                .is_some_and(|i| !(-MAX_SAFE_INT - 1..=MAX_SAFE_INT).contains(&i)) =>
+        {
             Err(TwinError::BadValue {
                 section,
                 name: name.to_owned(),
@@ -218,7 +251,10 @@ impl Section {
 pub fn new_section(now: &str, section: Section) -> Map<String, Value> {
     let version = matches!(section, Section::Desired).then_some(1);
     let mut map = Map::new();
-    map.insert("$metadata".into(), metadata_for(&Value::Object(Map::new()), now, version));
+    map.insert(
+        "$metadata".into(),
+        metadata_for(&Value::Object(Map::new()), now, version),
+    );
     map.insert("$version".into(), Value::from(1u64));
     map
 }
@@ -238,7 +274,10 @@ pub fn apply_patch(
 ) -> Result<u64, TwinError> {
     validate_patch(section.name(), patch)?;
     let Value::Object(patch) = patch else {
-        return Err(TwinError::NotAnObject { section: section.name(), found: kind(patch) });
+        return Err(TwinError::NotAnObject {
+            section: section.name(),
+            found: kind(patch),
+        });
     };
     let mut next = current.clone();
     let version = version_of(&next) + 1;
@@ -251,7 +290,11 @@ pub fn apply_patch(
     merge_with_metadata(&mut next, &mut meta, patch, now, meta_version);
     let size = section_size(&next);
     if size > MAX_SECTION_BYTES {
-        return Err(TwinError::TooLarge { section: section.name(), size, limit: MAX_SECTION_BYTES });
+        return Err(TwinError::TooLarge {
+            section: section.name(),
+            size,
+            limit: MAX_SECTION_BYTES,
+        });
     }
     next.insert("$metadata".into(), Value::Object(meta));
     next.insert("$version".into(), Value::from(version));
@@ -270,7 +313,10 @@ pub fn replace_section(
 ) -> Result<(u64, Map<String, Value>), TwinError> {
     validate_patch(section.name(), replacement)?;
     let Value::Object(replacement) = replacement else {
-        return Err(TwinError::NotAnObject { section: section.name(), found: kind(replacement) });
+        return Err(TwinError::NotAnObject {
+            section: section.name(),
+            found: kind(replacement),
+        });
     };
     let mut patch: Map<String, Value> = replacement
         .iter()
@@ -290,13 +336,20 @@ pub fn replace_section(
 pub fn apply_tags(tags: &mut Map<String, Value>, patch: &Value) -> Result<(), TwinError> {
     validate_patch("tags", patch)?;
     let Value::Object(patch) = patch else {
-        return Err(TwinError::NotAnObject { section: "tags", found: kind(patch) });
+        return Err(TwinError::NotAnObject {
+            section: "tags",
+            found: kind(patch),
+        });
     };
     let mut next = tags.clone();
     merge(&mut next, patch);
     let size = section_size(&next);
     if size > MAX_TAGS_BYTES {
-        return Err(TwinError::TooLarge { section: "tags", size, limit: MAX_TAGS_BYTES });
+        return Err(TwinError::TooLarge {
+            section: "tags",
+            size,
+            limit: MAX_TAGS_BYTES,
+        });
     }
     *tags = next;
     Ok(())
@@ -304,7 +357,11 @@ pub fn apply_tags(tags: &mut Map<String, Value>, patch: &Value) -> Result<(), Tw
 
 /// A section without its `$metadata` (what devices receive in a GET twin answer keeps it out).
 pub fn without_metadata(section: &Map<String, Value>) -> Map<String, Value> {
-    section.iter().filter(|(k, _)| k.as_str() != "$metadata").map(|(k, v)| (k.clone(), v.clone())).collect()
+    section
+        .iter()
+        .filter(|(k, _)| k.as_str() != "$metadata")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -322,8 +379,13 @@ mod tests {
     #[test]
     fn desired_patch_bumps_version_and_records_metadata_at_every_level() {
         let mut desired = new_section("t0", Section::Desired);
-        let v = apply_patch(&mut desired, &json!({"a": {"b": 1}, "c": 2}), Section::Desired, "t1")
-            .expect("patch");
+        let v = apply_patch(
+            &mut desired,
+            &json!({"a": {"b": 1}, "c": 2}),
+            Section::Desired,
+            "t1",
+        )
+        .expect("patch");
         assert_eq!(v, 2);
         assert_eq!(desired["a"], json!({"b": 1}));
         assert_eq!(desired["$metadata"]["$lastUpdated"], "t1");
@@ -331,20 +393,34 @@ mod tests {
         assert_eq!(desired["$metadata"]["a"]["b"]["$lastUpdated"], "t1");
         assert_eq!(desired["$metadata"]["a"]["$lastUpdatedVersion"], 2);
 
-        let v = apply_patch(&mut desired, &json!({"a": {"d": 3}, "c": null}), Section::Desired, "t2")
-            .expect("patch");
+        let v = apply_patch(
+            &mut desired,
+            &json!({"a": {"d": 3}, "c": null}),
+            Section::Desired,
+            "t2",
+        )
+        .expect("patch");
         assert_eq!(v, 3);
         assert_eq!(desired["a"], json!({"b": 1, "d": 3}));
         assert!(desired.get("c").is_none());
         assert!(desired["$metadata"].get("c").is_none());
-        assert_eq!(desired["$metadata"]["a"]["b"]["$lastUpdated"], "t1", "untouched leaf keeps its time");
+        assert_eq!(
+            desired["$metadata"]["a"]["b"]["$lastUpdated"], "t1",
+            "untouched leaf keeps its time"
+        );
         assert_eq!(desired["$metadata"]["a"]["d"]["$lastUpdated"], "t2");
     }
 
     #[test]
     fn reported_metadata_has_no_version() {
         let mut reported = new_section("t0", Section::Reported);
-        apply_patch(&mut reported, &json!({"fw": "1.1"}), Section::Reported, "t1").expect("patch");
+        apply_patch(
+            &mut reported,
+            &json!({"fw": "1.1"}),
+            Section::Reported,
+            "t1",
+        )
+        .expect("patch");
         assert!(reported["$metadata"].get("$lastUpdatedVersion").is_none());
         assert_eq!(version_of(&reported), 2);
     }
@@ -363,34 +439,58 @@ mod tests {
             json!({"a":{"b":{"c":{"d":{"e":{"f":{"g":{"h":{"i":{"j":{"k":1}}}}}}}}}}}),
         ];
         for case in cases {
-            assert!(apply_patch(&mut desired, &case, Section::Desired, "t1").is_err(), "{case}");
+            assert!(
+                apply_patch(&mut desired, &case, Section::Desired, "t1").is_err(),
+                "{case}"
+            );
             assert_eq!(desired, before);
         }
         let mut huge = Map::new();
         for i in 0..20 {
             huge.insert(format!("k{i}"), Value::String("x".repeat(4000)));
         }
-        let err = apply_patch(&mut desired, &Value::Object(huge), Section::Desired, "t1").expect_err("too large");
+        let err = apply_patch(&mut desired, &Value::Object(huge), Section::Desired, "t1")
+            .expect_err("too large");
         assert!(matches!(err, TwinError::TooLarge { .. }));
     }
 
     #[test]
     fn replace_yields_a_patch_with_nulls_for_removed_properties() {
         let mut desired = new_section("t0", Section::Desired);
-        apply_patch(&mut desired, &json!({"a": 1, "b": 2}), Section::Desired, "t1").expect("patch");
-        let (v, patch) = replace_section(&mut desired, &json!({"b": 3, "c": 4}), Section::Desired, "t2")
-            .expect("replace");
+        apply_patch(
+            &mut desired,
+            &json!({"a": 1, "b": 2}),
+            Section::Desired,
+            "t1",
+        )
+        .expect("patch");
+        let (v, patch) = replace_section(
+            &mut desired,
+            &json!({"b": 3, "c": 4}),
+            Section::Desired,
+            "t2",
+        )
+        .expect("replace");
         assert_eq!(v, 3);
         assert_eq!(Value::Object(patch), json!({"b": 3, "c": 4, "a": null}));
-        assert_eq!(Value::Object(without_metadata(&desired)), json!({"b": 3, "c": 4, "$version": 3}));
+        assert_eq!(
+            Value::Object(without_metadata(&desired)),
+            json!({"b": 3, "c": 4, "$version": 3})
+        );
     }
 
     #[test]
     fn tags_merge_and_limit() {
         let mut tags = obj(json!({"building": "43", "floor": 1}));
         apply_tags(&mut tags, &json!({"floor": null, "region": {"name": "eu"}})).expect("tags");
-        assert_eq!(Value::Object(tags.clone()), json!({"building": "43", "region": {"name": "eu"}}));
+        assert_eq!(
+            Value::Object(tags.clone()),
+            json!({"building": "43", "region": {"name": "eu"}})
+        );
         let big = json!({"a": "x".repeat(4000), "b": "x".repeat(4000), "c": "x".repeat(500)});
-        assert!(matches!(apply_tags(&mut tags, &big), Err(TwinError::TooLarge { .. })));
+        assert!(matches!(
+            apply_tags(&mut tags, &big),
+            Err(TwinError::TooLarge { .. })
+        ));
     }
 }
