@@ -1,1 +1,444 @@
-//! sim-device
+//! The tutorial's simulated device (simDevice.py) in Rust: answers the `lockDoor` direct method,
+//! logs desired-property updates and acknowledges them in reported properties, and runs one
+//! device or a fleet of thousands in one process (one MQTT connection each).
+//!
+//! Module map: [`config`] (flags, environment, hub.env), [`device`] (one device's behaviour),
+//! this file (`run`: single device or fleet, summary lines, totals, errors).
+
+pub mod config;
+pub mod device;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use hub_core::connection_string::{DeviceAuth, DeviceConnectionString, SharedKey};
+use hub_core::device_client::{ConnectError, DeviceClient, DeviceClientOptions, Transport};
+use hub_core::service_client::{HubErrorKind, ServiceClient, ServiceError};
+use hub_core::tls::{TlsError, TrustOptions};
+use tokio_util::sync::CancellationToken;
+
+pub use config::{Args, Config, Fleet};
+pub use device::{METHODS, Stats};
+
+/// How many fleet devices may be mid-connect (TCP + TLS + CONNACK + twin read) at once.
+pub const CONNECT_CONCURRENCY: usize = 256;
+/// How many registry calls a fleet makes at once.
+const REGISTRY_CONCURRENCY: usize = 32;
+
+/// Why the simulated device stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// No connection string anywhere.
+    #[error(
+        "no device to run: no connection string was given and no hub-emulator settings were found{}.\n\
+         Configure it in one of three ways:\n  \
+         1. export IOTHUB_DEVICE_CONNECTION_STRING='HostName=<hub>.azure-devices.net;DeviceId=<id>;SharedAccessKey=<key>' \
+            (or pass --connection-string), plus IOTHUB_CA_FILE / --ca-file if the hub uses a private CA;\n  \
+         2. start the local hub: `hub-emulator` (it writes hub.env to its data directory, which sim-device reads);\n  \
+         3. point at a hub.env written elsewhere: --hub-env PATH",
+        hub_env.as_ref().map(|p| format!(" (looked for {})", p.display())).unwrap_or_default()
+    )]
+    NotConfigured {
+        /// Where hub.env was looked for.
+        hub_env: Option<PathBuf>,
+    },
+    /// A flag combination that cannot work.
+    #[error("{0}")]
+    Usage(String),
+    /// A connection string that does not parse or is of the wrong kind.
+    #[error("the connection string from {origin} is not valid: {reason}")]
+    ConnectionString {
+        /// Where it came from (flag, variable or file).
+        origin: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// hub.env could not be used.
+    #[error("cannot use {}: {reason}", path.display())]
+    HubEnv {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The CA file could not be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A device could not connect (refused credentials, TLS, unreachable hub).
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The registry could not be used (fleet mode).
+    #[error("{what}: {source}")]
+    Service {
+        /// What was being done.
+        what: String,
+        /// The service client's error.
+        #[source]
+        source: ServiceError,
+    },
+    /// A fleet device does not exist and `--register` was not given.
+    #[error(
+        "device {device_id} is not registered in the hub; pass --register to create the fleet's devices"
+    )]
+    NotRegistered {
+        /// The device.
+        device_id: String,
+    },
+    /// A fleet device has no symmetric key.
+    #[error(
+        "device {device_id} has no symmetric key (an X.509 device?); sim-device authenticates with SAS keys"
+    )]
+    NoKey {
+        /// The device.
+        device_id: String,
+    },
+}
+
+impl SimError {
+    /// The process exit code: 2 for configuration problems, 1 for hub/connection failures.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            SimError::NotConfigured { .. }
+            | SimError::Usage(_)
+            | SimError::ConnectionString { .. }
+            | SimError::HubEnv { .. }
+            | SimError::Tls(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Devices run.
+    pub devices: usize,
+    /// Devices connected when the run ended.
+    pub connected: usize,
+    /// Direct methods answered.
+    pub methods_answered: u64,
+    /// Desired patches applied and acknowledged.
+    pub patches_applied: u64,
+    /// Reported-property updates that failed.
+    pub report_errors: u64,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} device{}, {} connected at exit, {} methods answered, {} twin patches applied",
+            self.devices,
+            if self.devices == 1 { "" } else { "s" },
+            self.connected,
+            self.methods_answered,
+            self.patches_applied
+        )?;
+        if self.report_errors > 0 {
+            write!(
+                f,
+                ", {} reported-property updates failed",
+                self.report_errors
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn protocol_name(transport: Transport) -> &'static str {
+    match transport {
+        Transport::Mqtt => "MQTT",
+        Transport::MqttWebSocket => "MQTT_WS",
+    }
+}
+
+/// Runs the device (or fleet) until `shutdown` is cancelled, then disconnects and returns totals.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary, SimError> {
+    if let Some(note) = &config.source_note {
+        println!("{note}");
+    }
+    let trust = TrustOptions {
+        ca_file: config.ca_file.clone(),
+        ca_pem: config.ca_pem.clone(),
+        no_platform_roots: false,
+    };
+    let tls = hub_core::tls::client_config(&trust)?;
+    let mut options = DeviceClientOptions::new(tls);
+    options.transport = config.transport;
+    options.connect_timeout = config.connect_timeout;
+    let summary = match &config.fleet {
+        None => run_single(&config, &options, shutdown).await?,
+        Some(fleet) => run_fleet(&config, fleet, &options, shutdown).await?,
+    };
+    println!("Totals: {summary}");
+    println!("IoTHubClient sample stopped");
+    Ok(summary)
+}
+
+async fn run_single(
+    config: &Config,
+    options: &DeviceClientOptions,
+    shutdown: CancellationToken,
+) -> Result<Summary, SimError> {
+    let cs = &config.connection_string;
+    println!("Starting the IoT Hub Rust jobs sample (simulated device)...");
+    println!("    Protocol {}", protocol_name(config.transport));
+    match &cs.gateway_host_name {
+        Some(gw) => println!(
+            "    Hub {} (via gateway {gw}), device {}",
+            cs.host_name, cs.device_id
+        ),
+        None => println!("    Hub {}, device {}", cs.host_name, cs.device_id),
+    }
+    let connected = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(Summary { devices: 1, ..Summary::default() }),
+        connected = DeviceClient::connect(cs, options) => connected?,
+    };
+    println!("Direct method initialized.");
+    println!("Device twin callback initialized.");
+    println!("IoTHubClient waiting for commands, press Ctrl-C to exit");
+    let stats = Arc::new(Stats::default());
+    let client = connected.client.clone();
+    let voice = device::Voice {
+        events: true,
+        prefix: String::new(),
+    };
+    device::serve(connected, stats.clone(), voice, shutdown).await;
+    Ok(Summary {
+        devices: 1,
+        connected: usize::from(client.is_connected()),
+        methods_answered: stats.methods_answered.load(Ordering::Relaxed),
+        patches_applied: stats.patches_applied.load(Ordering::Relaxed),
+        report_errors: stats.report_errors.load(Ordering::Relaxed),
+    })
+}
+
+/// Looks up (or, with `register`, creates) each fleet device and returns its connection string.
+async fn fleet_connection_strings(
+    config: &Config,
+    fleet: &Fleet,
+    shutdown: &CancellationToken,
+) -> Result<Vec<DeviceConnectionString>, SimError> {
+    let Some(scs) = config.service_connection_string.clone() else {
+        return Err(SimError::Usage(
+            "--count needs a service connection string (IOTHUB_CONNECTION_STRING)".into(),
+        ));
+    };
+    let mut builder = ServiceClient::builder(scs);
+    if let Some(ca) = &config.ca_file {
+        builder = builder.ca_file(ca).map_err(|source| SimError::Service {
+            what: "the service client".into(),
+            source,
+        })?;
+    }
+    if let Some(pem) = &config.ca_pem {
+        builder = builder
+            .ca_pem(pem.as_bytes())
+            .map_err(|source| SimError::Service {
+                what: "the service client".into(),
+                source,
+            })?;
+    }
+    let service = builder.build().map_err(|source| SimError::Service {
+        what: "the service client".into(),
+        source,
+    })?;
+    let base = &config.connection_string;
+    let lookups = futures_util::stream::iter(fleet.device_ids())
+        .map(|id| {
+            let service = service.clone();
+            async move {
+                let device = match service.get_device(&id).await {
+                    Ok(device) => device,
+                    Err(e)
+                        if e.hub_kind() == Some(HubErrorKind::DeviceNotFound) && fleet.register =>
+                    {
+                        service
+                            .create_device(&hub_core::device::Device::new(id.clone()))
+                            .await
+                            .map_err(|source| SimError::Service {
+                                what: format!("creating device {id}"),
+                                source,
+                            })?
+                    }
+                    Err(e) if e.hub_kind() == Some(HubErrorKind::DeviceNotFound) => {
+                        return Err(SimError::NotRegistered { device_id: id });
+                    }
+                    Err(source) => {
+                        return Err(SimError::Service {
+                            what: format!("looking up device {id}"),
+                            source,
+                        });
+                    }
+                };
+                let key = device
+                    .symmetric_key()
+                    .and_then(|k| k.primary_key.clone().flatten())
+                    .and_then(|k| SharedKey::from_base64(&k).ok())
+                    .ok_or_else(|| SimError::NoKey {
+                        device_id: id.clone(),
+                    })?;
+                Ok(DeviceConnectionString {
+                    host_name: base.host_name.clone(),
+                    device_id: id,
+                    module_id: None,
+                    auth: DeviceAuth::SharedAccessKey(key),
+                    gateway_host_name: base.gateway_host_name.clone(),
+                })
+            }
+        })
+        .buffered(REGISTRY_CONCURRENCY);
+    tokio::pin!(lookups);
+    let mut out = Vec::with_capacity(fleet.count);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(out),
+            next = lookups.next() => match next {
+                Some(cs) => out.push(cs?),
+                None => return Ok(out),
+            },
+        }
+    }
+}
+
+async fn run_fleet(
+    config: &Config,
+    fleet: &Fleet,
+    options: &DeviceClientOptions,
+    shutdown: CancellationToken,
+) -> Result<Summary, SimError> {
+    println!("Starting the IoT Hub Rust jobs sample (simulated device fleet)...");
+    println!("    Protocol {}", protocol_name(config.transport));
+    println!(
+        "    Hub {}, {} devices {}1..{}{}, one connection each",
+        config.connection_string.host_name,
+        fleet.count,
+        fleet.id_prefix,
+        fleet.id_prefix,
+        fleet.count
+    );
+    let started = Instant::now();
+    let devices = fleet_connection_strings(config, fleet, &shutdown).await?;
+    if shutdown.is_cancelled() {
+        return Ok(Summary {
+            devices: fleet.count,
+            ..Summary::default()
+        });
+    }
+    println!(
+        "{} device identities {} in {:.1}s; connecting",
+        devices.len(),
+        if fleet.register {
+            "ready (created where missing)"
+        } else {
+            "found"
+        },
+        started.elapsed().as_secs_f64()
+    );
+
+    let stats = Arc::new(Stats::default());
+    let clients: Arc<Mutex<Vec<DeviceClient>>> =
+        Arc::new(Mutex::new(Vec::with_capacity(devices.len())));
+    let fatal: Arc<Mutex<Option<SimError>>> = Arc::new(Mutex::new(None));
+    let stop = shutdown.child_token();
+    let permits = Arc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
+    let tracker = tokio_util::task::TaskTracker::new();
+    let connect_started = Instant::now();
+    for cs in devices {
+        let (options, stats, clients, fatal, stop, permits) = (
+            options.clone(),
+            stats.clone(),
+            clients.clone(),
+            fatal.clone(),
+            stop.clone(),
+            permits.clone(),
+        );
+        let voice = device::Voice {
+            events: config.verbose,
+            prefix: format!("[{}] ", cs.device_id),
+        };
+        tracker.spawn(async move {
+            let connected = {
+                let Ok(_permit) = permits.acquire().await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    // Boxed: the connect future is large and only needed once.
+                    connected = Box::pin(DeviceClient::connect(&cs, &options)) => connected,
+                }
+            };
+            match connected {
+                Ok(connected) => {
+                    lock(&clients).push(connected.client.clone());
+                    device::serve(connected, stats, voice, stop).await;
+                }
+                Err(e) => {
+                    let mut slot = lock(&fatal);
+                    if slot.is_none() {
+                        *slot = Some(SimError::Connect(e));
+                    }
+                    stop.cancel();
+                }
+            }
+        });
+    }
+    tracker.close();
+
+    let mut ticker = tokio::time::interval(config.summary_interval);
+    ticker.tick().await;
+    let mut all_connected_reported = false;
+    let connected_now = || lock(&clients).iter().filter(|c| c.is_connected()).count();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tracker.wait() => break,
+            _ = ticker.tick() => {
+                let connected = connected_now();
+                println!(
+                    "{}/{} connected, {} methods answered, {} twin patches applied",
+                    connected,
+                    fleet.count,
+                    stats.methods_answered.load(Ordering::Relaxed),
+                    stats.patches_applied.load(Ordering::Relaxed),
+                );
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)), if !all_connected_reported => {
+                if connected_now() == fleet.count {
+                    all_connected_reported = true;
+                    println!(
+                        "all {} devices connected in {:.2}s; waiting for commands, press Ctrl-C to exit",
+                        fleet.count,
+                        connect_started.elapsed().as_secs_f64()
+                    );
+                }
+            }
+        }
+    }
+    let connected = connected_now();
+    stop.cancel();
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some devices did not disconnect within 10s");
+    }
+    if let Some(error) = lock(&fatal).take() {
+        return Err(error);
+    }
+    Ok(Summary {
+        devices: fleet.count,
+        connected,
+        methods_answered: stats.methods_answered.load(Ordering::Relaxed),
+        patches_applied: stats.patches_applied.load(Ordering::Relaxed),
+        report_errors: stats.report_errors.load(Ordering::Relaxed),
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Poisoning only follows a panic elsewhere; the data (a list, a slot) is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

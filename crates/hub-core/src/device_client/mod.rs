@@ -745,6 +745,7 @@ impl DeviceClient {
                 });
             }
             // Wait for a connection rather than queueing into one that is down.
+            // The watch guard must not live across the awaits below: reduce it to a bool here.
             let connected = tokio::time::timeout_at(
                 deadline,
                 status.wait_for(|s| {
@@ -754,20 +755,16 @@ impl DeviceClient {
                     )
                 }),
             )
-            .await;
+            .await
+            .map(|r| r.map(|s| matches!(*s, ConnectionStatus::Connected)));
             match connected {
                 Err(_) => return Err(timed_out()),
-                Ok(Err(_)) => {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) | Ok(Err(_)) => {
                     return Err(DeviceClientError::Closed {
                         device_id: self.device_id().to_owned(),
                     });
                 }
-                Ok(Ok(s)) if matches!(*s, ConnectionStatus::Closed { .. }) => {
-                    return Err(DeviceClientError::Closed {
-                        device_id: self.device_id().to_owned(),
-                    });
-                }
-                Ok(Ok(_)) => {}
             }
             let rid = self.inner.shared.next_rid.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
