@@ -1,0 +1,794 @@
+//! One device connection: CONNECT with SAS authentication, then the loop that serves IoT Hub's
+//! device topics (methods, twin, telemetry, C2D subscriptions) until the connection ends.
+//!
+//! Invariants: the hub knows the session only between a successful CONNECT and the end (a drop
+//! guard always calls `detach_session`); a device publishes and subscribes on its own topics
+//! only, anything else closes the connection with no acknowledgement, as IoT Hub does; hub
+//! messages go out at the QoS granted for their subscription; buffers start small and grow only
+//! for the packet at hand.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::io;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, Packet, PubAck, Publish, SubAck, Subscribe,
+    SubscribeReasonCode, UnsubAck, Unsubscribe,
+};
+use rumqttc::mqttbytes::{Error as CodecError, Protocol, QoS};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use hub_core::topic::{Topic, TopicFilter};
+
+use super::MAX_PACKET_SIZE;
+use super::transport::Transport;
+use crate::hub::{AuthError, Hub, HubError, Outbound, SAS_SKEW_SECS, SessionTicket, Subscriptions};
+
+/// Spare read capacity kept before each read; also the size of a fresh read buffer.
+const READ_CHUNK: usize = 512;
+/// Buffers that grew past this for a large packet are released once empty.
+const SHRINK_ABOVE: usize = 16 * 1024;
+/// Largest CONNECT accepted (before authentication nobody gets a big buffer).
+const MAX_CONNECT_SIZE: usize = 16 * 1024;
+/// Hub-to-device QoS 1 messages awaiting PUBACK before the outbound queue is paused.
+const MAX_INFLIGHT: usize = 32;
+/// Unacknowledged QoS 1 messages (including twin answers) after which the device is dropped.
+const MAX_UNACKED: usize = 256;
+/// Outbound messages encoded into one write.
+const OUTBOUND_BATCH: usize = 16;
+/// How long a write may block (a device that stops reading is dropped).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the final flush and TLS close_notify / WebSocket close may take.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// IoT Hub's server-side keep-alive cap (1.5 × client keep-alive, at most 1767 s) [DOCS mqtt].
+const MAX_KEEP_ALIVE: Duration = Duration::from_secs(1767);
+/// `lastActivityTime` is refreshed at most this often per device.
+const TOUCH_INTERVAL: Duration = Duration::from_secs(1);
+/// A deadline that never comes (keep-alive 0, tokens with absurd expiries).
+const FAR_FUTURE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+const METHODS_PREFIX: &str = "$iothub/methods/POST/";
+const TWIN_RESPONSE_PREFIX: &str = "$iothub/twin/res/";
+const DESIRED_PREFIX: &str = "$iothub/twin/PATCH/properties/desired/";
+
+/// Serves one connection from its first byte to its close. `connect_deadline` bounds the time
+/// until CONNECT has been read (the TLS handshake or WebSocket upgrade already used part of it).
+pub(crate) async fn run<T: Transport>(
+    mut transport: T,
+    hub: Hub,
+    shutdown: CancellationToken,
+    connect_deadline: Instant,
+) {
+    let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
+    let connect = tokio::select! {
+        connect = tokio::time::timeout_at(connect_deadline, read_connect(&mut transport, &mut rbuf)) => connect,
+        () = shutdown.cancelled() => return,
+    };
+    let connect = match connect {
+        Ok(Ok(connect)) => connect,
+        Ok(Err(Refusal {
+            code: Some(code),
+            reason,
+        })) => {
+            info!(code = ?code, %reason, "connection refused");
+            refuse(&mut transport, code).await;
+            return;
+        }
+        Ok(Err(Refusal { code: None, reason })) => {
+            debug!(%reason, "connection dropped before CONNECT");
+            return;
+        }
+        Err(_) => {
+            debug!(
+                "no CONNECT within {:?} of accepting the connection",
+                super::CONNECT_TIMEOUT
+            );
+            return;
+        }
+    };
+    let keep_alive_secs = connect.keep_alive;
+    let accepted = match authenticate(&hub, connect) {
+        Ok(accepted) => accepted,
+        Err(Refusal { code, reason }) => {
+            info!(code = ?code, %reason, "connection refused");
+            if let Some(code) = code {
+                refuse(&mut transport, code).await;
+            }
+            return;
+        }
+    };
+    info!(keep_alive = keep_alive_secs, "device connected");
+    let mut session = Session {
+        attached: Attached {
+            hub: &hub,
+            ticket: accepted.ticket,
+        },
+        granted: Granted::default(),
+        inflight: Vec::new(),
+        last_packet_id: 0,
+        wbuf: BytesMut::with_capacity(READ_CHUNK),
+        telemetry: 0,
+        next_touch: Instant::now() + TOUCH_INTERVAL,
+    };
+    // [MQTT-3.2.0-1] CONNACK is the first packet the server sends.
+    encode(
+        &mut session.wbuf,
+        &Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
+    );
+    let end = serve(
+        &mut transport,
+        &mut session,
+        &mut rbuf,
+        &shutdown,
+        accepted.keep_alive,
+        accepted.token_deadline,
+    )
+    .await;
+    let telemetry = session.telemetry;
+    match &end {
+        End::Forbidden(_) | End::Violation(_) => {
+            warn!(reason = %end, telemetry, "device disconnected by the hub")
+        }
+        _ => info!(reason = %end, telemetry, "device disconnected"),
+    }
+    let mut wbuf = std::mem::take(&mut session.wbuf);
+    // Unregister before closing so the registry shows `Disconnected` by the time the peer sees EOF.
+    drop(session);
+    if end.can_write() {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            if !wbuf.is_empty() {
+                let _ = transport.send(&mut wbuf).await;
+            }
+            transport.close().await;
+        })
+        .await;
+    }
+}
+
+/// Why a connection was not accepted; `code: None` means drop it without a CONNACK.
+struct Refusal {
+    code: Option<ConnectReturnCode>,
+    reason: Cow<'static, str>,
+}
+
+impl Refusal {
+    fn new(code: ConnectReturnCode, reason: impl Into<Cow<'static, str>>) -> Refusal {
+        Refusal {
+            code: Some(code),
+            reason: reason.into(),
+        }
+    }
+
+    fn drop(reason: impl Into<Cow<'static, str>>) -> Refusal {
+        Refusal {
+            code: None,
+            reason: reason.into(),
+        }
+    }
+}
+
+async fn refuse<T: Transport>(transport: &mut T, code: ConnectReturnCode) {
+    let mut wbuf = BytesMut::with_capacity(4);
+    encode(&mut wbuf, &Packet::ConnAck(ConnAck::new(code, false)));
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        // [MQTT-3.2.2-5] after a refusing CONNACK the server closes the connection.
+        if transport.send(&mut wbuf).await.is_ok() {
+            transport.close().await;
+        }
+    })
+    .await;
+}
+
+async fn read_connect<T: Transport>(
+    transport: &mut T,
+    rbuf: &mut BytesMut,
+) -> Result<Connect, Refusal> {
+    loop {
+        match Packet::read(rbuf, MAX_CONNECT_SIZE) {
+            Ok(Packet::Connect(connect)) => return Ok(connect),
+            Ok(other) => {
+                return Err(Refusal::drop(format!(
+                    "the first packet was {other:?}, not CONNECT [MQTT-3.1.0-1]"
+                )));
+            }
+            Err(CodecError::InsufficientBytes(needed)) => {
+                rbuf.reserve(needed.max(READ_CHUNK));
+                match transport.read_into(rbuf).await {
+                    Ok(0) => return Err(Refusal::drop("the peer closed the connection")),
+                    Ok(_) => {}
+                    Err(e) => return Err(Refusal::drop(format!("read failed: {e}"))),
+                }
+            }
+            // [MQTT-3.1.2-2] an unsupported protocol level is answered with return code 1.
+            Err(CodecError::InvalidProtocolLevel(level)) => {
+                return Err(Refusal::new(
+                    ConnectReturnCode::RefusedProtocolVersion,
+                    format!("MQTT protocol level {level}; IoT Hub speaks MQTT 3.1.1 (level 4)"),
+                ));
+            }
+            Err(e) => return Err(Refusal::drop(format!("not an MQTT 3.1.1 CONNECT: {e}"))),
+        }
+    }
+}
+
+struct Accepted {
+    ticket: SessionTicket,
+    keep_alive: Option<Duration>,
+    token_deadline: Instant,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Checks CONNECT as IoT Hub does and registers the session.
+fn authenticate(hub: &Hub, connect: Connect) -> Result<Accepted, Refusal> {
+    if connect.protocol != Protocol::V4 {
+        return Err(Refusal::new(
+            ConnectReturnCode::RefusedProtocolVersion,
+            "MQTT 5; IoT Hub speaks MQTT 3.1.1 (level 4)",
+        ));
+    }
+    let device_id = connect.client_id;
+    tracing::Span::current().record("device_id", device_id.as_str());
+    if device_id.is_empty() {
+        return Err(Refusal::new(
+            ConnectReturnCode::BadClientId,
+            "empty client id; IoT Hub needs the device id",
+        ));
+    }
+    if device_id.contains('/') {
+        warn!(
+            "module identities ({device_id}) are not supported by this emulator; connect as the device"
+        );
+        return Err(Refusal::new(
+            ConnectReturnCode::BadClientId,
+            "module identities are not supported",
+        ));
+    }
+    let Some(login) = connect.login else {
+        return Err(Refusal::new(
+            ConnectReturnCode::BadUserNamePassword,
+            "no username and password; IoT Hub devices send `{host}/{deviceId}/?api-version=...` and a SAS token",
+        ));
+    };
+    let now = now_unix();
+    // The password is a secret: only the hub's error text (which never contains it) is logged.
+    let expiry = hub
+        .authenticate_device(&device_id, &login.username, &login.password, now)
+        .map_err(|e| {
+            let code = match e {
+                AuthError::Malformed(_) => ConnectReturnCode::BadUserNamePassword,
+                _ => ConnectReturnCode::NotAuthorized,
+            };
+            Refusal::new(code, e.to_string())
+        })?;
+    // The hub accepts tokens up to SAS_SKEW_SECS past `se`, so that is when the session ends.
+    let remaining = Duration::from_secs(expiry.saturating_add(SAS_SKEW_SECS).saturating_sub(now));
+    let token_deadline = Instant::now() + remaining.min(FAR_FUTURE);
+    // [MQTT-3.1.2-24] no packet within 1.5 × keep-alive: the server disconnects; 0 disables it.
+    let keep_alive = match connect.keep_alive {
+        0 => None,
+        secs => Some((Duration::from_millis(u64::from(secs) * 1500)).min(MAX_KEEP_ALIVE)),
+    };
+    let ticket = hub.attach_session(&device_id, Some(expiry));
+    Ok(Accepted {
+        ticket,
+        keep_alive,
+        token_deadline,
+    })
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum End {
+    /// The device sent DISCONNECT.
+    Disconnected,
+    /// The device closed the connection.
+    PeerClosed,
+    /// Reading or writing failed.
+    Io(io::Error),
+    /// A write did not complete in time (the device stopped reading).
+    WriteTimeout,
+    /// Bytes that are not MQTT, or a packet over the size limit.
+    Malformed(CodecError),
+    /// A packet IoT Hub does not allow (QoS 2, retain on a non-telemetry topic, ...).
+    Violation(Cow<'static, str>),
+    /// A topic outside this device's own.
+    Forbidden(String),
+    /// Nothing received within 1.5 × keep-alive.
+    KeepAlive(Duration),
+    /// The SAS token expired.
+    TokenExpired,
+    /// The hub dropped the session (replaced by a new connection, device deleted or disabled,
+    /// queue overflow).
+    Dropped,
+    /// The hub is shutting down.
+    Shutdown,
+}
+
+impl End {
+    /// Whether the connection can still take a final flush and a polite close.
+    fn can_write(&self) -> bool {
+        !matches!(self, End::PeerClosed | End::Io(_) | End::WriteTimeout)
+    }
+}
+
+impl fmt::Display for End {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            End::Disconnected => f.write_str("the device sent DISCONNECT"),
+            End::PeerClosed => f.write_str("the device closed the connection"),
+            End::Io(e) => write!(f, "connection error: {e}"),
+            End::WriteTimeout => write!(f, "the device did not read for {WRITE_TIMEOUT:?}"),
+            End::Malformed(e) => write!(f, "not a valid MQTT 3.1.1 packet: {e}"),
+            End::Violation(what) => write!(f, "{what}"),
+            End::Forbidden(what) => write!(f, "{what}"),
+            End::KeepAlive(limit) => write!(f, "no packet for {limit:?} (1.5 × keep-alive)"),
+            End::TokenExpired => f.write_str("the SAS token expired"),
+            End::Dropped => f.write_str("replaced by a newer connection or dropped by the hub"),
+            End::Shutdown => f.write_str("the hub is shutting down"),
+        }
+    }
+}
+
+/// Keeps the session registered with the hub; unregisters it however the session ends.
+struct Attached<'h> {
+    hub: &'h Hub,
+    ticket: SessionTicket,
+}
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        self.hub.detach_session(&self.ticket);
+    }
+}
+
+/// The QoS granted per hub-to-device stream (`None`: not subscribed).
+#[derive(Debug, Clone, Copy, Default)]
+struct Granted {
+    methods: Option<QoS>,
+    twin_responses: Option<QoS>,
+    desired: Option<QoS>,
+    c2d: Option<QoS>,
+}
+
+impl Granted {
+    fn flags(&self) -> Subscriptions {
+        Subscriptions {
+            methods: self.methods.is_some(),
+            desired: self.desired.is_some(),
+            twin_responses: self.twin_responses.is_some(),
+            c2d: self.c2d.is_some(),
+        }
+    }
+}
+
+struct Session<'h> {
+    attached: Attached<'h>,
+    granted: Granted,
+    /// Packet ids of hub-to-device QoS 1 publishes not yet acknowledged.
+    inflight: Vec<u16>,
+    last_packet_id: u16,
+    /// Encoded packets waiting to be written.
+    wbuf: BytesMut,
+    telemetry: u64,
+    next_touch: Instant,
+}
+
+/// The session loop: socket reads, the hub's outbound queue, keep-alive, token expiry, the
+/// session's kill switch and shutdown.
+async fn serve<T: Transport>(
+    transport: &mut T,
+    session: &mut Session<'_>,
+    rbuf: &mut BytesMut,
+    shutdown: &CancellationToken,
+    keep_alive: Option<Duration>,
+    token_deadline: Instant,
+) -> End {
+    // Packets the device sent right behind CONNECT.
+    let mut needed = match session.process(rbuf) {
+        Ok(needed) => needed,
+        Err(end) => return end,
+    };
+    let keep_alive_limit = keep_alive.unwrap_or(FAR_FUTURE);
+    let mut last_packet = Instant::now();
+    let keep_alive_timer = tokio::time::sleep_until(last_packet + keep_alive_limit);
+    let token_timer = tokio::time::sleep_until(token_deadline);
+    tokio::pin!(keep_alive_timer, token_timer);
+    loop {
+        if !session.wbuf.is_empty() {
+            let written = tokio::select! {
+                written = tokio::time::timeout(WRITE_TIMEOUT, transport.send(&mut session.wbuf)) => written,
+                () = session.attached.ticket.kill.cancelled() => return End::Dropped,
+                () = shutdown.cancelled() => return End::Shutdown,
+            };
+            match written {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return End::Io(e),
+                Err(_) => return End::WriteTimeout,
+            }
+            if session.wbuf.capacity() > SHRINK_ABOVE {
+                session.wbuf = BytesMut::new();
+            }
+        }
+        if rbuf.is_empty() && rbuf.capacity() > SHRINK_ABOVE {
+            *rbuf = BytesMut::new();
+        }
+        let want = needed.max(READ_CHUNK);
+        if rbuf.capacity() - rbuf.len() < want {
+            rbuf.reserve(want);
+        }
+        let outbound_open = session.inflight.len() < MAX_INFLIGHT;
+        tokio::select! {
+            () = shutdown.cancelled() => return End::Shutdown,
+            () = session.attached.ticket.kill.cancelled() => return End::Dropped,
+            () = &mut token_timer => return End::TokenExpired,
+            () = &mut keep_alive_timer => {
+                // The timer is re-armed lazily: reads only record the time.
+                let due = last_packet + keep_alive_limit;
+                if due <= Instant::now() {
+                    return End::KeepAlive(keep_alive_limit);
+                }
+                keep_alive_timer.as_mut().reset(due);
+            }
+            read = transport.read_into(rbuf) => match read {
+                Ok(0) => return End::PeerClosed,
+                Ok(_) => {
+                    last_packet = Instant::now();
+                    needed = match session.process(rbuf) {
+                        Ok(needed) => needed,
+                        Err(end) => return end,
+                    };
+                }
+                Err(e) => return End::Io(e),
+            },
+            message = session.attached.ticket.outbound.recv(), if outbound_open => {
+                let Some(message) = message else { return End::Dropped };
+                if let Err(end) = session.push(message) {
+                    return end;
+                }
+                // Batch whatever else is queued into the same write.
+                for _ in 1..OUTBOUND_BATCH {
+                    if session.inflight.len() >= MAX_INFLIGHT {
+                        break;
+                    }
+                    let Ok(message) = session.attached.ticket.outbound.try_recv() else { break };
+                    if let Err(end) = session.push(message) {
+                        return end;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Appends `packet` to `wbuf`; on an encoding error (never expected for packets we build) the
+/// partial bytes are removed and the packet is dropped.
+fn encode(wbuf: &mut BytesMut, packet: &Packet) {
+    let mark = wbuf.len();
+    if let Err(e) = packet.write(wbuf, usize::MAX) {
+        wbuf.truncate(mark);
+        warn!(error = %e, "cannot encode an MQTT packet; dropped");
+    }
+}
+
+/// The `$iothub/twin/res/{status}` status and body for a failed twin request: the HTTP status
+/// of the IoT Hub error code, and IoT Hub's classic error JSON.
+fn twin_error(error: &HubError) -> (u16, Bytes) {
+    let code = error.code();
+    let body = json!({
+        "Message": format!("ErrorCode:{};{error}", code.name()),
+        "ExceptionMessage": "",
+    });
+    (code.http_status(), Bytes::from(body.to_string()))
+}
+
+impl Session<'_> {
+    fn device_id(&self) -> &str {
+        &self.attached.ticket.device_id
+    }
+
+    /// Handles every complete packet in `rbuf`; returns how many more bytes the next one needs.
+    fn process(&mut self, rbuf: &mut BytesMut) -> Result<usize, End> {
+        loop {
+            match Packet::read(rbuf, MAX_PACKET_SIZE) {
+                Ok(packet) => self.handle(packet)?,
+                Err(CodecError::InsufficientBytes(needed)) => return Ok(needed),
+                Err(e) => return Err(End::Malformed(e)),
+            }
+        }
+    }
+
+    fn handle(&mut self, packet: Packet) -> Result<(), End> {
+        match packet {
+            Packet::Publish(publish) => self.on_publish(publish),
+            Packet::PubAck(PubAck { pkid }) => {
+                // An id we never sent (or already acknowledged) is ignored [MQTT-4.3.2].
+                if let Some(at) = self.inflight.iter().position(|&id| id == pkid) {
+                    self.inflight.swap_remove(at);
+                }
+                Ok(())
+            }
+            Packet::Subscribe(subscribe) => self.on_subscribe(subscribe),
+            Packet::Unsubscribe(unsubscribe) => {
+                self.on_unsubscribe(unsubscribe);
+                Ok(())
+            }
+            Packet::PingReq => {
+                encode(&mut self.wbuf, &Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect => Err(End::Disconnected),
+            Packet::Connect(_) => Err(End::Violation(
+                "a second CONNECT on one connection [MQTT-3.1.0-2]".into(),
+            )),
+            Packet::PubRec(_) | Packet::PubRel(_) | Packet::PubComp(_) => Err(End::Violation(
+                "a QoS 2 packet; IoT Hub supports QoS 0 and 1 only".into(),
+            )),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => Err(
+                End::Violation("a server-to-client packet sent by the device".into()),
+            ),
+        }
+    }
+
+    fn touch(&mut self) {
+        let now = Instant::now();
+        if now >= self.next_touch {
+            self.next_touch = now + TOUCH_INTERVAL;
+            self.attached.hub.touch(&self.attached.ticket.device_id);
+        }
+    }
+
+    fn on_publish(&mut self, publish: Publish) -> Result<(), End> {
+        // [DOCS mqtt] a PUBLISH with QoS 2 makes IoT Hub close the connection.
+        if publish.qos == QoS::ExactlyOnce {
+            return Err(End::Violation(
+                format!(
+                    "published on `{}` with QoS 2; IoT Hub supports QoS 0 and 1 only",
+                    publish.topic
+                )
+                .into(),
+            ));
+        }
+        let topic = Topic::parse(&publish.topic).map_err(|e| {
+            End::Forbidden(format!(
+                "published on `{}`, which is not an IoT Hub device topic: {e}",
+                publish.topic
+            ))
+        })?;
+        // [DOCS mqtt] RETAIN is only meaningful on telemetry (forwarded as `mqtt-retain`).
+        if publish.retain && !matches!(topic, Topic::Telemetry { .. }) {
+            return Err(End::Violation(
+                format!("published on `{}` with RETAIN", publish.topic).into(),
+            ));
+        }
+        self.touch();
+        match topic {
+            Topic::Telemetry {
+                device_id,
+                module_id,
+                ..
+            } => {
+                if device_id != self.device_id() || module_id.is_some() {
+                    return Err(End::Forbidden(format!(
+                        "published telemetry on `{}`, another identity's topic",
+                        publish.topic
+                    )));
+                }
+                self.telemetry += 1;
+                debug!(topic = %publish.topic, bytes = publish.payload.len(), "telemetry");
+            }
+            Topic::MethodResponse { status, rid } => {
+                debug!(%rid, status, "method response");
+                self.attached
+                    .hub
+                    .method_response(self.device_id(), &rid, status, publish.payload);
+            }
+            Topic::TwinGet { rid } => self.twin_get(rid)?,
+            Topic::TwinPatchReported { rid } => self.twin_patch(rid, &publish.payload)?,
+            _ => {
+                return Err(End::Forbidden(format!(
+                    "published on `{}`, a hub-to-device topic",
+                    publish.topic
+                )));
+            }
+        }
+        if publish.qos == QoS::AtLeastOnce {
+            encode(&mut self.wbuf, &Packet::PubAck(PubAck::new(publish.pkid)));
+        }
+        Ok(())
+    }
+
+    fn twin_get(&mut self, rid: String) -> Result<(), End> {
+        let Some(qos) = self.granted.twin_responses else {
+            warn!(%rid, "twin GET without a subscription to $iothub/twin/res/#; IoT Hub sends no answer");
+            return Ok(());
+        };
+        let (status, body) = match self.attached.hub.device_twin(self.device_id()) {
+            Some(twin) => (200, Bytes::from(twin.to_string())),
+            None => twin_error(&HubError::DeviceNotFound(self.device_id().to_owned())),
+        };
+        let topic = Topic::TwinResponse {
+            status,
+            rid,
+            version: None,
+        }
+        .to_string();
+        self.publish(topic, body, qos)
+    }
+
+    fn twin_patch(&mut self, rid: String, payload: &[u8]) -> Result<(), End> {
+        let result = serde_json::from_slice::<Value>(payload)
+            .map_err(|e| {
+                HubError::InvalidArgument(format!(
+                    "the reported properties patch is not valid JSON: {e}"
+                ))
+            })
+            .and_then(|patch| self.attached.hub.patch_reported(self.device_id(), &patch));
+        let (status, version, body) = match result {
+            Ok(version) => (204, Some(version), Bytes::new()),
+            Err(error) => {
+                debug!(%rid, %error, "reported properties patch refused");
+                let (status, body) = twin_error(&error);
+                (status, None, body)
+            }
+        };
+        // The patch is applied either way; only the answer needs the subscription.
+        let Some(qos) = self.granted.twin_responses else {
+            warn!(%rid, "reported patch without a subscription to $iothub/twin/res/#; IoT Hub sends no answer");
+            return Ok(());
+        };
+        let topic = Topic::TwinResponse {
+            status,
+            rid,
+            version,
+        }
+        .to_string();
+        self.publish(topic, body, qos)
+    }
+
+    fn on_subscribe(&mut self, subscribe: Subscribe) -> Result<(), End> {
+        // Every filter is checked before any is applied: one bad filter closes the connection.
+        // IoT Hub allows at most 5 subscriptions; a device has only the four filters below, and a
+        // repeated filter replaces the earlier one [MQTT-3.8.4-3] (Node subscribes methods once
+        // per handler), so the limit cannot be reached.
+        let mut granted = self.granted;
+        let mut codes = Vec::with_capacity(subscribe.filters.len());
+        for filter in &subscribe.filters {
+            let parsed = TopicFilter::parse(&filter.path).map_err(|e| {
+                End::Forbidden(format!(
+                    "subscribed to `{}`, which is not an IoT Hub device topic filter: {e}",
+                    filter.path
+                ))
+            })?;
+            // [DOCS mqtt] a subscription asking for QoS 2 is granted QoS 1.
+            let qos = if filter.qos == QoS::AtMostOnce {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            };
+            match parsed {
+                TopicFilter::Methods => granted.methods = Some(qos),
+                TopicFilter::TwinResponses => granted.twin_responses = Some(qos),
+                TopicFilter::TwinDesired => granted.desired = Some(qos),
+                TopicFilter::C2d { device_id } if device_id == self.device_id() => {
+                    granted.c2d = Some(qos)
+                }
+                TopicFilter::C2d { .. } => {
+                    return Err(End::Forbidden(format!(
+                        "subscribed to `{}`, another device's messages",
+                        filter.path
+                    )));
+                }
+                TopicFilter::ModuleInputs { .. } => {
+                    return Err(End::Forbidden(format!(
+                        "subscribed to `{}`; module identities are not supported",
+                        filter.path
+                    )));
+                }
+            }
+            codes.push(SubscribeReasonCode::Success(qos));
+        }
+        self.set_granted(granted);
+        encode(
+            &mut self.wbuf,
+            &Packet::SubAck(SubAck::new(subscribe.pkid, codes)),
+        );
+        Ok(())
+    }
+
+    fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
+        let mut granted = self.granted;
+        for filter in &unsubscribe.topics {
+            // Unsubscribing from anything else is not an error [MQTT-3.10.4-5].
+            match TopicFilter::parse(filter) {
+                Ok(TopicFilter::Methods) => granted.methods = None,
+                Ok(TopicFilter::TwinResponses) => granted.twin_responses = None,
+                Ok(TopicFilter::TwinDesired) => granted.desired = None,
+                Ok(TopicFilter::C2d { device_id }) if device_id == self.device_id() => {
+                    granted.c2d = None
+                }
+                _ => {}
+            }
+        }
+        self.set_granted(granted);
+        encode(
+            &mut self.wbuf,
+            &Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)),
+        );
+    }
+
+    fn set_granted(&mut self, granted: Granted) {
+        self.granted = granted;
+        let flags = granted.flags();
+        self.attached
+            .hub
+            .set_subscriptions(&self.attached.ticket, |s| *s = flags);
+    }
+
+    /// The QoS a hub-to-device topic goes out with, or `None` if the device is not subscribed.
+    /// Topics come from the hub already formatted, so a prefix test is enough.
+    fn granted_for(&self, topic: &str) -> Option<QoS> {
+        if topic.starts_with(METHODS_PREFIX) {
+            self.granted.methods
+        } else if topic.starts_with(DESIRED_PREFIX) {
+            self.granted.desired
+        } else if topic.starts_with(TWIN_RESPONSE_PREFIX) {
+            self.granted.twin_responses
+        } else if topic
+            .strip_prefix("devices/")
+            .and_then(|rest| rest.strip_prefix(self.device_id()))
+            .is_some_and(|rest| rest.starts_with("/messages/devicebound/"))
+        {
+            self.granted.c2d
+        } else {
+            None
+        }
+    }
+
+    /// Queues a message from the hub.
+    fn push(&mut self, message: Outbound) -> Result<(), End> {
+        match message {
+            Outbound::Publish { topic, payload } => match self.granted_for(&topic) {
+                Some(qos) => self.publish(topic, payload, qos),
+                None => {
+                    debug!(%topic, "not subscribed (any more); message dropped");
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    fn publish(&mut self, topic: String, payload: Bytes, qos: QoS) -> Result<(), End> {
+        let mut publish = Publish::from_bytes(topic, qos, payload);
+        if qos == QoS::AtLeastOnce {
+            if self.inflight.len() >= MAX_UNACKED {
+                return Err(End::Violation(
+                    format!("the device left {MAX_UNACKED} QoS 1 messages unacknowledged").into(),
+                ));
+            }
+            publish.pkid = self.next_packet_id();
+            self.inflight.push(publish.pkid);
+        }
+        encode(&mut self.wbuf, &Packet::Publish(publish));
+        Ok(())
+    }
+
+    /// A non-zero id not in flight [MQTT-2.3.1-1, MQTT-2.3.1-2].
+    fn next_packet_id(&mut self) -> u16 {
+        loop {
+            self.last_packet_id = self.last_packet_id.wrapping_add(1);
+            if self.last_packet_id != 0 && !self.inflight.contains(&self.last_packet_id) {
+                return self.last_packet_id;
+            }
+        }
+    }
+}
