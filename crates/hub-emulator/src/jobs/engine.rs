@@ -1,0 +1,484 @@
+//! The jobs engine: the scheduler starts each job at its `startTime`; a runner fixes the job's
+//! devices (the query condition over the twins at that moment) and executes the method or twin
+//! patch on them, saving device outcomes in batches before they become visible.
+//! Invariant: a runner always ends its job (completed, failed, cancelled) unless the hub shuts
+//! down, in which case what was saved is exactly what the next start resumes from.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::model::{
+    DeviceJobError, DeviceJobRow, DeviceJobStatus, JobRecord, JobStatus, JobType, format_time,
+};
+use super::{Finish, Jobs, Row, json_text};
+use crate::hub::{Hub, HubError, MethodCall, MethodOutcome};
+use crate::query;
+use crate::store::Write;
+
+/// Direct methods a job has in flight at once. Each waits on a device (up to the connect plus
+/// response timeouts), so the cap bounds memory and the hub's pending-request table, not CPU;
+/// 256 keeps 10,000 devices moving in a few round trips without flooding session queues.
+pub const MAX_IN_FLIGHT: usize = 256;
+/// Devices per twin-update transaction: large enough that 10,000 devices take 20 commits,
+/// small enough that one batch holds the hub's state lock for milliseconds only.
+pub const TWIN_BATCH: usize = 500;
+/// Device outcomes saved per transaction at most.
+const FLUSH_ROWS: usize = 500;
+/// How long an outcome may wait for its batch to be saved (and become visible).
+const FLUSH_AFTER: Duration = Duration::from_millis(25);
+/// Longest wait the engine computes (guards `Instant` arithmetic against huge deadlines).
+const FAR: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+fn until(at: OffsetDateTime) -> Instant {
+    let seconds = (at - OffsetDateTime::now_utc())
+        .as_seconds_f64()
+        .clamp(0.0, FAR.as_secs_f64());
+    Instant::now() + Duration::from_secs_f64(seconds)
+}
+
+/// The scheduler loop: starts due jobs (and jobs left running by a previous process), prunes
+/// old ones hourly, sleeps until the next start time or a new job.
+pub(super) async fn schedule(jobs: Jobs, shutdown: CancellationToken, tracker: TaskTracker) {
+    let mut next_prune = Instant::now() + super::PRUNE_EVERY;
+    loop {
+        let notified = jobs.inner.wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let (due, next_start) = jobs.take_due(OffsetDateTime::now_utc());
+        for id in due {
+            tracker.spawn(run(jobs.clone(), id, shutdown.clone()));
+        }
+        if Instant::now() >= next_prune {
+            if let Err(e) = jobs.prune(OffsetDateTime::now_utc()) {
+                tracing::warn!(error = %e, "could not prune old jobs");
+            }
+            next_prune = Instant::now() + super::PRUNE_EVERY;
+        }
+        let wake_at = next_start.map_or(next_prune, |at| until(at).min(next_prune));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = &mut notified => {}
+            _ = tokio::time::sleep_until(wake_at) => {}
+        }
+    }
+}
+
+impl Jobs {
+    /// Marks due jobs as owned by a runner; returns them and the next future start time.
+    fn take_due(&self, now: OffsetDateTime) -> (Vec<String>, Option<OffsetDateTime>) {
+        let mut state = self.lock();
+        let mut due = Vec::new();
+        let mut next: Option<OffsetDateTime> = None;
+        for entry in state
+            .jobs
+            .values_mut()
+            .filter(|e| e.is_active() && !e.runner)
+        {
+            let start = entry.record.start_at();
+            if entry.record.status == JobStatus::Running || start <= now {
+                entry.runner = true;
+                due.push(entry.record.job_id.clone());
+            } else {
+                next = Some(next.map_or(start, |n| n.min(start)));
+            }
+        }
+        (due, next)
+    }
+}
+
+/// What a runner works through.
+struct Plan {
+    record: JobRecord,
+    pending: Vec<String>,
+    cancel: CancellationToken,
+}
+
+/// One job's run, from start (or resume) to its end or the hub's shutdown.
+async fn run(jobs: Jobs, id: String, shutdown: CancellationToken) {
+    let plan = match begin(&jobs, &id) {
+        Ok(Some(plan)) => plan,
+        Ok(None) => return,
+        Err(reason) => {
+            let _ = jobs.finish(&id, Finish::Failed(reason));
+            return;
+        }
+    };
+    let deadline = until(plan.record.deadline());
+    tracing::info!(job_id = %id, devices = plan.pending.len(), "job running");
+    let ended = match plan.record.job_type {
+        JobType::ScheduleDeviceMethod => run_methods(&jobs, &plan, deadline, &shutdown).await,
+        JobType::ScheduleUpdateTwin => run_twins(&jobs, &plan, deadline, &shutdown).await,
+    };
+    let how = match ended {
+        Ended::Shutdown => return,
+        Ended::Done => Finish::Completed,
+        Ended::Cancelled => Finish::Cancelled,
+        Ended::TimedOut => Finish::TimedOut,
+        Ended::Fatal(reason) => Finish::Failed(reason),
+    };
+    let _ = jobs.finish(&id, how);
+}
+
+/// Moves a due job to `running`: evaluates its condition over the twins now and saves one
+/// `pending` row per matching device, with the job, in one transaction. A resumed job keeps its
+/// rows. Returns `None` if the job ended meanwhile (cancelled).
+fn begin(jobs: &Jobs, id: &str) -> Result<Option<Plan>, String> {
+    let (record, cancel) = {
+        let state = jobs.lock();
+        let Some(entry) = state.jobs.get(id) else {
+            return Ok(None);
+        };
+        if entry.record.status.is_terminal() {
+            return Ok(None);
+        }
+        (entry.record.clone(), entry.cancel.clone())
+    };
+    if record.status == JobStatus::Running {
+        let state = jobs.lock();
+        let Some(entry) = state.jobs.get(id) else {
+            return Ok(None);
+        };
+        let pending = entry
+            .rows
+            .values()
+            .filter(|r| !r.row.status.is_terminal())
+            .map(|r| r.row.device_id.clone())
+            .collect();
+        return Ok(Some(Plan {
+            record: entry.record.clone(),
+            pending,
+            cancel,
+        }));
+    }
+    let condition = query::parse_condition(&record.query_condition)
+        .map_err(|e| format!("the queryCondition cannot be evaluated: {e}"))?;
+    let devices: Vec<String> = jobs
+        .hub()
+        .twin_documents_after(None)
+        .iter()
+        .filter(|doc| condition.matches(doc))
+        .filter_map(|doc| {
+            doc.get("deviceId")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        })
+        .collect();
+    let now = format_time(OffsetDateTime::now_utc());
+    let rows: Vec<DeviceJobRow> = devices
+        .iter()
+        .map(|device_id| DeviceJobRow {
+            device_id: device_id.clone(),
+            job_id: id.to_owned(),
+            job_type: record.job_type,
+            status: DeviceJobStatus::Pending,
+            start_time_utc: None,
+            end_time_utc: None,
+            created_date_time_utc: now.clone(),
+            last_updated_date_time_utc: now.clone(),
+            outcome: None,
+            error: None,
+        })
+        .collect();
+    let mut state = jobs.lock();
+    let Some(entry) = state.jobs.get_mut(id) else {
+        return Ok(None);
+    };
+    if !matches!(
+        entry.record.status,
+        JobStatus::Scheduled | JobStatus::Queued
+    ) {
+        return Ok(None);
+    }
+    let mut running = entry.record.clone();
+    running.status = JobStatus::Running;
+    running.run_started_time = Some(now);
+    let record_doc = json_text(&running);
+    let docs: Vec<String> = rows.iter().map(json_text).collect();
+    let mut writes = vec![Write::PutJob {
+        id,
+        doc: &record_doc,
+    }];
+    writes.extend(rows.iter().zip(&docs).map(|(r, doc)| Write::PutDeviceJob {
+        job_id: id,
+        device_id: &r.device_id,
+        doc,
+    }));
+    jobs.hub()
+        .store()
+        .write(&writes)
+        .map_err(|e| format!("the job could not be saved: {e}"))?;
+    for row in rows {
+        entry.stats.add(row.status);
+        entry.rows.insert(row.device_id.clone(), Row::new(row));
+    }
+    entry.record = running.clone();
+    Ok(Some(Plan {
+        record: running,
+        pending: devices,
+        cancel,
+    }))
+}
+
+enum Ended {
+    Done,
+    Cancelled,
+    TimedOut,
+    Shutdown,
+    Fatal(String),
+}
+
+/// A device's progress, saved in batches.
+enum Event {
+    Started {
+        device_id: String,
+        at: OffsetDateTime,
+    },
+    Finished {
+        device_id: String,
+        started: OffsetDateTime,
+        ended: OffsetDateTime,
+        result: Result<Option<Value>, DeviceJobError>,
+    },
+}
+
+fn device_error(error: &HubError) -> DeviceJobError {
+    DeviceJobError {
+        code: error.code().name().to_owned(),
+        description: error.to_string(),
+    }
+}
+
+async fn invoke(hub: Hub, device_id: String, call: MethodCall) -> Event {
+    let started = OffsetDateTime::now_utc();
+    let result = match hub.invoke_method(&device_id, &call).await {
+        // The device answered, whatever its status: for IoT Hub the device's work is done and
+        // its answer is the outcome.
+        Ok(MethodOutcome { status, payload }) => Ok(Some(
+            json!({"deviceMethodResponse": {"status": status, "payload": payload}}),
+        )),
+        Err(e) => Err(device_error(&e)),
+    };
+    Event::Finished {
+        device_id,
+        started,
+        ended: OffsetDateTime::now_utc(),
+        result,
+    }
+}
+
+async fn run_methods(
+    jobs: &Jobs,
+    plan: &Plan,
+    deadline: Instant,
+    shutdown: &CancellationToken,
+) -> Ended {
+    let call = match plan
+        .record
+        .cloud_to_device_method
+        .as_ref()
+        .map(MethodCall::from_request)
+    {
+        Some(Ok(call)) => call,
+        Some(Err(e)) => {
+            return Ended::Fatal(format!("the job's cloudToDeviceMethod is invalid: {e}"));
+        }
+        None => return Ended::Fatal("the job has no cloudToDeviceMethod".into()),
+    };
+    let mut queue = plan.pending.iter();
+    let mut in_flight = FuturesUnordered::new();
+    let mut batch: Vec<Event> = Vec::new();
+    let mut flush_at = Instant::now() + FLUSH_AFTER;
+    let ended = loop {
+        while in_flight.len() < MAX_IN_FLIGHT {
+            let Some(device_id) = queue.next() else { break };
+            if batch.is_empty() {
+                flush_at = Instant::now() + FLUSH_AFTER;
+            }
+            batch.push(Event::Started {
+                device_id: device_id.clone(),
+                at: OffsetDateTime::now_utc(),
+            });
+            in_flight.push(invoke(jobs.hub().clone(), device_id.clone(), call.clone()));
+        }
+        if in_flight.is_empty() {
+            break Ended::Done;
+        }
+        if batch.len() >= FLUSH_ROWS {
+            if let Err(reason) = flush(jobs, &plan.record.job_id, std::mem::take(&mut batch)) {
+                break Ended::Fatal(reason);
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = plan.cancel.cancelled() => break Ended::Cancelled,
+            _ = shutdown.cancelled() => break Ended::Shutdown,
+            _ = tokio::time::sleep_until(deadline) => break Ended::TimedOut,
+            Some(event) = in_flight.next() => {
+                if batch.is_empty() {
+                    flush_at = Instant::now() + FLUSH_AFTER;
+                }
+                batch.push(event);
+            }
+            _ = tokio::time::sleep_until(flush_at), if !batch.is_empty() => {
+                if let Err(reason) = flush(jobs, &plan.record.job_id, std::mem::take(&mut batch)) {
+                    break Ended::Fatal(reason);
+                }
+            }
+        }
+    };
+    // What devices answered is real, whatever ended the run: save it before ending the job.
+    // Calls still in flight are abandoned; their rows stay running (resumed) or end with the job.
+    drop(in_flight);
+    match flush(jobs, &plan.record.job_id, batch) {
+        Err(reason) if !matches!(ended, Ended::Fatal(_)) => Ended::Fatal(reason),
+        _ => ended,
+    }
+}
+
+async fn run_twins(
+    jobs: &Jobs,
+    plan: &Plan,
+    deadline: Instant,
+    shutdown: &CancellationToken,
+) -> Ended {
+    let Some(body) = plan.record.update_twin.clone() else {
+        return Ended::Fatal("the job has no updateTwin".into());
+    };
+    for chunk in plan.pending.chunks(TWIN_BATCH) {
+        if plan.cancel.is_cancelled() {
+            return Ended::Cancelled;
+        }
+        if shutdown.is_cancelled() {
+            return Ended::Shutdown;
+        }
+        if Instant::now() >= deadline {
+            return Ended::TimedOut;
+        }
+        let hub = jobs.hub().clone();
+        let ids = chunk.to_vec();
+        let patch = body.clone();
+        let started = OffsetDateTime::now_utc();
+        // One durable transaction per batch; SQLite work belongs off the async workers.
+        let results = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+            hub.update_twins(&refs, &patch, Some("*"), false)
+        })
+        .await;
+        let Ok(results) = results else {
+            return Ended::Fatal("the twin update task failed".into());
+        };
+        let ended = OffsetDateTime::now_utc();
+        let events = chunk
+            .iter()
+            .zip(results)
+            .map(|(device_id, result)| Event::Finished {
+                device_id: device_id.clone(),
+                started,
+                ended,
+                result: result.map(|_| None).map_err(|e| device_error(&e)),
+            })
+            .collect();
+        if let Err(reason) = flush(jobs, &plan.record.job_id, events) {
+            return Ended::Fatal(reason);
+        }
+    }
+    Ended::Done
+}
+
+/// Saves a batch of device progress in one transaction, then shows it. Events for a job that
+/// ended meanwhile (cancelled) are dropped: the job's end already decided those rows.
+fn flush(jobs: &Jobs, job_id: &str, events: Vec<Event>) -> Result<(), String> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut state = jobs.lock();
+    let Some(entry) = state.jobs.get_mut(job_id) else {
+        return Ok(());
+    };
+    if entry.record.status != JobStatus::Running {
+        return Ok(());
+    }
+    let mut changed: HashMap<String, DeviceJobRow> = HashMap::with_capacity(events.len());
+    for event in events {
+        let device_id = match &event {
+            Event::Started { device_id, .. } | Event::Finished { device_id, .. } => {
+                device_id.clone()
+            }
+        };
+        let row = match changed.get_mut(&device_id) {
+            Some(row) => row,
+            None => {
+                let Some(current) = entry.rows.get(&device_id) else {
+                    continue;
+                };
+                changed
+                    .entry(device_id)
+                    .or_insert_with(|| current.row.clone())
+            }
+        };
+        match event {
+            Event::Started { at, .. } => {
+                if row.status.is_terminal() {
+                    continue;
+                }
+                row.status = DeviceJobStatus::Running;
+                row.start_time_utc = Some(format_time(at));
+                row.last_updated_date_time_utc = format_time(at);
+            }
+            Event::Finished {
+                started,
+                ended,
+                result,
+                ..
+            } => {
+                let ended_text = format_time(ended);
+                row.start_time_utc = Some(format_time(started));
+                row.end_time_utc = Some(ended_text.clone());
+                row.last_updated_date_time_utc = ended_text;
+                match result {
+                    Ok(outcome) => {
+                        row.status = DeviceJobStatus::Completed;
+                        row.outcome = outcome;
+                        row.error = None;
+                    }
+                    Err(error) => {
+                        row.status = DeviceJobStatus::Failed;
+                        row.outcome = None;
+                        row.error = Some(error);
+                    }
+                }
+            }
+        }
+    }
+    let docs: Vec<(String, String)> = changed
+        .values()
+        .map(|r| (r.device_id.clone(), json_text(r)))
+        .collect();
+    let writes: Vec<Write<'_>> = docs
+        .iter()
+        .map(|(device_id, doc)| Write::PutDeviceJob {
+            job_id,
+            device_id,
+            doc,
+        })
+        .collect();
+    jobs.hub()
+        .store()
+        .write(&writes)
+        .map_err(|e| format!("device outcomes could not be saved: {e}"))?;
+    for (device_id, row) in changed {
+        if let Some(slot) = entry.rows.get_mut(&device_id) {
+            entry.stats.shift(slot.row.status, row.status);
+            *slot = Row::new(row);
+        }
+    }
+    Ok(())
+}

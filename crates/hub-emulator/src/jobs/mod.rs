@@ -1,0 +1,492 @@
+//! IoT Hub Jobs v2: scheduled direct methods and twin updates over a query (reference §4.6, §4.7).
+//!
+//! [`Jobs`] holds every job with its per-device rows; [`routes`] serves `/jobs/v2/...`; the engine
+//! (`engine.rs`) starts due jobs and executes them. Invariants: a job or row change is committed
+//! to the [`Store`](crate::store::Store) before anyone can read it here (rows in batches, one
+//! transaction each); every job that leaves `running` gets an `endTime`; statistics always equal
+//! the tally of the rows. The `state` lock is a std mutex never held across an `.await`; it is
+//! taken before the hub's locks, never after.
+
+mod engine;
+mod model;
+mod request;
+mod routes;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde_json::Value;
+use time::OffsetDateTime;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use model::{
+    DeviceJobError, DeviceJobRow, DeviceJobStatus, JobRecord, JobStatus, JobType, Statistics,
+    format_time, parse_time,
+};
+pub use request::{DEFAULT_MAX_EXECUTION_SECS, JobSpec, parse_request, validate_job_id};
+pub use routes::routes;
+
+use crate::hub::{Hub, HubError};
+use crate::store::{StoreError, Write};
+
+/// How long IoT Hub keeps finished jobs (reference §6.3): older ones are deleted at startup
+/// and hourly.
+pub const RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How often finished jobs past [`RETENTION`] are pruned.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Why a jobs request failed; each maps to one IoT Hub error code.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// 400 `ArgumentInvalid`.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// 404 `JobNotFound`.
+    #[error("Job {0} not found.")]
+    NotFound(String),
+    /// 409 `JobAlreadyExists`.
+    #[error("A job with id '{0}' already exists.")]
+    AlreadyExists(String),
+    /// 429 `ThrottlingMaxActiveJobCountExceeded`.
+    #[error(
+        "The hub already has {max} active jobs, its maximum; wait for one to finish or cancel one."
+    )]
+    TooManyActive {
+        /// The cap.
+        max: usize,
+    },
+    /// The store could not be written; nothing changed.
+    #[error("the jobs store failed: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// One device's row, with its query document kept ready.
+#[derive(Debug)]
+struct Row {
+    row: DeviceJobRow,
+    doc: Arc<Value>,
+}
+
+impl Row {
+    fn new(row: DeviceJobRow) -> Row {
+        let doc = row.document();
+        Row { row, doc }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    record: JobRecord,
+    stats: Statistics,
+    rows: BTreeMap<String, Row>,
+    /// Fired by cancel; the runner stops and finishes the job as `cancelled`.
+    cancel: CancellationToken,
+    /// Notified when the job reaches a terminal status.
+    done: Arc<Notify>,
+    /// Whether a runner task owns this job in this process.
+    runner: bool,
+}
+
+impl Entry {
+    fn new(record: JobRecord) -> Entry {
+        Entry {
+            record,
+            stats: Statistics::default(),
+            rows: BTreeMap::new(),
+            cancel: CancellationToken::new(),
+            done: Arc::new(Notify::new()),
+            runner: false,
+        }
+    }
+
+    fn response(&self) -> Value {
+        self.record.response(self.stats)
+    }
+
+    fn is_active(&self) -> bool {
+        !self.record.status.is_terminal()
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    jobs: BTreeMap<String, Entry>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    hub: Hub,
+    max_active: usize,
+    state: Mutex<State>,
+    /// Wakes the scheduler (a job was created).
+    wake: Notify,
+}
+
+/// The jobs engine handle (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct Jobs {
+    inner: Arc<Inner>,
+}
+
+fn json_text<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
+}
+
+impl Jobs {
+    /// Loads stored jobs and their device rows, prunes finished jobs older than [`RETENTION`].
+    ///
+    /// A job that was `running` when the hub stopped resumes where it was: rows already
+    /// `completed`, `failed` or `canceled` are kept and never executed again; rows still
+    /// `running` at the crash (the device may or may not have acted) go back to `pending` and
+    /// are executed again, as IoT Hub retries work it cannot confirm (at-least-once).
+    /// Unreadable records are skipped with a warning rather than refusing to start.
+    pub fn open(hub: Hub, max_active: usize) -> Result<Jobs, HubError> {
+        let store = hub.store();
+        let mut state = State::default();
+        for (id, text) in store.load_jobs()? {
+            match serde_json::from_str::<JobRecord>(&text) {
+                Ok(record) => {
+                    state.jobs.insert(id, Entry::new(record));
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %id, error = %e, "skipping an unreadable stored job")
+                }
+            }
+        }
+        for (job_id, device_id, text) in store.load_device_jobs()? {
+            let Some(entry) = state.jobs.get_mut(&job_id) else {
+                continue;
+            };
+            match serde_json::from_str::<DeviceJobRow>(&text) {
+                Ok(mut row) => {
+                    if row.status == DeviceJobStatus::Running
+                        && entry.record.status == JobStatus::Running
+                    {
+                        row.status = DeviceJobStatus::Pending;
+                        row.start_time_utc = None;
+                    }
+                    entry.stats.add(row.status);
+                    entry.rows.insert(device_id, Row::new(row));
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %job_id, device_id = %device_id, error = %e, "skipping an unreadable stored device-job row");
+                }
+            }
+        }
+        let jobs = Jobs {
+            inner: Arc::new(Inner {
+                hub,
+                max_active: max_active.max(1),
+                state: Mutex::new(state),
+                wake: Notify::new(),
+            }),
+        };
+        jobs.prune(OffsetDateTime::now_utc())?;
+        Ok(jobs)
+    }
+
+    /// Starts the scheduler: due jobs run on `tracker`; everything stops on `shutdown` (a job
+    /// interrupted by shutdown stays `running` in the store and resumes on the next start).
+    pub fn spawn(&self, shutdown: CancellationToken, tracker: &TaskTracker) {
+        tracker.spawn(engine::schedule(self.clone(), shutdown, tracker.clone()));
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug already reported; every mutation is computed
+        // and stored before it is applied, so the data is still consistent.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn hub(&self) -> &Hub {
+        &self.inner.hub
+    }
+
+    /// `PUT /jobs/v2/{id}`: validates and schedules a job; returns its `JobResponse`.
+    pub fn create(&self, id: &str, body: &Value) -> Result<Value, JobError> {
+        let now = OffsetDateTime::now_utc();
+        let spec = parse_request(id, body, now).map_err(JobError::InvalidArgument)?;
+        let status = if spec.start_time > now {
+            JobStatus::Scheduled
+        } else {
+            JobStatus::Queued
+        };
+        let record = JobRecord {
+            job_id: id.to_owned(),
+            job_type: spec.job_type,
+            query_condition: spec.query_condition,
+            created_time: format_time(now),
+            start_time: format_time(spec.start_time),
+            end_time: None,
+            max_execution_time_in_seconds: spec.max_execution_secs,
+            cloud_to_device_method: spec.method,
+            update_twin: spec.update_twin,
+            status,
+            failure_reason: None,
+            status_message: None,
+            run_started_time: None,
+        };
+        let mut state = self.lock();
+        if state.jobs.contains_key(id) {
+            return Err(JobError::AlreadyExists(id.to_owned()));
+        }
+        if state.jobs.values().filter(|e| e.is_active()).count() >= self.inner.max_active {
+            return Err(JobError::TooManyActive {
+                max: self.inner.max_active,
+            });
+        }
+        self.hub().store().write(&[Write::PutJob {
+            id,
+            doc: &json_text(&record),
+        }])?;
+        let entry = Entry::new(record);
+        let response = entry.response();
+        state.jobs.insert(id.to_owned(), entry);
+        drop(state);
+        tracing::info!(job_id = %id, status = status.as_str(), "job created");
+        self.inner.wake.notify_one();
+        Ok(response)
+    }
+
+    /// `GET /jobs/v2/{id}`.
+    pub fn get(&self, id: &str) -> Result<Value, JobError> {
+        self.lock()
+            .jobs
+            .get(id)
+            .map(Entry::response)
+            .ok_or_else(|| JobError::NotFound(id.to_owned()))
+    }
+
+    /// `POST /jobs/v2/{id}/cancel`: stops the job (running work is abandoned, devices not done
+    /// become `canceled`) and returns it; a job already finished is returned unchanged.
+    pub async fn cancel(&self, id: &str) -> Result<Value, JobError> {
+        let waiting = {
+            let mut state = self.lock();
+            let entry = state
+                .jobs
+                .get_mut(id)
+                .ok_or_else(|| JobError::NotFound(id.to_owned()))?;
+            if entry.record.status.is_terminal() {
+                return Ok(entry.response());
+            }
+            if entry.record.status == JobStatus::Running && entry.runner {
+                // The runner owns the rows: it saves what devices already answered, then marks
+                // the rest canceled. Register for its signal before firing, so none is missed.
+                let done = Arc::clone(&entry.done);
+                entry.cancel.cancel();
+                Some(done)
+            } else {
+                entry.cancel.cancel();
+                None
+            }
+        };
+        if let Some(done) = waiting {
+            let notified = done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.is_terminal(id) {
+                // The runner stops within one flush; the timeout only guards against a bug.
+                let _ = tokio::time::timeout(Duration::from_secs(10), notified).await;
+            }
+        }
+        if !self.is_terminal(id) {
+            self.finish(id, Finish::Cancelled)?;
+        }
+        self.get(id)
+    }
+
+    fn is_terminal(&self, id: &str) -> bool {
+        self.lock()
+            .jobs
+            .get(id)
+            .is_none_or(|e| e.record.status.is_terminal())
+    }
+
+    /// `GET /jobs/v2/query`: jobs of `job_type` and `status` (each optional), in job-id order,
+    /// at most `limit` of them after the job id `after`. Returns the page and whether more follow.
+    pub fn query(
+        &self,
+        job_type: Option<JobType>,
+        status: Option<JobStatus>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<Value>, bool) {
+        use std::ops::Bound;
+        let state = self.lock();
+        let range = match after {
+            Some(after) => state
+                .jobs
+                .range::<str, _>((Bound::Excluded(after), Bound::Unbounded)),
+            None => state.jobs.range::<str, _>(..),
+        };
+        let mut matching = range.map(|(_, e)| e).filter(|e| {
+            job_type.is_none_or(|t| e.record.job_type == t)
+                && status.is_none_or(|s| e.record.status == s)
+        });
+        let page: Vec<Value> = matching
+            .by_ref()
+            .take(limit.max(1))
+            .map(Entry::response)
+            .collect();
+        let more = matching.next().is_some();
+        (page, more)
+    }
+
+    /// Every device-job row, ordered by (jobId, deviceId), for `SELECT * FROM devices.jobs`.
+    pub fn device_job_documents(&self) -> Vec<Arc<Value>> {
+        let state = self.lock();
+        state
+            .jobs
+            .values()
+            .flat_map(|e| e.rows.values().map(|r| Arc::clone(&r.doc)))
+            .collect()
+    }
+
+    /// Deletes finished jobs whose `endTime` is older than [`RETENTION`] (IoT Hub's 30 days).
+    pub fn prune(&self, now: OffsetDateTime) -> Result<usize, StoreError> {
+        let cutoff = now - RETENTION;
+        let mut state = self.lock();
+        let old: Vec<String> = state
+            .jobs
+            .values()
+            .filter(|e| {
+                e.record.status.is_terminal()
+                    && e.record
+                        .end_time
+                        .as_deref()
+                        .and_then(parse_time)
+                        .is_some_and(|end| end < cutoff)
+            })
+            .map(|e| e.record.job_id.clone())
+            .collect();
+        if old.is_empty() {
+            return Ok(0);
+        }
+        let writes: Vec<Write<'_>> = old.iter().map(|id| Write::DeleteJob { id }).collect();
+        self.hub().store().write(&writes)?;
+        for id in &old {
+            state.jobs.remove(id);
+        }
+        tracing::info!(
+            count = old.len(),
+            "pruned jobs past IoT Hub's 30-day retention"
+        );
+        Ok(old.len())
+    }
+
+    /// Ends a job: rows not done get the status `how` implies, the job its terminal status and
+    /// `endTime`; saved in one transaction, then applied. A store failure is logged and the job
+    /// still ends in memory, so it is never left `running`.
+    fn finish(&self, id: &str, how: Finish) -> Result<(), StoreError> {
+        let now = OffsetDateTime::now_utc();
+        let now_text = format_time(now);
+        let mut state = self.lock();
+        let Some(entry) = state.jobs.get_mut(id) else {
+            return Ok(());
+        };
+        if entry.record.status.is_terminal() {
+            return Ok(());
+        }
+        let (status, row_status, row_error, reason) = match &how {
+            Finish::Completed => (JobStatus::Completed, DeviceJobStatus::Failed, None, None),
+            Finish::Cancelled => (JobStatus::Cancelled, DeviceJobStatus::Canceled, None, None),
+            Finish::TimedOut => {
+                let limit = entry.record.max_execution_time_in_seconds;
+                let description = format!(
+                    "The job reached its maxExecutionTimeInSeconds ({limit} s) before this device was processed."
+                );
+                (
+                    JobStatus::Failed,
+                    DeviceJobStatus::Failed,
+                    Some(DeviceJobError {
+                        code: "JobRunTimeout".into(),
+                        description,
+                    }),
+                    Some(format!(
+                        "The job did not finish within maxExecutionTimeInSeconds ({limit} s)."
+                    )),
+                )
+            }
+            Finish::Failed(reason) => (
+                JobStatus::Failed,
+                DeviceJobStatus::Failed,
+                Some(DeviceJobError {
+                    code: "JobFailed".into(),
+                    description: reason.clone(),
+                }),
+                Some(reason.clone()),
+            ),
+        };
+        let mut record = entry.record.clone();
+        record.status = status;
+        record.end_time = Some(now_text.clone());
+        record.failure_reason = reason;
+        let changed: Vec<DeviceJobRow> = entry
+            .rows
+            .values()
+            .filter(|r| !r.row.status.is_terminal())
+            .map(|r| {
+                let mut row = r.row.clone();
+                row.status = row_status;
+                row.end_time_utc = Some(now_text.clone());
+                row.last_updated_date_time_utc = now_text.clone();
+                row.error = row_error.clone();
+                row
+            })
+            .collect();
+        let docs: Vec<String> = changed.iter().map(json_text).collect();
+        let record_doc = json_text(&record);
+        let mut writes: Vec<Write<'_>> = vec![Write::PutJob {
+            id,
+            doc: &record_doc,
+        }];
+        writes.extend(
+            changed
+                .iter()
+                .zip(&docs)
+                .map(|(row, doc)| Write::PutDeviceJob {
+                    job_id: id,
+                    device_id: &row.device_id,
+                    doc,
+                }),
+        );
+        let saved = self.hub().store().write(&writes);
+        if let Err(e) = &saved {
+            tracing::error!(job_id = %id, error = %e, "could not save the end of the job; ending it in memory only");
+        }
+        for row in changed {
+            if let Some(slot) = entry.rows.get_mut(&row.device_id) {
+                entry.stats.shift(slot.row.status, row.status);
+                *slot = Row::new(row);
+            }
+        }
+        entry.record = record;
+        entry.cancel.cancel();
+        entry.done.notify_waiters();
+        let stats = entry.stats;
+        drop(state);
+        tracing::info!(
+            job_id = %id, status = status.as_str(), devices = stats.device_count, succeeded = stats.succeeded,
+            failed = stats.failed, "job ended"
+        );
+        saved
+    }
+}
+
+/// How a job ends.
+#[derive(Debug, Clone)]
+enum Finish {
+    /// Every device was processed (no row is left pending; if one is, it failed).
+    Completed,
+    /// Cancelled by the service.
+    Cancelled,
+    /// `maxExecutionTimeInSeconds` ran out.
+    TimedOut,
+    /// A fatal error, with its reason.
+    Failed(String),
+}
