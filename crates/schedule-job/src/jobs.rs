@@ -1,0 +1,491 @@
+//! Hub-side jobs (Jobs v2): validate, create, follow with a progress bar, and report per device.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use hub_core::job::{DeviceJob, JobRequest, JobResponse, JobStatus, JobType};
+use hub_core::method::{
+    CloudToDeviceMethod, MAX_CONNECT_TIMEOUT_SECS, MAX_PAYLOAD_BYTES, MAX_RESPONSE_TIMEOUT_SECS,
+    MIN_RESPONSE_TIMEOUT_SECS,
+};
+use hub_core::service_client::{ServiceClient, ServiceError, escape_sql_string};
+use hub_core::twin::{Twin, TwinPatch};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::Outcome;
+use crate::cli::{JobKind, ListArgs, MethodArgs, ScheduleArgs, TargetArgs, TwinArgs};
+use crate::error::Error;
+use crate::output::{Output, note};
+use crate::report::{DeviceOutcome, Summary, describe_job, table};
+
+/// How often a waiting command polls the job.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The WHERE clause a target stands for.
+pub fn condition(target: &TargetArgs) -> Result<String, Error> {
+    if let Some(q) = &target.query {
+        let q = q.trim();
+        if q.is_empty() {
+            return Err(Error::Usage(
+                "--query is empty; give a WHERE clause or '*' for all devices".into(),
+            ));
+        }
+        return Ok(q.to_owned());
+    }
+    match target.device_ids.as_slice() {
+        [] => Err(Error::Usage(
+            "give --query or at least one --device-id".into(),
+        )),
+        [one] => Ok(format!("deviceId = '{}'", escape_sql_string(one))),
+        many => Ok(format!(
+            "deviceId IN [{}]",
+            many.iter()
+                .map(|d| format!("'{}'", escape_sql_string(d)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// `SELECT * FROM devices [WHERE c]`.
+pub fn twin_query(condition: &str) -> String {
+    if condition == "*" {
+        "SELECT * FROM devices".to_owned()
+    } else {
+        format!("SELECT * FROM devices WHERE {condition}")
+    }
+}
+
+/// Maps the hub's refusal of a query to a clear error naming the condition.
+pub fn query_error(condition: &str, e: ServiceError) -> Error {
+    match e.hub() {
+        Some(h) if h.status == 400 => Error::InvalidQuery {
+            condition: condition.to_owned(),
+            message: h.message.clone(),
+        },
+        _ => Error::Service(e),
+    }
+}
+
+/// Device ids matching the target now (all pages). For `--device-id`, every id must exist.
+pub async fn matching_devices(
+    client: &ServiceClient,
+    target: &TargetArgs,
+) -> Result<Vec<String>, Error> {
+    let condition = condition(target)?;
+    let twins: Vec<Twin> = client
+        .query(twin_query(&condition))
+        .try_collect()
+        .await
+        .map_err(|e| query_error(&condition, e))?;
+    let ids: Vec<String> = twins.into_iter().map(|t| t.device_id).collect();
+    check_named_devices(client, &target.device_ids, &ids)?;
+    Ok(ids)
+}
+
+fn check_named_devices(
+    client: &ServiceClient,
+    named: &[String],
+    found: &[String],
+) -> Result<(), Error> {
+    let missing: Vec<String> = named
+        .iter()
+        .filter(|d| !found.contains(d))
+        .cloned()
+        .collect();
+    match missing.len() {
+        0 => Ok(()),
+        1 => Err(Error::UnknownDevice {
+            device_id: missing.into_iter().next().unwrap_or_default(),
+            host: client.host_name().to_owned(),
+        }),
+        _ => Err(Error::UnknownDevices {
+            missing,
+            host: client.host_name().to_owned(),
+        }),
+    }
+}
+
+/// Validates a target cheaply (first page only): the query parses and named devices exist.
+/// Returns how many devices match on the first page and whether there are more.
+async fn validate_target(
+    client: &ServiceClient,
+    target: &TargetArgs,
+) -> Result<(usize, bool), Error> {
+    if !target.device_ids.is_empty() {
+        let ids = matching_devices(client, target).await?;
+        return Ok((ids.len(), false));
+    }
+    let condition = condition(target)?;
+    let page = client
+        .query_page::<serde_json::Value>(&twin_query(&condition), None, Some(100))
+        .await
+        .map_err(|e| query_error(&condition, e))?;
+    Ok((page.items.len(), page.continuation.is_some()))
+}
+
+/// The start time for a schedule; a time in the past is refused.
+pub fn start_time(schedule: &ScheduleArgs, now: OffsetDateTime) -> Result<OffsetDateTime, Error> {
+    match (schedule.start_at, schedule.start_in) {
+        (Some(at), _) if at < now - Duration::from_secs(1) => Err(Error::Usage(format!(
+            "--start-at {} is in the past (now is {}); give a future time or use --start-in",
+            hub_core::timestamp::format_millis(at),
+            hub_core::timestamp::format_millis(now)
+        ))),
+        (Some(at), _) => Ok(at),
+        (None, Some(delay)) => Ok(now + delay),
+        (None, None) => Ok(now),
+    }
+}
+
+fn max_execution_secs(schedule: &ScheduleArgs) -> Result<u64, Error> {
+    let secs = schedule.max_execution.as_secs();
+    if secs == 0 {
+        return Err(Error::Usage("--max-execution must be at least 1s".into()));
+    }
+    Ok(secs)
+}
+
+fn job_id(schedule: &ScheduleArgs) -> Result<String, Error> {
+    match &schedule.job_id {
+        Some(id) if id.trim().is_empty() || id.len() > 128 => {
+            Err(Error::Usage("--job-id must be 1 to 128 characters".into()))
+        }
+        Some(id) => Ok(id.clone()),
+        None => Ok(uuid::Uuid::new_v4().to_string()),
+    }
+}
+
+/// Checks a method's timeouts and payload size as the hub would.
+pub fn method_call(args: &MethodArgs) -> Result<CloudToDeviceMethod, Error> {
+    let response = args.response_timeout.as_secs();
+    let connect = args.connect_timeout.as_secs();
+    if !(MIN_RESPONSE_TIMEOUT_SECS..=MAX_RESPONSE_TIMEOUT_SECS).contains(&response) {
+        return Err(Error::Usage(format!(
+            "--response-timeout must be between {MIN_RESPONSE_TIMEOUT_SECS}s and {MAX_RESPONSE_TIMEOUT_SECS}s"
+        )));
+    }
+    if connect > MAX_CONNECT_TIMEOUT_SECS {
+        return Err(Error::Usage(format!(
+            "--connect-timeout must be at most {MAX_CONNECT_TIMEOUT_SECS}s"
+        )));
+    }
+    if args.payload.to_string().len() > MAX_PAYLOAD_BYTES {
+        return Err(Error::Usage(format!(
+            "--payload is larger than {} KB",
+            MAX_PAYLOAD_BYTES / 1024
+        )));
+    }
+    if args.name.is_empty() || args.name.contains(['$', '/', '#', '+', ' ', '?']) {
+        return Err(Error::Usage(format!(
+            "`{}` is not a valid method name",
+            args.name
+        )));
+    }
+    Ok(CloudToDeviceMethod::new(args.name.clone())
+        .with_payload(args.payload.clone())
+        .with_timeouts(response, connect))
+}
+
+/// Prints the devices a target matches now (`--dry-run`).
+async fn dry_run(
+    client: &ServiceClient,
+    target: &TargetArgs,
+    out: Output,
+) -> Result<Outcome, Error> {
+    let condition = condition(target)?;
+    let ids = matching_devices(client, target).await?;
+    if out.json() {
+        out.document(
+            &json!({ "queryCondition": condition, "deviceCount": ids.len(), "devices": ids }),
+        );
+    } else {
+        out.line(format!("{} device(s) match `{condition}` now:", ids.len()));
+        for id in &ids {
+            out.line(format!("  {id}"));
+        }
+        note("dry run: no job was created");
+    }
+    Ok(Outcome::Success)
+}
+
+/// `schedule-job method ...` as a hub job.
+pub async fn method(
+    client: &ServiceClient,
+    args: &MethodArgs,
+    out: Output,
+    shutdown: &CancellationToken,
+) -> Result<Outcome, Error> {
+    let call = method_call(args)?;
+    if args.schedule.dry_run {
+        return dry_run(client, &args.target, out).await;
+    }
+    let condition = condition(&args.target)?;
+    let start = start_time(&args.schedule, OffsetDateTime::now_utc())?;
+    let max = max_execution_secs(&args.schedule)?;
+    let id = job_id(&args.schedule)?;
+    let matched = validate_target(client, &args.target).await?;
+    let request = JobRequest::schedule_device_method(
+        &id,
+        &condition,
+        call,
+        hub_core::timestamp::format_millis(start),
+        max,
+    );
+    create_and_follow(client, request, matched, &args.schedule, out, shutdown).await
+}
+
+/// `schedule-job twin ...`.
+pub async fn twin(
+    client: &ServiceClient,
+    args: &TwinArgs,
+    out: Output,
+    shutdown: &CancellationToken,
+) -> Result<Outcome, Error> {
+    let mut patch = TwinPatch::new();
+    if let Some(desired) = &args.desired {
+        patch = patch.with_desired(desired.clone());
+    }
+    if let Some(tags) = &args.tags {
+        patch = patch.with_tags(tags.clone());
+    }
+    if args.schedule.dry_run {
+        return dry_run(client, &args.target, out).await;
+    }
+    let condition = condition(&args.target)?;
+    let start = start_time(&args.schedule, OffsetDateTime::now_utc())?;
+    let max = max_execution_secs(&args.schedule)?;
+    let id = job_id(&args.schedule)?;
+    let matched = validate_target(client, &args.target).await?;
+    let request = JobRequest::schedule_update_twin(
+        &id,
+        &condition,
+        patch,
+        hub_core::timestamp::format_millis(start),
+        max,
+    );
+    create_and_follow(client, request, matched, &args.schedule, out, shutdown).await
+}
+
+async fn create_and_follow(
+    client: &ServiceClient,
+    request: JobRequest,
+    (matched, more): (usize, bool),
+    schedule: &ScheduleArgs,
+    out: Output,
+    shutdown: &CancellationToken,
+) -> Result<Outcome, Error> {
+    if matched == 0 {
+        note(
+            "note: no device matches the query right now; the job will apply to devices that match when it runs",
+        );
+    }
+    let job = client.create_job(&request).await?;
+    if !out.json() {
+        out.line(format!("created {}", describe_job(&job)));
+        note(format!(
+            "{}{} device(s) match now",
+            if more { "at least " } else { "" },
+            matched
+        ));
+    }
+    if !schedule.wait {
+        out.document(&job);
+        if !out.json() {
+            note(format!(
+                "follow it with: schedule-job status {} --wait",
+                job.job_id
+            ));
+        }
+        return Ok(Outcome::Success);
+    }
+    out.json_line(&json!({ "event": "created", "job": job }));
+    wait(client, &job.job_id, out, shutdown).await
+}
+
+/// Follows a job to its end with a progress bar, then prints the per-device summary.
+pub async fn wait(
+    client: &ServiceClient,
+    job_id: &str,
+    out: Output,
+    shutdown: &CancellationToken,
+) -> Result<Outcome, Error> {
+    let target = if std::io::stderr().is_terminal() {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    };
+    let bar = ProgressBar::with_draw_target(Some(0), target);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut last: Option<String> = None;
+    let job = loop {
+        let job = client.get_job(job_id).await?;
+        let stats = job.device_job_statistics.unwrap_or_default();
+        let status = job.status.clone().unwrap_or(JobStatus::Unknown);
+        bar.set_length(stats.device_count);
+        bar.set_position(stats.succeeded_count + stats.failed_count);
+        bar.set_message(format!(
+            "{status}: {} succeeded, {} failed, {} running, {} pending",
+            stats.succeeded_count, stats.failed_count, stats.running_count, stats.pending_count
+        ));
+        let snapshot =
+            serde_json::to_string(&(&job.status, &job.device_job_statistics)).unwrap_or_default();
+        if last.as_ref() != Some(&snapshot) {
+            out.json_line(&json!({ "event": "progress", "jobId": job.job_id, "status": status.as_str(), "deviceJobStatistics": stats }));
+            last = Some(snapshot);
+        }
+        if status.is_terminal() {
+            break job;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(POLL_INTERVAL) => {}
+            () = shutdown.cancelled() => {
+                bar.finish_and_clear();
+                let msg = format!(
+                    "stopped waiting; job {job_id} goes on on the hub (status {status}): \
+                     `schedule-job status {job_id} --wait` to follow it, `schedule-job cancel {job_id}` to stop it"
+                );
+                note(&msg);
+                out.json_line(&json!({ "event": "interrupted", "jobId": job_id, "status": status.as_str() }));
+                return Ok(Outcome::Failed(msg));
+            }
+        }
+    };
+    bar.finish_and_clear();
+    let outcomes = device_outcomes(client, job_id).await?;
+    let summary = Summary::of(&outcomes);
+    finish(&job, &summary, out)
+}
+
+fn finish(job: &JobResponse, summary: &Summary, out: Output) -> Result<Outcome, Error> {
+    let status = job.status.clone().unwrap_or(JobStatus::Unknown);
+    let failed = job
+        .device_job_statistics
+        .as_ref()
+        .map_or(0, |s| s.failed_count)
+        .max(summary.failed as u64);
+    out.json_line(&json!({ "event": "done", "job": job, "summary": summary }));
+    if !out.json() {
+        out.line(describe_job(job));
+        for line in summary.lines() {
+            out.line(line);
+        }
+    }
+    Ok(match status {
+        JobStatus::Completed if failed == 0 => Outcome::Success,
+        JobStatus::Completed => {
+            Outcome::Failed(format!("job {}: {failed} device(s) failed", job.job_id))
+        }
+        other => Outcome::Failed(format!(
+            "job {} ended {other}{}",
+            job.job_id,
+            job.failure_reason()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        )),
+    })
+}
+
+/// Every device row of a job, sorted by device id.
+pub async fn device_outcomes(
+    client: &ServiceClient,
+    job_id: &str,
+) -> Result<Vec<DeviceOutcome>, Error> {
+    let rows: Vec<DeviceJob> = client.device_jobs(job_id).try_collect().await?;
+    let mut outcomes: Vec<DeviceOutcome> = rows.iter().map(DeviceOutcome::from_row).collect();
+    outcomes.sort_by(|a, b| a.device_id.cmp(&b.device_id));
+    Ok(outcomes)
+}
+
+/// `schedule-job status JOB_ID [--wait]`.
+pub async fn status(
+    client: &ServiceClient,
+    job_id: &str,
+    follow: bool,
+    out: Output,
+    shutdown: &CancellationToken,
+) -> Result<Outcome, Error> {
+    if follow {
+        return wait(client, job_id, out, shutdown).await;
+    }
+    let job = client.get_job(job_id).await?;
+    out.document(&job);
+    out.line(describe_job(&job));
+    Ok(Outcome::Success)
+}
+
+/// `schedule-job list`.
+pub async fn list(client: &ServiceClient, args: &ListArgs, out: Output) -> Result<Outcome, Error> {
+    let job_type = args.job_type.map(|k| match k {
+        JobKind::Method => JobType::ScheduleDeviceMethod,
+        JobKind::Twin => JobType::ScheduleUpdateTwin,
+    });
+    let job_status = match &args.status {
+        None => None,
+        Some(s) => {
+            let status = JobStatus::from_wire(s);
+            if !status.is_known() {
+                let known: Vec<&str> = JobStatus::KNOWN.iter().map(JobStatus::as_str).collect();
+                return Err(Error::Usage(format!(
+                    "unknown job status `{s}`; use one of {}",
+                    known.join(", ")
+                )));
+            }
+            Some(status)
+        }
+    };
+    let jobs: Vec<JobResponse> = client
+        .query_jobs(job_type, job_status)
+        .try_collect()
+        .await?;
+    out.document(&jobs);
+    if !out.json() {
+        if jobs.is_empty() {
+            out.line("no jobs");
+        }
+        for job in &jobs {
+            out.line(describe_job(job));
+        }
+    }
+    Ok(Outcome::Success)
+}
+
+/// `schedule-job cancel JOB_ID`.
+pub async fn cancel(client: &ServiceClient, job_id: &str, out: Output) -> Result<Outcome, Error> {
+    let job = client.cancel_job(job_id).await?;
+    out.document(&job);
+    out.line(describe_job(&job));
+    Ok(Outcome::Success)
+}
+
+/// `schedule-job results JOB_ID`.
+pub async fn results(client: &ServiceClient, job_id: &str, out: Output) -> Result<Outcome, Error> {
+    let job = client.get_job(job_id).await?;
+    let outcomes = device_outcomes(client, job_id).await?;
+    let summary = Summary::of(&outcomes);
+    out.document(&json!({ "job": job, "summary": summary, "devices": outcomes }));
+    if !out.json() {
+        out.line(describe_job(&job));
+        for line in table(&outcomes) {
+            out.line(line);
+        }
+        for line in summary.lines() {
+            out.line(line);
+        }
+    }
+    Ok(if summary.failed == 0 && summary.unfinished == 0 {
+        Outcome::Success
+    } else {
+        Outcome::Failed(format!(
+            "{} failed, {} not finished",
+            summary.failed, summary.unfinished
+        ))
+    })
+}
