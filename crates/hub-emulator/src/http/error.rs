@@ -24,10 +24,16 @@ enum Form {
 }
 
 /// A failed REST request: an IoT Hub error code, its HTTP status and a message for the caller.
+/// Small (the text is boxed) so that `Result<_, ApiError>` stays cheap on the success path.
 #[derive(Debug, Clone)]
 pub struct ApiError {
     status: StatusCode,
     code: ErrorCode,
+    detail: Box<Detail>,
+}
+
+#[derive(Debug, Clone)]
+struct Detail {
     message: String,
     form: Form,
     /// What went wrong inside the hub (5xx only); logged, never sent.
@@ -41,9 +47,11 @@ impl ApiError {
         ApiError {
             status,
             code,
-            message: message.into(),
-            form: Form::Classic,
-            internal: None,
+            detail: Box::new(Detail {
+                message: message.into(),
+                form: Form::Classic,
+                internal: None,
+            }),
         }
     }
 
@@ -52,9 +60,11 @@ impl ApiError {
         ApiError {
             status,
             code,
-            message: message.into(),
-            form: Form::Classic,
-            internal: None,
+            detail: Box::new(Detail {
+                message: message.into(),
+                form: Form::Classic,
+                internal: None,
+            }),
         }
     }
 
@@ -88,7 +98,7 @@ impl ApiError {
             "The hub failed to process the request.",
         );
         error.status = StatusCode::INTERNAL_SERVER_ERROR;
-        error.internal = Some(detail.to_string());
+        error.detail.internal = Some(detail.to_string());
         error
     }
 
@@ -97,7 +107,7 @@ impl ApiError {
     /// 404103 and 504101.
     pub fn method(code: ErrorCode, message: impl Into<String>, info: Value) -> Self {
         let mut error = Self::new(code, message);
-        error.form = Form::JsonInMessage { info };
+        error.detail.form = Form::JsonInMessage { info };
         error
     }
 
@@ -113,18 +123,18 @@ impl ApiError {
 
     /// The caller-facing text (without the `ErrorCode:` prefix).
     pub fn message(&self) -> &str {
-        &self.message
+        &self.detail.message
     }
 
     fn body(&self, tracking_id: &str, now: OffsetDateTime) -> ErrorBody {
-        match &self.form {
+        match &self.detail.form {
             Form::Classic => {
                 let stamp = now
                     .format(format_description!(
                         "[month]/[day]/[year] [hour]:[minute]:[second]"
                     ))
                     .unwrap_or_default();
-                ErrorBody::classic(self.code, &self.message, tracking_id, &stamp)
+                ErrorBody::classic(self.code, &self.detail.message, tracking_id, &stamp)
             }
             Form::JsonInMessage { info } => {
                 let stamp = now
@@ -133,7 +143,13 @@ impl ApiError {
                     ))
                     .unwrap_or_default();
                 let info = info.as_object().cloned().unwrap_or_default();
-                ErrorBody::json_in_message(self.code, &self.message, tracking_id, info, &stamp)
+                ErrorBody::json_in_message(
+                    self.code,
+                    &self.detail.message,
+                    tracking_id,
+                    info,
+                    &stamp,
+                )
             }
         }
     }
@@ -160,7 +176,7 @@ impl std::fmt::Display for ApiError {
             "{} {}: {}",
             self.status.as_u16(),
             self.code.name(),
-            self.message
+            self.detail.message
         )
     }
 }
@@ -190,12 +206,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let tracking_id = uuid::Uuid::new_v4().simple().to_string();
         if self.status.is_server_error() {
-            match &self.internal {
+            match &self.detail.internal {
                 Some(detail) => tracing::error!(
                     tracking_id = %tracking_id, code = self.code.name(), error = %detail, "request failed"
                 ),
                 None => tracing::warn!(
-                    tracking_id = %tracking_id, code = self.code.name(), message = %self.message, "request failed"
+                    tracking_id = %tracking_id, code = self.code.name(), message = %self.detail.message, "request failed"
                 ),
             }
         }

@@ -1,0 +1,161 @@
+//! The service REST API over HTTPS: registry, twins, direct methods, query and statistics here,
+//! Jobs v2 from [`crate::jobs`], MQTT over WebSocket from [`crate::mqtt`]. Every route accepts
+//! any `api-version` (or none); every failure is an [`ApiError`] in IoT Hub's error form.
+//!
+//! Module map: [`server`] (TLS accept loop, graceful shutdown), [`error`] ([`ApiError`]),
+//! [`auth`] (SAS checks), `extract` (JSON body / path / `If-Match`), `registry`, `twins`, `query`.
+
+pub mod auth;
+pub mod error;
+mod extract;
+mod query;
+mod registry;
+mod server;
+mod twins;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
+
+use hub_core::error::ErrorCode;
+
+pub use error::ApiError;
+pub use extract::{IdPath, JsonBody};
+pub use server::serve;
+
+use crate::hub::Hub;
+use crate::jobs::Jobs;
+
+/// Largest request body any route accepts; bigger bodies get 413 `MessageTooLarge`. Covers a
+/// 128 KB method payload plus its envelope; twin and payload limits are checked more precisely
+/// by the hub.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// What every request handler can reach.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// Registry, twins, sessions.
+    pub hub: Hub,
+    /// The jobs engine.
+    pub jobs: Jobs,
+    /// Cancelled at shutdown.
+    pub shutdown: CancellationToken,
+    /// Tracks upgraded connections (MQTT over WebSocket).
+    pub tracker: TaskTracker,
+}
+
+impl AppState {
+    /// Bundles the shared handles.
+    pub fn new(hub: Hub, jobs: Jobs, shutdown: CancellationToken, tracker: TaskTracker) -> Self {
+        AppState {
+            hub,
+            jobs,
+            shutdown,
+            tracker,
+        }
+    }
+}
+
+/// The REST API's routes, with the MQTT-over-WebSocket and Jobs v2 routes merged in.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/devices", get(registry::list_devices))
+        // `/devices/query` is a static route and wins over `/devices/{id}`; the extra methods keep
+        // a device that is really named `query` reachable.
+        .route(
+            "/devices/query",
+            post(query::query_devices)
+                .get(device_named_query)
+                .put(device_named_query)
+                .delete(device_named_query),
+        )
+        .route(
+            "/devices/{id}",
+            get(registry::get_device)
+                .put(registry::put_device)
+                .delete(registry::delete_device),
+        )
+        .route("/statistics/devices", get(registry::device_statistics))
+        .route("/statistics/service", get(registry::service_statistics))
+        .route(
+            "/twins/{id}",
+            get(twins::get_twin)
+                .patch(twins::patch_twin)
+                .put(twins::replace_twin),
+        )
+        .route("/twins/{id}/methods", post(twins::invoke_method))
+        .merge(crate::mqtt::websocket::routes())
+        .merge(crate::jobs::routes())
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(trace_request))
+        .with_state(state)
+}
+
+/// `GET/PUT/DELETE /devices/query`: the device whose id is `query`.
+async fn device_named_query(
+    State(state): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    const ID: &str = "query";
+    match method {
+        Method::GET => registry::get_device_named(&state, &headers, ID),
+        Method::DELETE => {
+            registry::delete_device_named(&state, &headers, ID).map(IntoResponse::into_response)
+        }
+        _ => {
+            let body: Value = serde_json::from_slice(&body).map_err(|e| {
+                ApiError::argument(format!("the request body is not valid JSON: {e}"))
+            })?;
+            registry::put_device_named(&state, &headers, ID, &body)
+        }
+    }
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::with_status(
+        StatusCode::NOT_FOUND,
+        ErrorCode::ArgumentInvalid,
+        format!(
+            "{method} {} is not an IoT Hub service API route",
+            uri.path()
+        ),
+    )
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::with_status(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::ArgumentInvalid,
+        format!("{} does not accept {method}", uri.path()),
+    )
+}
+
+/// One span per request with method, path (no query string, no headers: tokens stay out of
+/// logs) and the answer's status.
+async fn trace_request(request: Request, next: Next) -> Response {
+    let span = tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        status = tracing::field::Empty,
+    );
+    async move {
+        let response = next.run(request).await;
+        tracing::Span::current().record("status", response.status().as_u16());
+        tracing::debug!("answered");
+        response
+    }
+    .instrument(span)
+    .await
+}

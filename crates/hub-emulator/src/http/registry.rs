@@ -1,0 +1,174 @@
+//! Identity registry routes: `PUT/GET/DELETE /devices/{id}`, `GET /devices?top=n` and the
+//! statistics. IoT Hub answers 200 (never 201) on create and 204 on delete (reference §4.1).
+
+use axum::Json;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use hub_core::policy::Permission;
+
+use super::AppState;
+use super::auth::require;
+use super::error::ApiError;
+use super::extract::{IdPath, JsonBody, if_match};
+
+/// Most devices `GET /devices` returns (also its default).
+pub const MAX_LIST: usize = 1000;
+
+/// A JSON document with its `etag` field also sent as the `ETag` header.
+pub(crate) fn with_etag(doc: Value) -> Response {
+    let etag = doc
+        .get("etag")
+        .and_then(Value::as_str)
+        .map(|e| format!("\"{e}\""));
+    let mut response = Json(doc).into_response();
+    if let Some(value) = etag.and_then(|e| HeaderValue::from_str(&e).ok()) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+    response
+}
+
+/// `GET /devices/{id}`.
+pub async fn get_device(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    IdPath(id): IdPath,
+) -> Result<Response, ApiError> {
+    get_device_named(&state, &headers, &id)
+}
+
+/// `PUT /devices/{id}`: create without `If-Match`, update with it.
+pub async fn put_device(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    IdPath(id): IdPath,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Response, ApiError> {
+    put_device_named(&state, &headers, &id, &body)
+}
+
+/// `DELETE /devices/{id}`.
+pub async fn delete_device(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    IdPath(id): IdPath,
+) -> Result<StatusCode, ApiError> {
+    delete_device_named(&state, &headers, &id)
+}
+
+pub(crate) fn get_device_named(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<Response, ApiError> {
+    require(state, headers, Permission::RegistryRead)?;
+    Ok(with_etag(state.hub.get_device(id)?))
+}
+
+pub(crate) fn put_device_named(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+    body: &Value,
+) -> Result<Response, ApiError> {
+    require(state, headers, Permission::RegistryWrite)?;
+    let device = state
+        .hub
+        .create_or_update_device(id, body, if_match(headers)?)?;
+    tracing::info!(device_id = %id, "device saved");
+    Ok(with_etag(device))
+}
+
+pub(crate) fn delete_device_named(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<StatusCode, ApiError> {
+    require(state, headers, Permission::RegistryWrite)?;
+    state.hub.delete_device(id, if_match(headers)?)?;
+    tracing::info!(device_id = %id, "device deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /devices?top=n`: the first `n` devices by id (default and maximum 1000).
+pub async fn list_devices(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    require(&state, &headers, Permission::RegistryRead)?;
+    let top = match query_param(query.as_deref(), "top") {
+        None => MAX_LIST,
+        Some(text) => text
+            .parse::<usize>()
+            .map_err(|_| {
+                ApiError::argument(format!(
+                    "top must be a whole number from 1 to {MAX_LIST}, got `{text}`"
+                ))
+            })?
+            .clamp(1, MAX_LIST),
+    };
+    Ok(Json(state.hub.list_devices(top)))
+}
+
+/// `GET /statistics/devices`.
+pub async fn device_statistics(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    require(&state, &headers, Permission::RegistryRead)?;
+    let docs = state.hub.twin_documents_after(None);
+    let enabled = docs
+        .iter()
+        .filter(|d| d.get("status").and_then(Value::as_str) == Some("enabled"))
+        .count();
+    Ok(Json(json!({
+        "totalDeviceCount": docs.len(),
+        "enabledDeviceCount": enabled,
+        "disabledDeviceCount": docs.len() - enabled,
+    })))
+}
+
+/// `GET /statistics/service`.
+pub async fn service_statistics(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    require(&state, &headers, Permission::ServiceConnect)?;
+    Ok(Json(
+        json!({"connectedDeviceCount": state.hub.connected_count()}),
+    ))
+}
+
+/// The value of `name` in a raw query string (`top=5&api-version=...`), percent-decoded.
+fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then(|| {
+            percent_encoding::percent_decode_str(value)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query_param;
+
+    #[test]
+    fn finds_query_parameters() {
+        assert_eq!(
+            query_param(Some("top=5&api-version=2021-04-12"), "top").as_deref(),
+            Some("5")
+        );
+        assert_eq!(
+            query_param(Some("api-version=2021-04-12&top=7"), "top").as_deref(),
+            Some("7")
+        );
+        assert_eq!(query_param(Some("api-version=2021-04-12"), "top"), None);
+        assert_eq!(query_param(None, "top"), None);
+    }
+}

@@ -1,0 +1,80 @@
+//! Twin and direct-method routes: `GET/PATCH/PUT /twins/{id}` (tags and desired properties,
+//! optimistic concurrency through `If-Match`) and `POST /twins/{id}/methods`.
+//! All need `ServiceConnect` (reference §2.3).
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use serde_json::{Value, json};
+
+use hub_core::policy::Permission;
+
+use super::AppState;
+use super::auth::require;
+use super::error::ApiError;
+use super::extract::{IdPath, JsonBody, if_match};
+use super::registry::with_etag;
+use crate::hub::MethodCall;
+
+/// `GET /twins/{id}`.
+pub async fn get_twin(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    IdPath(id): IdPath,
+) -> Result<Response, ApiError> {
+    require(&state, &headers, Permission::ServiceConnect)?;
+    Ok(with_etag(state.hub.get_twin(&id)?))
+}
+
+/// `PATCH /twins/{id}`: merges tags and desired properties (`null` deletes).
+pub async fn patch_twin(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    IdPath(id): IdPath,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Response, ApiError> {
+    update(&state, &headers, &id, &body, false)
+}
+
+/// `PUT /twins/{id}`: replaces tags and desired properties.
+pub async fn replace_twin(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    IdPath(id): IdPath,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Response, ApiError> {
+    update(&state, &headers, &id, &body, true)
+}
+
+fn update(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+    body: &Value,
+    replace: bool,
+) -> Result<Response, ApiError> {
+    require(state, headers, Permission::ServiceConnect)?;
+    let twin = state
+        .hub
+        .update_twin(id, body, if_match(headers)?, replace)?;
+    tracing::info!(device_id = %id, replace, "twin updated");
+    Ok(with_etag(twin))
+}
+
+/// `POST /twins/{id}/methods`: waits for the device's answer (404103 when it does not come
+/// online within `connectTimeoutInSeconds`, 504101 when it does not answer in time).
+pub async fn invoke_method(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    IdPath(id): IdPath,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Json<Value>, ApiError> {
+    require(&state, &headers, Permission::ServiceConnect)?;
+    let call = MethodCall::from_request(&body)?;
+    tracing::info!(device_id = %id, method = %call.name, "invoking direct method");
+    let outcome = state.hub.invoke_method(&id, &call).await?;
+    Ok(Json(
+        json!({"status": outcome.status, "payload": outcome.payload}),
+    ))
+}

@@ -1,0 +1,777 @@
+//! The service REST API end to end: a real hub on 127.0.0.1:0, real HTTPS (trusting the hub's
+//! generated CA), SAS tokens made with hub_core::sas from the hub's connection string.
+//! Method round trips with a connected device are covered by the MQTT and conformance tests.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hub_core::connection_string::{ServiceConnectionString, SharedKey};
+use hub_emulator::{Config, RunningHub};
+use reqwest::header::HeaderMap;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+struct TestHub {
+    running: RunningHub,
+    client: reqwest::Client,
+    base: String,
+    /// The HostName as clients know it (`localhost:<port>`), the SAS audience.
+    host: String,
+    owner: String,
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Value,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts the classic IoT Hub error form: `ErrorCode:<code>;...` plus the header.
+    fn assert_error(&self, status: StatusCode, code: &str) {
+        assert_eq!(self.status, status, "body: {}", self.body);
+        assert_eq!(
+            self.header("iothub-errorcode"),
+            Some(code),
+            "body: {}",
+            self.body
+        );
+        let message = self.body["Message"].as_str().expect("Message");
+        assert!(
+            message.starts_with(&format!("ErrorCode:{code};")),
+            "{message}"
+        );
+        let exception = self.body["ExceptionMessage"]
+            .as_str()
+            .expect("ExceptionMessage");
+        assert!(
+            exception.starts_with("Tracking ID:") && exception.contains("-TimeStamp:"),
+            "{exception}"
+        );
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+impl TestHub {
+    async fn start() -> TestHub {
+        let running = hub_emulator::start(Config::ephemeral())
+            .await
+            .expect("hub starts");
+        let cs: ServiceConnectionString = running
+            .env
+            .service_connection_string
+            .parse()
+            .expect("connection string");
+        let host = cs.host_name.to_string();
+        let ca = reqwest::Certificate::from_pem(running.env.ca_pem.as_bytes()).expect("CA PEM");
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .resolve("localhost", running.https_addr)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client");
+        let base = format!("https://localhost:{}", running.https_addr.port());
+        let owner = hub_core::sas::generate(&host, &cs.key, Some(&cs.policy_name), now() + 3600);
+        TestHub {
+            running,
+            client,
+            base,
+            host,
+            owner,
+        }
+    }
+
+    /// A token for one of the hub's default policies.
+    fn policy_token(&self, policy: &str, expiry: u64) -> String {
+        let keys = self.running.hub().policy_keys(policy).expect("policy");
+        let key = SharedKey::from_base64(&keys.primary_key).expect("key");
+        hub_core::sas::generate(&self.host, &key, Some(policy), expiry)
+    }
+
+    async fn call_as(
+        &self,
+        auth: Option<&str>,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        extra: &[(&str, &str)],
+    ) -> Answer {
+        let separator = if path.contains('?') { '&' } else { '?' };
+        let url = format!("{}{path}{separator}api-version=2021-04-12", self.base);
+        let mut request = self.client.request(method, url);
+        if let Some(auth) = auth {
+            request = request.header("Authorization", auth);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        for (name, value) in extra {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let text = response.text().await.expect("body");
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).expect("JSON body")
+        };
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        extra: &[(&str, &str)],
+    ) -> Answer {
+        self.call_as(Some(&self.owner), method, path, body, extra)
+            .await
+    }
+
+    async fn create(&self, id: &str) -> Answer {
+        let answer = self
+            .call(
+                Method::PUT,
+                &format!("/devices/{id}"),
+                Some(&json!({"deviceId": id})),
+                &[],
+            )
+            .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "create {id}: {}",
+            answer.body
+        );
+        answer
+    }
+
+    async fn query(
+        &self,
+        text: &str,
+        page_size: Option<&str>,
+        continuation: Option<&str>,
+    ) -> Answer {
+        let mut extra = Vec::new();
+        if let Some(size) = page_size {
+            extra.push(("x-ms-max-item-count", size));
+        }
+        if let Some(token) = continuation {
+            extra.push(("x-ms-continuation", token));
+        }
+        self.call(
+            Method::POST,
+            "/devices/query",
+            Some(&json!({"query": text})),
+            &extra,
+        )
+        .await
+    }
+}
+
+#[tokio::test]
+async fn device_create_get_update_delete_follow_etags() {
+    let hub = TestHub::start().await;
+
+    let created = hub.create("dev-a").await;
+    let etag = created.body["etag"].as_str().expect("etag").to_owned();
+    assert_eq!(created.header("etag"), Some(format!("\"{etag}\"").as_str()));
+    assert_eq!(created.body["status"], "enabled");
+    assert!(
+        created.body["authentication"]["symmetricKey"]["primaryKey"].is_string(),
+        "keys are generated"
+    );
+
+    let again = hub
+        .call(
+            Method::PUT,
+            "/devices/dev-a",
+            Some(&json!({"deviceId": "dev-a"})),
+            &[],
+        )
+        .await;
+    again.assert_error(StatusCode::CONFLICT, "DeviceAlreadyExists");
+
+    let stale = hub
+        .call(
+            Method::PUT,
+            "/devices/dev-a",
+            Some(&json!({"deviceId": "dev-a", "status": "disabled"})),
+            &[("If-Match", "\"bm9wZQ==\"")],
+        )
+        .await;
+    stale.assert_error(StatusCode::PRECONDITION_FAILED, "PreconditionFailed");
+
+    let quoted = format!("\"{etag}\"");
+    let updated = hub
+        .call(
+            Method::PUT,
+            "/devices/dev-a",
+            Some(&json!({"deviceId": "dev-a", "status": "disabled"})),
+            &[("If-Match", &quoted)],
+        )
+        .await;
+    assert_eq!(updated.status, StatusCode::OK, "{}", updated.body);
+    assert_eq!(updated.body["status"], "disabled");
+    assert_ne!(updated.body["etag"], etag.as_str());
+
+    let got = hub.call(Method::GET, "/devices/dev-a", None, &[]).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.body["deviceId"], "dev-a");
+    assert_eq!(got.body["status"], "disabled");
+
+    let listed = hub.call(Method::GET, "/devices?top=1", None, &[]).await;
+    assert_eq!(listed.status, StatusCode::OK);
+    assert_eq!(listed.body.as_array().map(Vec::len), Some(1));
+    let all = hub.call(Method::GET, "/devices", None, &[]).await;
+    assert_eq!(
+        all.body.as_array().map(Vec::len),
+        Some(2),
+        "dev-a and the tutorial device"
+    );
+
+    let stats = hub
+        .call(Method::GET, "/statistics/devices", None, &[])
+        .await;
+    assert_eq!(
+        stats.body,
+        json!({"totalDeviceCount": 2, "enabledDeviceCount": 1, "disabledDeviceCount": 1})
+    );
+    let service = hub
+        .call(Method::GET, "/statistics/service", None, &[])
+        .await;
+    assert_eq!(service.body, json!({"connectedDeviceCount": 0}));
+
+    let stale_delete = hub
+        .call(
+            Method::DELETE,
+            "/devices/dev-a",
+            None,
+            &[("If-Match", &quoted)],
+        )
+        .await;
+    stale_delete.assert_error(StatusCode::PRECONDITION_FAILED, "PreconditionFailed");
+    let deleted = hub
+        .call(
+            Method::DELETE,
+            "/devices/dev-a",
+            None,
+            &[("If-Match", "\"*\"")],
+        )
+        .await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    assert_eq!(deleted.body, Value::Null);
+
+    let gone = hub.call(Method::GET, "/devices/dev-a", None, &[]).await;
+    gone.assert_error(StatusCode::NOT_FOUND, "DeviceNotFound");
+    let gone = hub.call(Method::DELETE, "/devices/dev-a", None, &[]).await;
+    gone.assert_error(StatusCode::NOT_FOUND, "DeviceNotFound");
+}
+
+#[tokio::test]
+async fn routes_work_without_api_version() {
+    let hub = TestHub::start().await;
+    let response = hub
+        .client
+        .get(format!("{}/devices/myDeviceId", hub.base))
+        .header("Authorization", &hub.owner)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn registry_read_policy_cannot_write() {
+    let hub = TestHub::start().await;
+    let token = hub.policy_token("registryRead", now() + 600);
+    let read = hub
+        .call_as(Some(&token), Method::GET, "/devices/myDeviceId", None, &[])
+        .await;
+    assert_eq!(read.status, StatusCode::OK);
+    let write = hub
+        .call_as(
+            Some(&token),
+            Method::PUT,
+            "/devices/dev-b",
+            Some(&json!({"deviceId": "dev-b"})),
+            &[],
+        )
+        .await;
+    write.assert_error(StatusCode::UNAUTHORIZED, "IotHubUnauthorizedAccess");
+    let delete = hub
+        .call_as(
+            Some(&token),
+            Method::DELETE,
+            "/devices/myDeviceId",
+            None,
+            &[],
+        )
+        .await;
+    delete.assert_error(StatusCode::UNAUTHORIZED, "IotHubUnauthorizedAccess");
+    let twin = hub
+        .call_as(Some(&token), Method::GET, "/twins/myDeviceId", None, &[])
+        .await;
+    twin.assert_error(StatusCode::UNAUTHORIZED, "IotHubUnauthorizedAccess");
+
+    // `service` has ServiceConnect only: twins yes, registry no.
+    let service = hub.policy_token("service", now() + 600);
+    let twin = hub
+        .call_as(Some(&service), Method::GET, "/twins/myDeviceId", None, &[])
+        .await;
+    assert_eq!(twin.status, StatusCode::OK);
+    let device = hub
+        .call_as(
+            Some(&service),
+            Method::GET,
+            "/devices/myDeviceId",
+            None,
+            &[],
+        )
+        .await;
+    device.assert_error(StatusCode::UNAUTHORIZED, "IotHubUnauthorizedAccess");
+}
+
+#[tokio::test]
+async fn device_key_token_is_refused() {
+    let hub = TestHub::start().await;
+    let key = hub
+        .running
+        .hub()
+        .device_primary_key("myDeviceId")
+        .expect("device key");
+    let key = SharedKey::from_base64(&key).expect("key");
+    let token = hub_core::sas::generate(
+        &format!("{}/devices/myDeviceId", hub.host),
+        &key,
+        None,
+        now() + 600,
+    );
+    let answer = hub
+        .call_as(Some(&token), Method::GET, "/twins/myDeviceId", None, &[])
+        .await;
+    answer.assert_error(StatusCode::UNAUTHORIZED, "IotHubUnauthorizedAccess");
+}
+
+#[tokio::test]
+async fn expired_missing_and_forged_tokens_are_refused() {
+    let hub = TestHub::start().await;
+    let expired = hub.policy_token("iothubowner", now() - 3600);
+    hub.call_as(
+        Some(&expired),
+        Method::GET,
+        "/devices/myDeviceId",
+        None,
+        &[],
+    )
+    .await
+    .assert_error(StatusCode::UNAUTHORIZED, "IotHubUnauthorizedAccess");
+    hub.call_as(None, Method::GET, "/devices/myDeviceId", None, &[])
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "IotHubUnauthorizedAccess");
+    let forged = hub_core::sas::generate(
+        &hub.host,
+        &SharedKey::from_bytes(vec![7u8; 32]),
+        Some("iothubowner"),
+        now() + 600,
+    );
+    hub.call_as(Some(&forged), Method::GET, "/devices/myDeviceId", None, &[])
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "IotHubUnauthorizedAccess");
+    hub.call_as(
+        Some("Bearer abc"),
+        Method::GET,
+        "/devices/myDeviceId",
+        None,
+        &[],
+    )
+    .await
+    .assert_error(StatusCode::UNAUTHORIZED, "IotHubUnauthorizedAccess");
+}
+
+#[tokio::test]
+async fn twin_patch_and_replace_honour_if_match() {
+    let hub = TestHub::start().await;
+    let twin = hub.call(Method::GET, "/twins/myDeviceId", None, &[]).await;
+    assert_eq!(twin.status, StatusCode::OK);
+    let etag = twin.body["etag"].as_str().expect("etag").to_owned();
+    assert_eq!(twin.header("etag"), Some(format!("\"{etag}\"").as_str()));
+    let desired_version = twin.body["properties"]["desired"]["$version"]
+        .as_u64()
+        .expect("$version");
+
+    let quoted = format!("\"{etag}\"");
+    let patch =
+        json!({"tags": {"building": "43"}, "properties": {"desired": {"telemetryInterval": 20}}});
+    let patched = hub
+        .call(
+            Method::PATCH,
+            "/twins/myDeviceId",
+            Some(&patch),
+            &[("If-Match", &quoted)],
+        )
+        .await;
+    assert_eq!(patched.status, StatusCode::OK, "{}", patched.body);
+    assert_eq!(patched.body["tags"]["building"], "43");
+    assert_eq!(
+        patched.body["properties"]["desired"]["telemetryInterval"],
+        20
+    );
+    assert_eq!(
+        patched.body["properties"]["desired"]["$version"],
+        desired_version + 1
+    );
+    let new_etag = patched.body["etag"].as_str().expect("etag").to_owned();
+    assert_ne!(new_etag, etag);
+    assert_eq!(
+        patched.header("etag"),
+        Some(format!("\"{new_etag}\"").as_str())
+    );
+
+    let stale = hub
+        .call(
+            Method::PATCH,
+            "/twins/myDeviceId",
+            Some(&json!({"tags": {"x": 1}})),
+            &[("If-Match", &quoted)],
+        )
+        .await;
+    stale.assert_error(StatusCode::PRECONDITION_FAILED, "PreconditionFailed");
+
+    let merged = hub
+        .call(
+            Method::PATCH,
+            "/twins/myDeviceId",
+            Some(&json!({"properties": {"desired": {"mode": "eco"}}})),
+            &[("If-Match", "*")],
+        )
+        .await;
+    assert_eq!(merged.status, StatusCode::OK);
+    assert_eq!(
+        merged.body["properties"]["desired"]["telemetryInterval"], 20,
+        "a patch merges"
+    );
+    assert_eq!(
+        merged.body["properties"]["desired"]["$version"],
+        desired_version + 2
+    );
+
+    let replacement = json!({"tags": {"floor": 2}, "properties": {"desired": {"mode": "off"}}});
+    let replaced = hub
+        .call(
+            Method::PUT,
+            "/twins/myDeviceId",
+            Some(&replacement),
+            &[("If-Match", "\"*\"")],
+        )
+        .await;
+    assert_eq!(replaced.status, StatusCode::OK, "{}", replaced.body);
+    assert_eq!(
+        replaced.body["tags"],
+        json!({"floor": 2}),
+        "a replace drops old tags"
+    );
+    assert_eq!(replaced.body["properties"]["desired"]["mode"], "off");
+    assert!(
+        replaced.body["properties"]["desired"]
+            .get("telemetryInterval")
+            .is_none()
+    );
+    assert_eq!(
+        replaced.body["properties"]["desired"]["$version"],
+        desired_version + 3
+    );
+
+    let reported = hub
+        .call(
+            Method::PATCH,
+            "/twins/myDeviceId",
+            Some(&json!({"properties": {"reported": {"x": 1}}})),
+            &[],
+        )
+        .await;
+    reported.assert_error(StatusCode::BAD_REQUEST, "ArgumentInvalid");
+    let missing = hub.call(Method::GET, "/twins/nobody", None, &[]).await;
+    missing.assert_error(StatusCode::NOT_FOUND, "DeviceNotFound");
+}
+
+#[tokio::test]
+async fn method_to_offline_device_is_404103_after_connect_timeout() {
+    let hub = TestHub::start().await;
+    let started = Instant::now();
+    let answer = hub
+        .call(
+            Method::POST,
+            "/twins/myDeviceId/methods",
+            Some(&json!({"methodName": "reboot", "payload": {"delay": 5}, "responseTimeoutInSeconds": 5, "connectTimeoutInSeconds": 1})),
+            &[],
+        )
+        .await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "waited for the connect timeout"
+    );
+    assert_eq!(answer.status, StatusCode::NOT_FOUND, "{}", answer.body);
+    assert_eq!(answer.header("iothub-errorcode"), Some("DeviceNotOnline"));
+    assert_eq!(answer.body["ExceptionMessage"], "");
+    let inner: Value = serde_json::from_str(answer.body["Message"].as_str().expect("Message"))
+        .expect("JSON in Message");
+    assert_eq!(inner["errorCode"], 404103);
+    assert_eq!(inner["message"], "Timed out waiting for device to connect.");
+    assert_eq!(inner["info"]["timeout"], "00:00:01");
+    assert!(inner["trackingId"].is_string() && inner["timestampUtc"].is_string());
+
+    let unknown = hub
+        .call(
+            Method::POST,
+            "/twins/nobody/methods",
+            Some(&json!({"methodName": "reboot"})),
+            &[],
+        )
+        .await;
+    unknown.assert_error(StatusCode::NOT_FOUND, "DeviceNotFound");
+    let bad = hub
+        .call(
+            Method::POST,
+            "/twins/myDeviceId/methods",
+            Some(&json!({"methodName": "x", "responseTimeoutInSeconds": 1})),
+            &[],
+        )
+        .await;
+    bad.assert_error(StatusCode::BAD_REQUEST, "ArgumentInvalid");
+    let big = json!({"methodName": "x", "payload": "y".repeat(130 * 1024)});
+    let too_large = hub
+        .call(Method::POST, "/twins/myDeviceId/methods", Some(&big), &[])
+        .await;
+    too_large.assert_error(StatusCode::PAYLOAD_TOO_LARGE, "MessageTooLarge");
+    let huge = json!({"methodName": "x", "payload": "y".repeat(512 * 1024)});
+    let too_large = hub
+        .call(Method::POST, "/twins/myDeviceId/methods", Some(&huge), &[])
+        .await;
+    too_large.assert_error(StatusCode::PAYLOAD_TOO_LARGE, "MessageTooLarge");
+}
+
+#[tokio::test]
+async fn query_pages_are_stable_while_devices_are_added() {
+    let hub = TestHub::start().await;
+    for i in 1..=5 {
+        hub.create(&format!("dev-{i}")).await;
+    }
+    let existing: HashSet<String> = ["dev-1", "dev-2", "dev-3", "dev-4", "dev-5", "myDeviceId"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = hub
+            .query("SELECT * FROM devices", Some("2"), token.as_deref())
+            .await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+        assert_eq!(page.header("x-ms-item-type"), Some("Twin"));
+        let rows = page.body.as_array().expect("array");
+        assert!(rows.len() <= 2, "page size honoured");
+        seen.extend(
+            rows.iter()
+                .map(|r| r["deviceId"].as_str().expect("deviceId").to_owned()),
+        );
+        pages += 1;
+        if pages == 1 {
+            // One device sorts after the cursor (must appear), one before it (already passed).
+            hub.create("dev-9").await;
+            hub.create("dev-0").await;
+        }
+        match page.header("x-ms-continuation") {
+            Some(next) => {
+                assert!(!next.is_empty(), "never an empty continuation");
+                assert!(!rows.is_empty());
+                token = Some(next.to_owned());
+            }
+            None => break,
+        }
+        assert!(pages < 10, "paging terminates");
+    }
+    let unique: HashSet<String> = seen.iter().cloned().collect();
+    assert_eq!(unique.len(), seen.len(), "no device twice: {seen:?}");
+    assert!(existing.is_subset(&unique), "none skipped: {seen:?}");
+    assert!(
+        unique.contains("dev-9"),
+        "a device added ahead of the cursor appears: {seen:?}"
+    );
+    assert_eq!(pages, 4, "7 rows in pages of 2: {seen:?}");
+
+    // The default page holds everything here; TOP limits across pages.
+    let all = hub.query("SELECT * FROM devices", None, None).await;
+    assert_eq!(all.body.as_array().map(Vec::len), Some(8));
+    assert!(all.header("x-ms-continuation").is_none());
+    let first = hub
+        .query("SELECT TOP 3 * FROM devices", Some("2"), None)
+        .await;
+    let next = first.header("x-ms-continuation").expect("more").to_owned();
+    let second = hub
+        .query("SELECT TOP 3 * FROM devices", Some("2"), Some(&next))
+        .await;
+    assert_eq!(second.body.as_array().map(Vec::len), Some(1));
+    assert!(second.header("x-ms-continuation").is_none());
+}
+
+#[tokio::test]
+async fn query_item_types_and_results() {
+    let hub = TestHub::start().await;
+    hub.call(
+        Method::PATCH,
+        "/twins/myDeviceId",
+        Some(&json!({"tags": {"building": "43"}})),
+        &[],
+    )
+    .await;
+    hub.create("dev-1").await;
+
+    let twins = hub
+        .query(
+            "SELECT * FROM devices WHERE tags.building = '43'",
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(twins.status, StatusCode::OK, "{}", twins.body);
+    assert_eq!(twins.header("x-ms-item-type"), Some("Twin"));
+    assert_eq!(twins.body.as_array().map(Vec::len), Some(1));
+    assert_eq!(twins.body[0]["deviceId"], "myDeviceId");
+
+    let count = hub
+        .query("SELECT COUNT() AS n FROM devices", Some("1"), None)
+        .await;
+    assert_eq!(count.header("x-ms-item-type"), Some("Raw"));
+    assert_eq!(count.body, json!([{"n": 2}]));
+    assert!(count.header("x-ms-continuation").is_none());
+
+    let projected = hub
+        .query("SELECT deviceId FROM devices", Some("1"), None)
+        .await;
+    assert_eq!(projected.header("x-ms-item-type"), Some("Raw"));
+    assert_eq!(
+        projected.body.as_array().map(Vec::len),
+        Some(2),
+        "projections come in one page"
+    );
+
+    let jobs = hub.query("SELECT * FROM devices.jobs", None, None).await;
+    assert_eq!(jobs.status, StatusCode::OK, "{}", jobs.body);
+    assert_eq!(jobs.header("x-ms-item-type"), Some("DeviceJob"));
+    assert!(jobs.body.is_array());
+
+    let bad_token = hub
+        .query("SELECT * FROM devices", None, Some("not a token"))
+        .await;
+    bad_token.assert_error(StatusCode::BAD_REQUEST, "ArgumentInvalid");
+}
+
+#[tokio::test]
+async fn query_errors_are_400_with_position() {
+    let hub = TestHub::start().await;
+    let answer = hub.query("SELECT * FRM devices", None, None).await;
+    answer.assert_error(StatusCode::BAD_REQUEST, "ArgumentInvalid");
+    let message = answer.body["Message"].as_str().unwrap_or_default();
+    assert!(message.contains("position 9"), "{message}");
+
+    let too_long = hub
+        .query(
+            &format!(
+                "SELECT * FROM devices WHERE deviceId = '{}'",
+                "x".repeat(8200)
+            ),
+            None,
+            None,
+        )
+        .await;
+    too_long.assert_error(StatusCode::BAD_REQUEST, "ArgumentInvalid");
+
+    let missing = hub
+        .call(
+            Method::POST,
+            "/devices/query",
+            Some(&json!({"sql": "SELECT * FROM devices"})),
+            &[],
+        )
+        .await;
+    missing.assert_error(StatusCode::BAD_REQUEST, "ArgumentInvalid");
+}
+
+#[tokio::test]
+async fn unknown_route_is_404_in_iot_hub_form() {
+    let hub = TestHub::start().await;
+    let answer = hub.call(Method::GET, "/no/such/route", None, &[]).await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    let code = answer
+        .header("iothub-errorcode")
+        .expect("error code header")
+        .to_owned();
+    assert!(
+        answer.body["Message"]
+            .as_str()
+            .expect("Message")
+            .starts_with(&format!("ErrorCode:{code};"))
+    );
+    let wrong_method = hub
+        .call(Method::POST, "/twins/myDeviceId", Some(&json!({})), &[])
+        .await;
+    assert_eq!(wrong_method.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(
+        wrong_method.body["Message"]
+            .as_str()
+            .expect("Message")
+            .starts_with("ErrorCode:")
+    );
+}
+
+#[tokio::test]
+async fn malformed_json_is_400_argument_invalid() {
+    let hub = TestHub::start().await;
+    let response = hub
+        .client
+        .put(format!("{}/devices/dev-x?api-version=2021-04-12", hub.base))
+        .header("Authorization", &hub.owner)
+        .header("Content-Type", "application/json; charset=utf-8")
+        .body("{\"deviceId\": \"dev-x\",")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        response
+            .headers()
+            .get("iothub-errorcode")
+            .and_then(|v| v.to_str().ok()),
+        Some("ArgumentInvalid")
+    );
+    let body: Value = response.json().await.expect("JSON error body");
+    let message = body["Message"].as_str().expect("Message");
+    assert!(
+        message.starts_with("ErrorCode:ArgumentInvalid;") && message.contains("JSON"),
+        "{message}"
+    );
+}
