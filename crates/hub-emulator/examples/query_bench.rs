@@ -19,8 +19,8 @@ fn twin(i: usize) -> Value {
     json!({
         "deviceId": format!("device-{i:06}"),
         "etag": "AAAAAAAAAAE=",
-        "status": if i.is_multiple_of(10) { "disabled" } else { "enabled" },
-        "connectionState": if i.is_multiple_of(3) { "Connected" } else { "Disconnected" },
+        "status": if i % 10 == 0 { "disabled" } else { "enabled" },
+        "connectionState": if i % 3 == 0 { "Connected" } else { "Disconnected" },
         "lastActivityTime": "2024-01-01T00:00:00.000Z",
         "version": 3,
         "tags": {
@@ -32,7 +32,7 @@ fn twin(i: usize) -> Value {
             "desired": {"telemetryInterval": 10 + i % 5, "$version": 2},
             "reported": {
                 "telemetryConfig": {"status": statuses[i % statuses.len()]},
-                "connectivity": if i.is_multiple_of(2) { "wifi" } else { "wired" },
+                "connectivity": if i % 2 == 0 { "wifi" } else { "wired" },
                 "temperature": 15.0 + (i % 200) as f64 / 10.0,
                 "firmware": format!("1.{}.{}", (i / 7) % 3, i % 10),
                 "$version": 7

@@ -144,11 +144,10 @@ impl Path {
     {
         let mut segments: Vec<String> = segments.into_iter().map(Into::into).collect();
         let first = segments.first_mut()?;
-        if let Some(canonical) = CANONICAL_NAMES
+        let canonical = CANONICAL_NAMES
             .iter()
-            .find(|name| name.eq_ignore_ascii_case(first))
-            && first != canonical
-        {
+            .find(|name| name.eq_ignore_ascii_case(first));
+        if let Some(canonical) = canonical.filter(|canonical| first != *canonical) {
             *first = (*canonical).to_owned();
         }
         Some(Path { segments })

@@ -64,9 +64,11 @@ where
             .map(|doc| {
                 let mut row = Map::with_capacity(columns.len());
                 for (name, column) in &columns {
-                    if let Column::Path(path) = column
-                        && let Some(value) = lookup(doc, path)
-                    {
+                    let value = match column {
+                        Column::Path(path) => lookup(doc, path),
+                        Column::Aggregate(_) => None,
+                    };
+                    if let Some(value) = value {
                         row.insert(name.clone(), value.clone());
                     }
                 }

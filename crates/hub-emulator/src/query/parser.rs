@@ -788,9 +788,11 @@ pub(crate) fn validate(query: &Query, spans: &Spans) -> Result<(), QueryError> {
         }
         Some(group) => {
             for (i, item) in items.iter().enumerate() {
-                if let ProjectionExpr::Path(path) = &item.expr
-                    && path != group
-                {
+                let stray = match &item.expr {
+                    ProjectionExpr::Path(path) => Some(path).filter(|path| *path != group),
+                    ProjectionExpr::Aggregate(_) => None,
+                };
+                if let Some(path) = stray {
                     return Err(unsupported_at(
                         item_at(i),
                         &format!("`{path}` must be an aggregate or the GROUP BY path `{group}`"),
