@@ -775,3 +775,138 @@ async fn malformed_json_is_400_argument_invalid() {
         "{message}"
     );
 }
+
+#[tokio::test]
+async fn shutdown_answers_waiting_methods_and_stops_accepting() {
+    let hub = TestHub::start().await;
+    let warm = hub
+        .call(Method::GET, "/devices/myDeviceId", None, &[])
+        .await;
+    assert_eq!(
+        warm.status,
+        StatusCode::OK,
+        "an idle keep-alive connection must not hold up shutdown"
+    );
+    let request = hub
+        .client
+        .post(format!("{}/twins/myDeviceId/methods", hub.base))
+        .header("Authorization", &hub.owner)
+        .json(&json!({"methodName": "reboot", "connectTimeoutInSeconds": 60}));
+    let waiting = tokio::spawn(request.send());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let TestHub {
+        running,
+        client,
+        base,
+        owner,
+        ..
+    } = hub;
+    let started = Instant::now();
+    running.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "drained in {:?}",
+        started.elapsed()
+    );
+
+    let answer = waiting
+        .await
+        .expect("task")
+        .expect("the waiting call is answered");
+    assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        answer
+            .headers()
+            .get("iothub-errorcode")
+            .and_then(|v| v.to_str().ok()),
+        Some("ServiceUnavailable")
+    );
+    let after = client
+        .get(format!("{base}/devices/myDeviceId"))
+        .header("Authorization", &owner)
+        .send()
+        .await;
+    assert!(
+        after.is_err(),
+        "no new connections after shutdown: {after:?}"
+    );
+}
+
+#[tokio::test]
+async fn device_job_rows_page_by_job_and_device() {
+    let hub = TestHub::start().await;
+    for i in 1..=3 {
+        hub.create(&format!("dev-{i}")).await;
+    }
+    for job in ["job-a", "job-b"] {
+        let request = json!({
+            "jobId": job,
+            "type": "scheduleUpdateTwin",
+            "updateTwin": {"etag": "*", "tags": {"job": job}},
+            "queryCondition": "*",
+            "startTime": "2020-01-01T00:00:00.000Z",
+            "maxExecutionTimeInSeconds": 60,
+        });
+        let created = hub
+            .call(Method::PUT, &format!("/jobs/v2/{job}"), Some(&request), &[])
+            .await;
+        assert_eq!(created.status, StatusCode::OK, "{}", created.body);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let status = hub
+                .call(Method::GET, &format!("/jobs/v2/{job}"), None, &[])
+                .await;
+            if status.body["status"] == "completed" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job did not complete: {}",
+                status.body
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let mut rows = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = hub
+            .query("SELECT * FROM devices.jobs", Some("3"), token.as_deref())
+            .await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+        assert_eq!(page.header("x-ms-item-type"), Some("DeviceJob"));
+        rows.extend(page.body.as_array().expect("array").iter().map(|r| {
+            (
+                r["jobId"].as_str().unwrap_or_default().to_owned(),
+                r["deviceId"].as_str().unwrap_or_default().to_owned(),
+            )
+        }));
+        match page.header("x-ms-continuation") {
+            Some(next) => token = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let mut expected = Vec::new();
+    for job in ["job-a", "job-b"] {
+        for device in ["dev-1", "dev-2", "dev-3", "myDeviceId"] {
+            expected.push((job.to_owned(), device.to_owned()));
+        }
+    }
+    assert_eq!(rows, expected, "every (job, device) row once, in order");
+
+    let filtered = hub
+        .query(
+            "SELECT * FROM devices.jobs WHERE devices.jobs.jobId = 'job-b'",
+            Some("100"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        filtered.body.as_array().map(Vec::len),
+        Some(4),
+        "{}",
+        filtered.body
+    );
+}

@@ -2,7 +2,8 @@
 //! each one on its own task, where the TLS handshake also happens, so a slow client never stalls
 //! the accept loop. HTTP/1.1 with upgrades, so MQTT-over-WebSocket shares the port.
 //! Shutdown: stop accepting at once; idle connections close; in-flight requests get
-//! [`crate::DRAIN_DEADLINE`] to finish.
+//! [`IN_FLIGHT_DEADLINE`] (a second less than the hub's [`crate::DRAIN_DEADLINE`], so the hub's
+//! drain sees these tasks end) before their connection is dropped.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,9 @@ use tracing::Instrument as _;
 pub const MAX_CONNECTIONS: usize = 1024;
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long in-flight requests may run once shutdown has begun.
+pub const IN_FLIGHT_DEADLINE: Duration =
+    crate::DRAIN_DEADLINE.saturating_sub(Duration::from_secs(1));
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -108,7 +112,7 @@ impl Connection {
             result = connection.as_mut() => result,
             _ = self.shutdown.cancelled() => {
                 connection.as_mut().graceful_shutdown();
-                match tokio::time::timeout(crate::DRAIN_DEADLINE, connection.as_mut()).await {
+                match tokio::time::timeout(IN_FLIGHT_DEADLINE, connection.as_mut()).await {
                     Ok(result) => result,
                     Err(_) => {
                         tracing::debug!("request still running at the drain deadline; closing the connection");

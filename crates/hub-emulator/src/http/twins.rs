@@ -8,6 +8,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use serde_json::{Value, json};
 
+use hub_core::error::ErrorCode;
 use hub_core::policy::Permission;
 
 use super::AppState;
@@ -63,7 +64,8 @@ fn update(
 }
 
 /// `POST /twins/{id}/methods`: waits for the device's answer (404103 when it does not come
-/// online within `connectTimeoutInSeconds`, 504101 when it does not answer in time).
+/// online within `connectTimeoutInSeconds`, 504101 when it does not answer in time, 503001 when
+/// the hub shuts down meanwhile).
 pub async fn invoke_method(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -73,7 +75,14 @@ pub async fn invoke_method(
     require(&state, &headers, Permission::ServiceConnect)?;
     let call = MethodCall::from_request(&body)?;
     tracing::info!(device_id = %id, method = %call.name, "invoking direct method");
-    let outcome = state.hub.invoke_method(&id, &call).await?;
+    // A call may wait up to 600 s (connect + response timeouts); at shutdown it ends at once
+    // with 503 so the connection can drain instead of being cut at the deadline.
+    let outcome = tokio::select! {
+        outcome = state.hub.invoke_method(&id, &call) => outcome?,
+        _ = state.shutdown.cancelled() => {
+            return Err(ApiError::new(ErrorCode::ServiceUnavailable, "The hub is shutting down; retry the call later."));
+        }
+    };
     Ok(Json(
         json!({"status": outcome.status, "payload": outcome.payload}),
     ))
