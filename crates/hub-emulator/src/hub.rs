@@ -288,6 +288,9 @@ pub struct SessionTicket {
     pub token_expiry: Option<u64>,
 }
 
+/// Where a device's answer to one method request arrives: its status and raw body.
+type MethodReply = oneshot::Receiver<(i32, Bytes)>;
+
 struct PendingMethod {
     device_id: String,
     reply: oneshot::Sender<(i32, Bytes)>,
@@ -1303,7 +1306,7 @@ impl Hub {
         &self,
         device_id: &str,
         call: &MethodCall,
-    ) -> Result<Option<(u64, oneshot::Receiver<(i32, Bytes)>)>, HubError> {
+    ) -> Result<Option<(u64, MethodReply)>, HubError> {
         let sessions = lock(&self.inner.sessions);
         let Some(session) = sessions.get(device_id).filter(|s| s.subscriptions.methods) else {
             return Ok(None);
