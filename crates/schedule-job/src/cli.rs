@@ -34,7 +34,6 @@ Exit codes: 0 done and nothing failed; 1 a device or job failed, was cancelled o
 /// and IoT Hub Jobs v2 over a twin query with live progress and per-device results.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "schedule-job", version, after_long_help = EXAMPLES, after_help = "See --help for examples.")]
-#[command(args_conflicts_with_subcommands = true)]
 pub struct Args {
     /// Where the hub is and how to trust it.
     #[command(flatten)]

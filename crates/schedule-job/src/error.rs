@@ -22,7 +22,7 @@ pub enum Error {
         default_env: Option<PathBuf>,
     },
     /// The connection string does not parse.
-    #[error("invalid connection string{origin}: {source}")]
+    #[error("invalid connection string{origin}")]
     ConnectionString {
         /// ` (from ...)` when it came from a file or variable.
         origin: String,
@@ -31,7 +31,7 @@ pub enum Error {
         source: hub_core::connection_string::ConnectionStringError,
     },
     /// hub.env could not be read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}", path.display())]
     HubEnv {
         /// The file.
         path: PathBuf,

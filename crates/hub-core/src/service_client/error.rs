@@ -171,7 +171,7 @@ pub enum ServiceError {
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
     /// The HTTP client could not be built.
-    #[error("cannot set up the HTTPS client: {0}")]
+    #[error("cannot set up the HTTPS client")]
     Client(#[source] reqwest::Error),
     /// The hub could not be reached.
     #[error("cannot reach the hub at {url}: {detail}{}", hint(*problem, url))]
@@ -180,11 +180,10 @@ pub enum ServiceError {
         url: String,
         /// The class of failure.
         problem: ConnectProblem,
-        /// The transport's own words.
+        /// The transport's own words (the innermost cause).
         detail: String,
-        /// The transport error.
-        #[source]
-        source: reqwest::Error,
+        /// The transport error (its text is `detail`, so it is not repeated as a source).
+        cause: reqwest::Error,
     },
     /// The hub did not answer in time.
     #[error("{request} timed out after {} s without an answer from the hub", timeout.as_secs())]
@@ -199,11 +198,10 @@ pub enum ServiceError {
     Transport {
         /// The request.
         request: String,
-        /// The transport's own words.
+        /// The transport's own words (the innermost cause).
         detail: String,
-        /// The transport error.
-        #[source]
-        source: reqwest::Error,
+        /// The transport error (its text is `detail`, so it is not repeated as a source).
+        cause: reqwest::Error,
     },
     /// The hub answered with an error.
     #[error(transparent)]

@@ -688,7 +688,7 @@ impl ServiceClient {
             return ServiceError::Transport {
                 request: request.to_owned(),
                 detail,
-                source: e,
+                cause: e,
             };
         }
         let lower = detail.to_ascii_lowercase();
@@ -713,27 +713,18 @@ impl ServiceClient {
             url: self.inner.base_url.clone(),
             problem,
             detail,
-            source: e,
+            cause: e,
         }
     }
 }
 
-/// The innermost messages of an error chain, joined (reqwest's own top line says little).
+/// The innermost message of an error chain (reqwest's outer lines say little).
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut current: Option<&(dyn std::error::Error + 'static)> = e.source();
-    while let Some(err) = current {
-        let text = err.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        current = err.source();
+    let mut innermost = e;
+    while let Some(next) = innermost.source() {
+        innermost = next;
     }
-    if parts.is_empty() {
-        e.to_string()
-    } else {
-        parts.join(": ")
-    }
+    innermost.to_string()
 }
 
 fn decode<T: DeserializeOwned>(request: &str, body: &[u8]) -> Result<T, ServiceError> {
