@@ -125,8 +125,8 @@ test('scheduled method and twin jobs complete and report per-device results', as
     await jobs.scheduleDeviceMethod(methodJob, `deviceId IN ['${deviceId}']`,
       { methodName: 'lockDoor', payload: { lockTime: '10m' }, responseTimeoutInSeconds: 30 }, new Date(), 60);
     const done = await waitFor(async () => {
-      const { result } = await jobs.getJob(methodJob);
-      return result.status === 'completed' ? result : null;
+      const { jobStatus } = await jobs.getJob(methodJob);
+      return jobStatus.status === 'completed' ? jobStatus : null;
     }, 'method job completed');
     assert.equal(done.deviceJobStatistics.succeededCount, 1);
     assert.deepEqual(calls, [{ lockTime: '10m' }]);
@@ -134,7 +134,7 @@ test('scheduled method and twin jobs complete and report per-device results', as
     const twinJob = `node-job-${crypto.randomUUID().slice(0, 8)}`;
     await jobs.scheduleTwinUpdate(twinJob, `deviceId = '${deviceId}'`,
       { etag: '*', properties: { desired: { building: 43, floor: 3 } } }, new Date(), 60);
-    await waitFor(async () => (await jobs.getJob(twinJob)).result.status === 'completed', 'twin job completed');
+    await waitFor(async () => (await jobs.getJob(twinJob)).jobStatus.status === 'completed', 'twin job completed');
     const { responseBody: twin } = await registry.getTwin(deviceId);
     assert.equal(twin.properties.desired.building, 43);
 
