@@ -29,8 +29,10 @@ use super::MAX_PACKET_SIZE;
 use super::transport::Transport;
 use crate::hub::{AuthError, Hub, HubError, Outbound, SAS_SKEW_SECS, SessionTicket, Subscriptions};
 
-/// Spare read capacity kept before each read; also the size of a fresh read buffer.
+/// Size of a fresh read or write buffer, and how much a read buffer grows by at least.
 const READ_CHUNK: usize = 512;
+/// Spare read capacity below which the read buffer is grown before reading.
+const MIN_SPARE: usize = 128;
 /// Buffers that grew past this for a large packet are released once empty.
 const SHRINK_ABOVE: usize = 16 * 1024;
 /// Largest CONNECT accepted (before authentication nobody gets a big buffer).
@@ -422,9 +424,8 @@ async fn serve<T: Transport>(
         if rbuf.is_empty() && rbuf.capacity() > SHRINK_ABOVE {
             *rbuf = BytesMut::new();
         }
-        let want = needed.max(READ_CHUNK);
-        if rbuf.capacity() - rbuf.len() < want {
-            rbuf.reserve(want);
+        if rbuf.capacity() - rbuf.len() < needed.max(MIN_SPARE) {
+            rbuf.reserve(needed.max(READ_CHUNK));
         }
         let outbound_open = session.inflight.len() < MAX_INFLIGHT;
         tokio::select! {
@@ -790,5 +791,66 @@ impl Session<'_> {
                 return self.last_packet_id;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    fn session<'h>(hub: &'h Hub, device_id: &str) -> Session<'h> {
+        Session {
+            attached: Attached {
+                hub,
+                ticket: hub.attach_session(device_id, None),
+            },
+            granted: Granted::default(),
+            inflight: Vec::new(),
+            last_packet_id: 0,
+            wbuf: BytesMut::new(),
+            telemetry: 0,
+            next_touch: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn outbound_topics_need_a_matching_subscription_of_this_device() {
+        let hub = Hub::open(Store::in_memory(), vec!["localhost".into()]).expect("hub");
+        let mut session = session(&hub, "dev-a");
+        let c2d = "devices/dev-a/messages/devicebound/%24.mid=1";
+        assert_eq!(session.granted_for(c2d), None, "not subscribed yet");
+        session.granted = Granted {
+            methods: Some(QoS::AtMostOnce),
+            c2d: Some(QoS::AtLeastOnce),
+            ..Granted::default()
+        };
+        assert_eq!(
+            session.granted_for("$iothub/methods/POST/reboot/?$rid=1"),
+            Some(QoS::AtMostOnce)
+        );
+        assert_eq!(session.granted_for(c2d), Some(QoS::AtLeastOnce));
+        assert_eq!(
+            session.granted_for("$iothub/twin/PATCH/properties/desired/?$version=2"),
+            None
+        );
+        for foreign in [
+            "devices/dev-ab/messages/devicebound/",
+            "devices/dev/messages/devicebound/",
+            "devices/dev-b/messages/devicebound/",
+            "devices/dev-a/messages/events/",
+        ] {
+            assert_eq!(session.granted_for(foreign), None, "{foreign}");
+        }
+    }
+
+    #[test]
+    fn packet_ids_skip_zero_and_ids_in_flight() {
+        let hub = Hub::open(Store::in_memory(), vec!["localhost".into()]).expect("hub");
+        let mut session = session(&hub, "dev-a");
+        session.last_packet_id = u16::MAX - 1;
+        session.inflight = vec![u16::MAX, 1];
+        assert_eq!(session.next_packet_id(), 2);
+        assert_eq!(session.next_packet_id(), 3);
     }
 }
