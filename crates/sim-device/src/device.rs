@@ -25,7 +25,7 @@ pub struct Stats {
 
 /// Whether to print a line per event, and with which prefix.
 #[derive(Debug, Clone)]
-pub(crate) struct Voice {
+pub struct Voice {
     /// Print events at all.
     pub events: bool,
     /// `[deviceId] ` in fleet mode, empty for one device.
@@ -44,8 +44,9 @@ fn now() -> String {
     hub_core::timestamp::format_millis(OffsetDateTime::now_utc())
 }
 
-/// Serves one connected device until `shutdown`, then disconnects.
-pub(crate) async fn serve(
+/// Serves one connected device until `shutdown`, then disconnects: applies the desired state read
+/// on connect (once), answers methods and applies desired patches.
+pub async fn serve(
     connected: Connected,
     stats: Arc<Stats>,
     voice: Voice,

@@ -579,6 +579,9 @@ impl DeviceClient {
             .set_inflight(8)
             .set_request_channel_capacity(8);
         let (requests, mut eventloop) = AsyncClient::new(mqtt, 8);
+        // rumqttc preallocates room for 100 buffered events (144 bytes each, ~14 KiB per client);
+        // a device sees a handful at a time, so let the queue grow on demand instead.
+        eventloop.state.events = std::collections::VecDeque::new();
         let mut network = eventloop.network_options();
         network.set_connection_timeout(options.connect_timeout.as_secs().clamp(1, 10));
         eventloop.set_network_options(network);
