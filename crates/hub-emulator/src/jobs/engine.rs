@@ -311,10 +311,10 @@ async fn run_methods(
         if in_flight.is_empty() {
             break Ended::Done;
         }
-        if batch.len() >= FLUSH_ROWS {
-            if let Err(reason) = flush(jobs, &plan.record.job_id, std::mem::take(&mut batch)) {
-                break Ended::Fatal(reason);
-            }
+        if batch.len() >= FLUSH_ROWS
+            && let Err(reason) = flush(jobs, &plan.record.job_id, std::mem::take(&mut batch))
+        {
+            break Ended::Fatal(reason);
         }
         tokio::select! {
             biased;
