@@ -206,10 +206,22 @@ async fn run_single(
         events: true,
         prefix: String::new(),
     };
-    device::serve(connected, stats.clone(), voice, shutdown).await;
+    // The device gets its own token so "connected at exit" is read before it disconnects.
+    let device_stop = CancellationToken::new();
+    let serving = device::serve(connected, stats.clone(), voice, device_stop.clone());
+    tokio::pin!(serving);
+    let connected_at_exit = tokio::select! {
+        _ = &mut serving => client.is_connected(),
+        _ = shutdown.cancelled() => {
+            let connected = client.is_connected();
+            device_stop.cancel();
+            serving.await;
+            connected
+        }
+    };
     Ok(Summary {
         devices: 1,
-        connected: usize::from(client.is_connected()),
+        connected: usize::from(connected_at_exit),
         methods_answered: stats.methods_answered.load(Ordering::Relaxed),
         patches_applied: stats.patches_applied.load(Ordering::Relaxed),
         report_errors: stats.report_errors.load(Ordering::Relaxed),
@@ -343,7 +355,8 @@ async fn run_fleet(
     let clients: Arc<Mutex<Vec<DeviceClient>>> =
         Arc::new(Mutex::new(Vec::with_capacity(devices.len())));
     let fatal: Arc<Mutex<Option<SimError>>> = Arc::new(Mutex::new(None));
-    let stop = shutdown.child_token();
+    // Not a child of `shutdown`: "connected at exit" is counted before the devices disconnect.
+    let stop = CancellationToken::new();
     let permits = Arc::new(tokio::sync::Semaphore::new(CONNECT_CONCURRENCY));
     let tracker = tokio_util::task::TaskTracker::new();
     let connect_started = Instant::now();
@@ -394,6 +407,7 @@ async fn run_fleet(
     let connected_now = || lock(&clients).iter().filter(|c| c.is_connected()).count();
     loop {
         tokio::select! {
+            _ = shutdown.cancelled() => break,
             _ = stop.cancelled() => break,
             _ = tracker.wait() => break,
             _ = ticker.tick() => {

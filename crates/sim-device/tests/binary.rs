@@ -129,7 +129,9 @@ async fn reads_hub_env_answers_lock_door_and_exits_0_with_totals_on_sigterm() {
     read_until(&mut lines, &mut seen, "Totals:").await;
     let totals = seen.last().cloned().unwrap_or_default();
     assert!(
-        totals.contains("1 methods answered") && totals.contains("1 twin patches applied"),
+        totals.contains("1 connected at exit")
+            && totals.contains("1 methods answered")
+            && totals.contains("1 twin patches applied"),
         "{totals}"
     );
     let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
