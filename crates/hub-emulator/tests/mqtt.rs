@@ -874,3 +874,36 @@ async fn websocket_connects_and_answers_a_method() {
     let (status, payload) = method_round_trip(fx.hub(), &mut device, "dev-ws").await;
     assert_eq!((status, payload), (200, json!({"result": "ok"})));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_without_symmetric_keys_cannot_connect_with_an_empty_key_token() {
+    let fx = Fixture::start().await;
+    fx.hub()
+        .create_or_update_device(
+            "dev-x509",
+            &json!({"deviceId": "dev-x509", "authentication": {"type": "selfSigned",
+                "x509Thumbprint": {"primaryThumbprint": "AA", "secondaryThumbprint": "BB"}}}),
+            None,
+        )
+        .expect("create an X.509 device");
+    // Anyone can sign with an empty key; the hub must not take that for the device's key.
+    let empty_key_token = sas::generate(
+        &sas::device_resource_uri("localhost", "dev-x509", None),
+        &SharedKey::from_base64("").expect("empty key"),
+        None,
+        in_an_hour(),
+    );
+    let refused = Device::connect(fx.options("dev-x509", empty_key_token, fx.tls_transport()))
+        .await
+        .err();
+    assert!(
+        matches!(
+            refused,
+            Some(ConnectionError::ConnectionRefused(
+                ConnectReturnCode::NotAuthorized
+            ))
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(fx.connection_state("dev-x509"), "Disconnected");
+}
