@@ -467,3 +467,39 @@ async fn client_side_fan_out_reports_each_device() {
     assert!(doc["devicesPerSecond"].as_f64().unwrap() > 0.0);
     let _: Value = doc;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_stops_early_and_says_what_was_left_undone() {
+    use clap::Parser;
+    let hub = TestHub::start().await;
+    let env = hub.env_path.display().to_string();
+    let args = schedule_job::Args::try_parse_from([
+        "schedule-job",
+        "--hub-env",
+        &env,
+        "--method-delay",
+        "30s",
+        "--twin-delay",
+        "30s",
+    ])
+    .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        stop.cancel();
+    });
+    let outcome = schedule_job::run(args, shutdown).await.unwrap();
+    match outcome {
+        schedule_job::Outcome::Failed(reason) => {
+            assert!(reason.contains("stopped by Ctrl-C"), "{reason}");
+            assert_eq!(reason.matches("was not started").count(), 2, "{reason}");
+        }
+        other => panic!("expected an interrupted run, got {other:?}"),
+    }
+    let twin = hub.client.get_twin("myDeviceId").await.unwrap();
+    assert!(
+        twin.desired().unwrap().0.get("building").is_none(),
+        "the twin was not touched"
+    );
+}
