@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 fn binary(name: &str) -> PathBuf {
     // tests run from target/<profile>/deps/e2e-<hash>; the binaries sit in target/<profile>.
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target profile directory");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile directory");
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -57,7 +60,12 @@ impl Proc {
                 let _ = tx.send(());
             }
         });
-        Proc { name, child, lines, new_line }
+        Proc {
+            name,
+            child,
+            lines,
+            new_line,
+        }
     }
 
     fn output(&self) -> String {
@@ -68,12 +76,25 @@ impl Proc {
     fn wait_for(&self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.lines.lock().expect("lines lock").iter().any(|l| l.contains(needle)) {
+            if self
+                .lines
+                .lock()
+                .expect("lines lock")
+                .iter()
+                .any(|l| l.contains(needle))
+            {
                 return;
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "{} never printed {needle:?}; it printed:\n{}", self.name, self.output());
-            let _ = self.new_line.recv_timeout(left.min(Duration::from_millis(200)));
+            assert!(
+                !left.is_zero(),
+                "{} never printed {needle:?}; it printed:\n{}",
+                self.name,
+                self.output()
+            );
+            let _ = self
+                .new_line
+                .recv_timeout(left.min(Duration::from_millis(200)));
         }
     }
 
@@ -83,7 +104,12 @@ impl Proc {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "{} did not exit within {timeout:?}; it printed:\n{}", self.name, self.output());
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {timeout:?}; it printed:\n{}",
+                self.name,
+                self.output()
+            );
             thread::sleep(Duration::from_millis(50));
         }
     }
@@ -108,35 +134,76 @@ impl Drop for Proc {
 #[test]
 fn three_terminals_with_zero_configuration() {
     let data_home = tempfile::tempdir().expect("temp dir");
-    let mut hub = Proc::spawn("hub-emulator", data_home.path(), &["--in-memory", "--mqtt-port", "0", "--https-port", "0"]);
+    let mut hub = Proc::spawn(
+        "hub-emulator",
+        data_home.path(),
+        &["--in-memory", "--mqtt-port", "0", "--https-port", "0"],
+    );
     hub.wait_for("hub-emulator ready", Duration::from_secs(30));
-    assert!(data_home.path().join("iothub-emulator/hub.env").exists(), "hub.env in the default data dir");
-    assert!(!hub.output().contains("SharedAccessKey=<"), "hub prints real connection strings for copy-paste");
+    assert!(
+        data_home.path().join("iothub-emulator/hub.env").exists(),
+        "hub.env in the default data dir"
+    );
+    assert!(
+        !hub.output().contains("SharedAccessKey=<"),
+        "hub prints real connection strings for copy-paste"
+    );
 
     let mut device = Proc::spawn("sim-device", data_home.path(), &[]);
     device.wait_for("waiting for commands", Duration::from_secs(30));
     let device_banner = device.output();
-    assert!(device_banner.contains("myDeviceId"), "device names itself:\n{device_banner}");
-    assert!(!device_banner.contains("SharedAccessKey="), "the device never prints its key:\n{device_banner}");
+    assert!(
+        device_banner.contains("myDeviceId"),
+        "device names itself:\n{device_banner}"
+    );
+    assert!(
+        !device_banner.contains("SharedAccessKey="),
+        "the device never prints its key:\n{device_banner}"
+    );
 
     let mut service = Proc::spawn(
         "schedule-job",
         data_home.path(),
-        &["--method-delay", "2s", "--twin-delay", "1s", "--status-interval", "1s"],
+        &[
+            "--method-delay",
+            "2s",
+            "--twin-delay",
+            "1s",
+            "--status-interval",
+            "1s",
+        ],
     );
     let status = service.wait_exit(Duration::from_secs(90));
     let service_out = service.output();
-    assert!(status.success(), "schedule-job failed ({status}):\n{service_out}");
-    assert!(service_out.contains("still running"), "status lines like the tutorial's:\n{service_out}");
-    assert!(service_out.contains("complete"), "both jobs reported complete:\n{service_out}");
+    assert!(
+        status.success(),
+        "schedule-job failed ({status}):\n{service_out}"
+    );
+    assert!(
+        service_out.contains("still running"),
+        "status lines like the tutorial's:\n{service_out}"
+    );
+    assert!(
+        service_out.contains("complete"),
+        "both jobs reported complete:\n{service_out}"
+    );
 
     device.wait_for("Locking Door!", Duration::from_secs(10));
     device.wait_for("Twin callback called with", Duration::from_secs(10));
     let device_out = device.output();
-    assert!(device_out.contains("10m"), "the lockDoor payload is shown:\n{device_out}");
-    assert!(device_out.contains("\"building\":43") || device_out.contains("\"building\": 43"), "the twin patch is shown:\n{device_out}");
+    assert!(
+        device_out.contains("10m"),
+        "the lockDoor payload is shown:\n{device_out}"
+    );
+    assert!(
+        device_out.contains("\"building\":43") || device_out.contains("\"building\": 43"),
+        "the twin patch is shown:\n{device_out}"
+    );
 
-    assert!(device.terminate().success(), "sim-device exits 0 on SIGTERM");
+    assert!(
+        device.terminate().success(),
+        "sim-device exits 0 on SIGTERM"
+    );
     assert!(hub.terminate().success(), "hub-emulator exits 0 on SIGTERM");
 }
 
@@ -153,8 +220,79 @@ fn tools_without_a_hub_say_how_to_configure_them() {
             .output()
             .unwrap_or_else(|e| panic!("cannot run {name}: {e}"));
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{name}: configuration errors exit 2; stderr:\n{stderr}");
-        assert!(stderr.contains("hub-emulator"), "{name} suggests starting the local hub:\n{stderr}");
-        assert!(stderr.contains("IOTHUB_"), "{name} names the environment variables:\n{stderr}");
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{name}: configuration errors exit 2; stderr:\n{stderr}"
+        );
+        assert!(
+            stderr.contains("hub-emulator"),
+            "{name} suggests starting the local hub:\n{stderr}"
+        );
+        assert!(
+            stderr.contains("IOTHUB_"),
+            "{name} names the environment variables:\n{stderr}"
+        );
     }
+}
+
+#[test]
+fn the_tutorial_example_runs_both_jobs_to_completion() {
+    // `cargo test` builds the examples too: target/<profile>/examples/tutorial.
+    let exe = std::env::current_exe().expect("test executable path");
+    let example = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile directory")
+        .join("examples/tutorial");
+    assert!(
+        example.exists(),
+        "{} is not built; run `cargo test --workspace`",
+        example.display()
+    );
+    let output = Command::new(&example)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the tutorial example");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "tutorial failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    let device_lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("[simDevice]"))
+        .collect();
+    let service_lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("[scheduleJobService]"))
+        .collect();
+    assert!(
+        device_lines
+            .iter()
+            .any(|l| l.contains("Locking Door!") && l.contains("10m")),
+        "{stdout}"
+    );
+    assert!(
+        device_lines
+            .iter()
+            .any(|l| l.contains("Twin callback called with")),
+        "{stdout}"
+    );
+    assert!(
+        service_lines.iter().any(|l| l.contains("still running")),
+        "{stdout}"
+    );
+    assert!(
+        service_lines
+            .iter()
+            .filter(|l| l.contains("complete."))
+            .count()
+            >= 2,
+        "{stdout}"
+    );
+    assert!(stdout.contains("Both jobs completed."), "{stdout}");
 }

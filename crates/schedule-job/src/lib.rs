@@ -49,8 +49,19 @@ impl Outcome {
 
 /// Runs schedule-job with parsed arguments until done or until `shutdown` is cancelled.
 pub async fn run(args: Args, shutdown: CancellationToken) -> Result<Outcome, Error> {
+    run_labelled(args, "", shutdown).await
+}
+
+/// [`run`], with `label` written before every line of human output (for running beside other
+/// programs in one process, as the tutorial example does).
+pub async fn run_labelled(
+    args: Args,
+    label: &'static str,
+    shutdown: CancellationToken,
+) -> Result<Outcome, Error> {
     let out = Output {
         format: args.output,
+        label,
     };
     let hub = settings::resolve(&args.hub, &|k| std::env::var(k).ok())?;
     if hub.origin != "--connection-string" {

@@ -11,6 +11,9 @@ use crate::cli::OutputFormat;
 pub struct Output {
     /// Human text or JSON.
     pub format: OutputFormat,
+    /// Written before every human line (empty for the binary; the one-process tutorial uses it
+    /// to tell the job service's output from the device's).
+    pub label: &'static str,
 }
 
 impl Output {
@@ -24,7 +27,7 @@ impl Output {
         if !self.json() {
             let mut out = std::io::stdout().lock();
             // A closed stdout (e.g. `| head`) is not worth failing over.
-            let _ = writeln!(out, "{}", text.as_ref());
+            let _ = writeln!(out, "{}{}", self.label, text.as_ref());
         }
     }
 

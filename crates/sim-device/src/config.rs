@@ -138,6 +138,9 @@ pub struct Config {
     pub verbose: bool,
     /// Where settings came from, told to the user in one line (e.g. the hub.env path).
     pub source_note: Option<String>,
+    /// Written before every line this run prints (empty for the binary; the one-process tutorial
+    /// uses it to tell the device's output from the job service's).
+    pub label: String,
 }
 
 impl Config {
@@ -154,6 +157,7 @@ impl Config {
             summary_interval: Duration::from_secs(10),
             verbose: false,
             source_note: None,
+            label: String::new(),
         }
     }
 
@@ -241,6 +245,7 @@ impl Config {
             summary_interval: args.summary_interval.max(Duration::from_millis(100)),
             verbose: args.verbose,
             source_note: note,
+            label: String::new(),
         })
     }
 }

@@ -5,6 +5,13 @@
 //! Module map: [`config`] (flags, environment, hub.env), [`device`] (one device's behaviour),
 //! this file (`run`: single device or fleet, summary lines, totals, errors).
 
+/// Prints one line of program output, after the run's label.
+macro_rules! say {
+    ($config:expr, $($arg:tt)*) => {
+        println!("{}{}", $config.label, format_args!($($arg)*))
+    };
+}
+
 pub mod config;
 pub mod device;
 
@@ -158,7 +165,7 @@ fn protocol_name(transport: Transport) -> &'static str {
 /// Runs the device (or fleet) until `shutdown` is cancelled, then disconnects and returns totals.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary, SimError> {
     if let Some(note) = &config.source_note {
-        println!("{note}");
+        say!(config, "{note}");
     }
     let trust = TrustOptions {
         ca_file: config.ca_file.clone(),
@@ -173,8 +180,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         None => run_single(&config, &options, shutdown).await?,
         Some(fleet) => run_fleet(&config, fleet, &options, shutdown).await?,
     };
-    println!("Totals: {summary}");
-    println!("IoTHubClient sample stopped");
+    say!(config, "Totals: {summary}");
+    say!(config, "IoTHubClient sample stopped");
     Ok(summary)
 }
 
@@ -184,27 +191,35 @@ async fn run_single(
     shutdown: CancellationToken,
 ) -> Result<Summary, SimError> {
     let cs = &config.connection_string;
-    println!("Starting the IoT Hub Rust jobs sample (simulated device)...");
-    println!("    Protocol {}", protocol_name(config.transport));
+    say!(
+        config,
+        "Starting the IoT Hub Rust jobs sample (simulated device)..."
+    );
+    say!(config, "    Protocol {}", protocol_name(config.transport));
     match &cs.gateway_host_name {
-        Some(gw) => println!(
+        Some(gw) => say!(
+            config,
             "    Hub {} (via gateway {gw}), device {}",
-            cs.host_name, cs.device_id
+            cs.host_name,
+            cs.device_id
         ),
-        None => println!("    Hub {}, device {}", cs.host_name, cs.device_id),
+        None => say!(config, "    Hub {}, device {}", cs.host_name, cs.device_id),
     }
     let connected = tokio::select! {
         _ = shutdown.cancelled() => return Ok(Summary { devices: 1, ..Summary::default() }),
         connected = DeviceClient::connect(cs, options) => connected?,
     };
-    println!("Direct method initialized.");
-    println!("Device twin callback initialized.");
-    println!("IoTHubClient waiting for commands, press Ctrl-C to exit");
+    say!(config, "Direct method initialized.");
+    say!(config, "Device twin callback initialized.");
+    say!(
+        config,
+        "IoTHubClient waiting for commands, press Ctrl-C to exit"
+    );
     let stats = Arc::new(Stats::default());
     let client = connected.client.clone();
     let voice = device::Voice {
         events: true,
-        prefix: String::new(),
+        prefix: config.label.clone(),
     };
     // The device gets its own token so "connected at exit" is read before it disconnects.
     let device_stop = CancellationToken::new();
@@ -322,9 +337,13 @@ async fn run_fleet(
     options: &DeviceClientOptions,
     shutdown: CancellationToken,
 ) -> Result<Summary, SimError> {
-    println!("Starting the IoT Hub Rust jobs sample (simulated device fleet)...");
-    println!("    Protocol {}", protocol_name(config.transport));
-    println!(
+    say!(
+        config,
+        "Starting the IoT Hub Rust jobs sample (simulated device fleet)..."
+    );
+    say!(config, "    Protocol {}", protocol_name(config.transport));
+    say!(
+        config,
         "    Hub {}, {} devices {}1..{}{}, one connection each",
         config.connection_string.host_name,
         fleet.count,
@@ -340,7 +359,8 @@ async fn run_fleet(
             ..Summary::default()
         });
     }
-    println!(
+    say!(
+        config,
         "{} device identities {} in {:.1}s; connecting",
         devices.len(),
         if fleet.register {
@@ -371,7 +391,7 @@ async fn run_fleet(
         );
         let voice = device::Voice {
             events: config.verbose,
-            prefix: format!("[{}] ", cs.device_id),
+            prefix: format!("{}[{}] ", config.label, cs.device_id),
         };
         tracker.spawn(async move {
             let connected = {
@@ -412,7 +432,7 @@ async fn run_fleet(
             _ = tracker.wait() => break,
             _ = ticker.tick() => {
                 let connected = connected_now();
-                println!(
+                say!(config,
                     "{}/{} connected, {} methods answered, {} twin patches applied",
                     connected,
                     fleet.count,
@@ -423,7 +443,7 @@ async fn run_fleet(
             _ = tokio::time::sleep(Duration::from_millis(50)), if !all_connected_reported => {
                 if connected_now() == fleet.count {
                     all_connected_reported = true;
-                    println!(
+                    say!(config,
                         "all {} devices connected in {:.2}s; waiting for commands, press Ctrl-C to exit",
                         fleet.count,
                         connect_started.elapsed().as_secs_f64()
