@@ -142,14 +142,21 @@ fn run(
     let limit = usize::try_from(remaining)
         .unwrap_or(usize::MAX)
         .min(page_size);
-    let mut matching = docs.iter().filter(|doc| query.matches(doc));
+    // One match past the page tells whether another page follows; large collections are
+    // scanned on all cores, stopping once the first `limit + 1` matches are known.
+    let wanted = limit.saturating_add(1);
+    let matching: Vec<usize> = match &query.condition {
+        Some(condition) => query::first_matches(condition, docs, wanted),
+        None => (0..docs.len().min(wanted)).collect(),
+    };
     let rows: Vec<Value> = matching
-        .by_ref()
+        .iter()
         .take(limit)
+        .filter_map(|&i| docs.get(i))
         .map(|d| (**d).clone())
         .collect();
     let sent = returned + rows.len() as u64;
-    let more = query.top.is_none_or(|top| sent < top) && matching.next().is_some();
+    let more = query.top.is_none_or(|top| sent < top) && matching.len() > limit;
     let next = match rows.last() {
         Some(last) if more => Some(
             Cursor {

@@ -16,8 +16,29 @@ impl Condition {
     /// True when the condition evaluates to boolean `true` for `doc` (a twin as
     /// `GET /twins/{id}` returns it, or a device-job row for `FROM devices.jobs`).
     pub fn matches(&self, doc: &Value) -> bool {
-        matches!(eval(&self.expr, doc), Val::Bool(true))
+        holds(&self.expr, doc, &Direct)
     }
+}
+
+/// How the evaluator finds a path's value in a document. Every implementation must return
+/// exactly what [`lookup`] returns; they differ only in how fast they get there.
+pub(super) trait Resolve {
+    /// The value at `path` in `doc`, as [`lookup`] finds it.
+    fn resolve<'a>(&self, doc: &'a Value, path: &Path) -> Option<&'a Value>;
+}
+
+/// Resolves every path from scratch with [`lookup`].
+struct Direct;
+
+impl Resolve for Direct {
+    fn resolve<'a>(&self, doc: &'a Value, path: &Path) -> Option<&'a Value> {
+        lookup(doc, path)
+    }
+}
+
+/// True when `expr` evaluates to boolean `true` for `doc`, resolving paths through `resolver`.
+pub(super) fn holds<R: Resolve>(expr: &Expr, doc: &Value, resolver: &R) -> bool {
+    matches!(eval(expr, doc, resolver), Val::Bool(true))
 }
 
 impl Query {
@@ -429,18 +450,18 @@ fn float_value(x: f64) -> Option<Value> {
 }
 
 /// Follows `path` from the document root; `None` when any step is missing or not an object.
-fn lookup<'a>(doc: &'a Value, path: &Path) -> Option<&'a Value> {
+pub(super) fn lookup<'a>(doc: &'a Value, path: &Path) -> Option<&'a Value> {
     path.segments()
         .iter()
         .try_fold(doc, |value, segment| field(value.as_object()?, segment))
 }
 
 /// Objects up to this size are searched linearly rather than through their hash index.
-const LINEAR_SCAN_MAX: usize = 16;
+pub(super) const LINEAR_SCAN_MAX: usize = 16;
 
 /// One step of a path. Twin objects are small, and a linear scan that compares lengths first
 /// (no pointer chase) measured about twice as fast as hashing the segment on 100k twins.
-fn field<'a>(object: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+pub(super) fn field<'a>(object: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
     if object.len() <= LINEAR_SCAN_MAX {
         object
             .iter()
@@ -472,26 +493,26 @@ fn equal(left: Val<'_>, right: Val<'_>) -> Option<bool> {
     }
 }
 
-fn eval<'a>(expr: &'a Expr, doc: &'a Value) -> Val<'a> {
+fn eval<'a, R: Resolve>(expr: &'a Expr, doc: &'a Value, r: &R) -> Val<'a> {
     match expr {
         Expr::Literal(literal) => Val::from_literal(literal),
-        Expr::Path(path) => Val::from_json(lookup(doc, path)),
-        Expr::Not(inner) => match eval(inner, doc).as_bool() {
+        Expr::Path(path) => Val::from_json(r.resolve(doc, path)),
+        Expr::Not(inner) => match eval(inner, doc, r).as_bool() {
             Some(b) => Val::Bool(!b),
             None => Val::Undefined,
         },
-        Expr::Neg(inner) => match eval(inner, doc) {
+        Expr::Neg(inner) => match eval(inner, doc, r) {
             Val::Int(i) => i.checked_neg().map_or(Val::Undefined, Val::Int),
             Val::Float(x) => Val::Float(-x),
             _ => Val::Undefined,
         },
-        Expr::Binary { op, left, right } => binary(*op, left, right, doc),
+        Expr::Binary { op, left, right } => binary(*op, left, right, doc, r),
         Expr::In {
             expr,
             list,
             negated,
         } => {
-            let value = eval(expr, doc);
+            let value = eval(expr, doc, r);
             if !value.is_primitive() {
                 return Val::Undefined;
             }
@@ -500,40 +521,46 @@ fn eval<'a>(expr: &'a Expr, doc: &'a Value) -> Val<'a> {
                 .any(|literal| equal(value, Val::from_literal(literal)) == Some(true));
             Val::Bool(found != *negated)
         }
-        Expr::Call { function, args } => call(*function, args, doc),
+        Expr::Call { function, args } => call(*function, args, doc, r),
     }
 }
 
-fn binary<'a>(op: BinaryOp, left: &'a Expr, right: &'a Expr, doc: &'a Value) -> Val<'a> {
+fn binary<'a, R: Resolve>(
+    op: BinaryOp,
+    left: &'a Expr,
+    right: &'a Expr,
+    doc: &'a Value,
+    r: &R,
+) -> Val<'a> {
     match op {
         BinaryOp::And => {
-            let l = eval(left, doc).as_bool();
+            let l = eval(left, doc, r).as_bool();
             if l == Some(false) {
                 return Val::Bool(false);
             }
-            match (l, eval(right, doc).as_bool()) {
+            match (l, eval(right, doc, r).as_bool()) {
                 (_, Some(false)) => Val::Bool(false),
                 (Some(true), Some(true)) => Val::Bool(true),
                 _ => Val::Undefined,
             }
         }
         BinaryOp::Or => {
-            let l = eval(left, doc).as_bool();
+            let l = eval(left, doc, r).as_bool();
             if l == Some(true) {
                 return Val::Bool(true);
             }
-            match (l, eval(right, doc).as_bool()) {
+            match (l, eval(right, doc, r).as_bool()) {
                 (_, Some(true)) => Val::Bool(true),
                 (Some(false), Some(false)) => Val::Bool(false),
                 _ => Val::Undefined,
             }
         }
-        BinaryOp::Eq | BinaryOp::Ne => match equal(eval(left, doc), eval(right, doc)) {
+        BinaryOp::Eq | BinaryOp::Ne => match equal(eval(left, doc, r), eval(right, doc, r)) {
             Some(eq) => Val::Bool(eq == (op == BinaryOp::Eq)),
             None => Val::Undefined,
         },
         BinaryOp::Lt | BinaryOp::Le | BinaryOp::Gt | BinaryOp::Ge => {
-            match order(eval(left, doc), eval(right, doc)) {
+            match order(eval(left, doc, r), eval(right, doc, r)) {
                 Some(ordering) => Val::Bool(match op {
                     BinaryOp::Lt => ordering.is_lt(),
                     BinaryOp::Le => ordering.is_le(),
@@ -544,7 +571,7 @@ fn binary<'a>(op: BinaryOp, left: &'a Expr, right: &'a Expr, doc: &'a Value) -> 
             }
         }
         BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div | BinaryOp::Mod => {
-            arithmetic(op, eval(left, doc), eval(right, doc))
+            arithmetic(op, eval(left, doc, r), eval(right, doc, r))
         }
     }
 }
@@ -581,8 +608,8 @@ fn arithmetic<'a>(op: BinaryOp, left: Val<'a>, right: Val<'a>) -> Val<'a> {
     }
 }
 
-fn call<'a>(function: Function, args: &'a [Expr], doc: &'a Value) -> Val<'a> {
-    let arg = |i: usize| args.get(i).map_or(Val::Undefined, |e| eval(e, doc));
+fn call<'a, R: Resolve>(function: Function, args: &'a [Expr], doc: &'a Value, r: &R) -> Val<'a> {
+    let arg = |i: usize| args.get(i).map_or(Val::Undefined, |e| eval(e, doc, r));
     let test = |check: fn(Val<'a>) -> bool| Val::Bool(check(arg(0)));
     match function {
         Function::IsDefined => test(|v| !matches!(v, Val::Undefined)),

@@ -9,6 +9,7 @@ mod ast;
 mod eval;
 mod lexer;
 mod parser;
+mod scan;
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests;
@@ -18,6 +19,7 @@ pub use ast::{
     ProjectionExpr, ProjectionItem, Query, Source,
 };
 pub use eval::execute;
+pub use scan::{filter_parallel, first_matches};
 
 /// Longest query text IoT Hub accepts, in characters.
 pub const MAX_QUERY_LENGTH: usize = 8192;
