@@ -185,11 +185,13 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
             source,
         })?;
     }
-    let tls = tls::load_or_create(config.data_dir.as_deref(), &config.hostnames)?;
+    // The store first: it refuses a data directory another hub is using before anything in it
+    // (certificates, hub.env) is rewritten.
     let store = match (&config.data_dir, config.durable) {
         (Some(dir), true) => store::Store::open(&dir.join("hub.db"))?,
         _ => store::Store::in_memory(),
     };
+    let tls = tls::load_or_create(config.data_dir.as_deref(), &config.hostnames)?;
     let mut host_names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
     host_names.extend(config.hostnames.iter().cloned());
     let hub = Hub::open(store, host_names)?;

@@ -34,11 +34,27 @@ fn main() -> ExitCode {
         match hub_emulator::run(config, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: {:#}", anyhow::Error::from(e));
+                eprintln!("error: {}", error_chain(&e));
                 ExitCode::FAILURE
             }
         }
     })
+}
+
+/// The error and its causes on one line, skipping causes its message already quotes (most of
+/// the hub's errors name their cause, so `{:#}` would print it twice or more).
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Cancels `shutdown` on Ctrl-C or SIGTERM.

@@ -3,7 +3,10 @@
 //! Every write a client is told about is committed here first, in one transaction per
 //! operation (or per batch, for jobs). WAL mode with `synchronous=NORMAL` survives a killed
 //! process; a power cut may lose the last transactions. A store written by a newer emulator, or
-//! one that is not a database, is refused and never overwritten.
+//! one that is not a database or fails SQLite's integrity check, is refused before anything is
+//! written to it. One hub at a time: the file stays exclusively locked while a hub has it open
+//! (two hubs on one store would each overwrite the other's changes). The file holds every key,
+//! so it is created readable by its owner only.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -23,9 +26,22 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    /// SQLite's integrity check found damage.
+    #[error("the hub store {} is damaged (integrity check: {problem}); restore it from a backup, or move it away to start with an empty hub (nothing was changed)", path.display())]
+    Damaged { path: PathBuf, problem: String },
     /// The store was written by a newer hub-emulator.
     #[error("the hub store {} has format {found}, newer than this hub-emulator understands ({SCHEMA_VERSION}); upgrade hub-emulator or pass another --data-dir (nothing was changed)", path.display())]
     TooNew { path: PathBuf, found: i64 },
+    /// Another process (another hub-emulator on this data directory) has the store open.
+    #[error("the hub store {} is in use by another process, probably another hub-emulator with the same --data-dir; stop that one, or pass another --data-dir", path.display())]
+    InUse { path: PathBuf },
+    /// The store file could not be created.
+    #[error("cannot create the hub store {}: {source}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// A read or write failed.
     #[error("hub store {operation} failed: {source}")]
     Sql {
@@ -79,33 +95,65 @@ impl Store {
         self.conn.is_some()
     }
 
-    /// Opens (or creates) the store at `path`, refusing damaged or newer-format files.
+    /// Opens (or creates) the store at `path`, refusing damaged, newer-format or in-use files.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let corrupt = |source| StoreError::Corrupt {
+        let refused = |source: rusqlite::Error| match source.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                StoreError::InUse {
+                    path: path.to_path_buf(),
+                }
+            }
+            _ => StoreError::Corrupt {
+                path: path.to_path_buf(),
+                source,
+            },
+        };
+        create_private(path).map_err(|source| StoreError::Create {
             path: path.to_path_buf(),
             source,
-        };
+        })?;
         let conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
                 | OpenFlags::SQLITE_OPEN_CREATE
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
-        .map_err(corrupt)?;
+        .map_err(refused)?;
+        // Fail fast when another hub holds the file, rather than after rusqlite's default 5 s.
+        conn.busy_timeout(std::time::Duration::from_millis(500))
+            .map_err(refused)?;
+        // Once this connection has written, no other connection can read or write the file
+        // until it closes: a second hub on the same store is refused below (as `InUse`).
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+            .map_err(refused)?;
         // Reading the schema version is the first access to the file: a non-database fails here.
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |row| row.get(0))
-            .map_err(corrupt)?;
+            .map_err(refused)?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::TooNew {
                 path: path.to_path_buf(),
                 found: version,
             });
         }
+        // Damage past the header only shows when the page is read: check every page before the
+        // first write, so a damaged file is refused as it was found.
+        let check: String = conn
+            .query_row("PRAGMA quick_check(1)", [], |row| row.get(0))
+            .map_err(refused)?;
+        if check != "ok" {
+            return Err(StoreError::Damaged {
+                path: path.to_path_buf(),
+                problem: check,
+            });
+        }
+        // Take the write lock now (and keep it: exclusive locking mode).
+        conn.execute_batch("BEGIN EXCLUSIVE; COMMIT;")
+            .map_err(refused)?;
         conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(corrupt)?;
+            .map_err(refused)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(corrupt)?;
+            .map_err(refused)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
@@ -114,9 +162,11 @@ impl Store {
                  job_id TEXT NOT NULL, device_id TEXT NOT NULL, doc TEXT NOT NULL,
                  PRIMARY KEY (job_id, device_id));",
         )
-        .map_err(corrupt)?;
-        conn.pragma_update(None, "user_version", SCHEMA_VERSION)
-            .map_err(corrupt)?;
+        .map_err(refused)?;
+        if version != SCHEMA_VERSION {
+            conn.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(refused)?;
+        }
         Ok(Store {
             conn: Some(Mutex::new(conn)),
         })
@@ -229,6 +279,23 @@ impl Store {
     }
 }
 
+/// Creates an empty store file readable by its owner only (SQLite gives its WAL the same mode);
+/// an existing file is left as it is.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,6 +362,68 @@ mod tests {
             matches!(err, StoreError::TooNew { found, .. } if found == SCHEMA_VERSION + 1),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_damaged_page_is_refused_without_touching_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.db");
+        {
+            let store = Store::open(&path).expect("open");
+            let doc = format!("{{\"pad\":\"{}\"}}", "x".repeat(3000));
+            for i in 0..50 {
+                let id = format!("dev{i}");
+                store
+                    .write(&[Write::PutDevice { id: &id, doc: &doc }])
+                    .expect("write");
+            }
+        }
+        assert!(
+            !dir.path().join("hub.db-wal").exists(),
+            "closing checkpoints the WAL into the file"
+        );
+        let mut bytes = std::fs::read(&path).expect("read");
+        assert!(bytes.len() > 5 * 4096);
+        // Leave the header (page 1) intact, so only reading the pages shows the damage.
+        for b in &mut bytes[4096..5 * 4096] {
+            *b = 0xA5;
+        }
+        std::fs::write(&path, &bytes).expect("damage");
+        let err = Store::open(&path).expect_err("damage must be refused");
+        assert!(
+            matches!(err, StoreError::Damaged { .. } | StoreError::Corrupt { .. }),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            bytes,
+            "a refused store is not changed"
+        );
+    }
+
+    #[test]
+    fn a_store_in_use_is_refused_and_created_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.db");
+        let first = Store::open(&path).expect("open");
+        let err = Store::open(&path).expect_err("a second hub on the same store");
+        assert!(matches!(err, StoreError::InUse { .. }), "{err}");
+        assert!(err.to_string().contains("--data-dir"), "{err}");
+        first
+            .write(&[Write::PutMeta {
+                key: "k",
+                value: "v",
+            }])
+            .expect("the first one still writes");
+        drop(first);
+        let again = Store::open(&path).expect("free again once closed");
+        assert_eq!(again.meta("k").expect("meta").as_deref(), Some("v"));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "the store holds every key");
+        }
     }
 
     #[test]
