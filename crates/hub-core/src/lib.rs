@@ -3,20 +3,21 @@
 //! Module map:
 //! - protocol (pure: no I/O, no clock reads): [`connection_string`], [`sas`], [`policy`],
 //!   [`topic`], [`timestamp`], and the wire model [`device`], [`twin`], [`method`], [`job`],
-//!   [`query`], [`error`].
+//!   [`query`], [`error`]; [`hub_env`] (the local hub's settings file).
 //! - clients (async I/O on tokio): [`tls`] (trust roots), [`device_client`] (MQTT),
 //!   [`service_client`] (REST).
 pub mod connection_string;
-pub mod sas;
-pub mod policy;
-pub mod topic;
-pub mod timestamp;
 pub mod device;
-pub mod twin;
-pub mod method;
-pub mod job;
-pub mod query;
-pub mod error;
-pub mod tls;
 pub mod device_client;
+pub mod error;
+pub mod hub_env;
+pub mod job;
+pub mod method;
+pub mod policy;
+pub mod query;
+pub mod sas;
 pub mod service_client;
+pub mod timestamp;
+pub mod tls;
+pub mod topic;
+pub mod twin;

@@ -9,10 +9,7 @@ use hub_core::service_client::ServiceClient;
 use crate::cli::HubArgs;
 use crate::error::Error;
 
-/// Variable holding the service connection string (as the Azure SDK samples name it).
-pub const ENV_CONNECTION_STRING: &str = "IOTHUB_CONNECTION_STRING";
-/// Variable holding the path of an extra CA (PEM).
-pub const ENV_CA_FILE: &str = "IOTHUB_CA_FILE";
+pub use hub_core::hub_env::{ENV_CA_FILE, ENV_CONNECTION_STRING};
 
 /// The resolved settings.
 #[derive(Debug)]
@@ -27,7 +24,7 @@ pub struct HubSettings {
 
 /// The local hub-emulator's hub.env: `DATA_DIR/iothub-emulator/hub.env`.
 pub fn default_hub_env() -> Option<PathBuf> {
-    dirs::data_dir().map(|d| d.join("iothub-emulator").join("hub.env"))
+    hub_core::hub_env::default_path()
 }
 
 /// Resolves the connection: `--connection-string`, then `--hub-env`, then
@@ -75,20 +72,14 @@ fn from_hub_env(path: &Path) -> Result<(String, Option<PathBuf>, String), Error>
         path: path.to_owned(),
         source,
     })?;
-    let value = |key: &str| {
-        text.lines()
-            .filter_map(|l| l.trim().split_once('='))
-            .find(|(k, _)| k.trim() == key)
-            .map(|(_, v)| v.trim().trim_matches('"').to_owned())
-            .filter(|v| !v.is_empty())
-    };
-    let cs = value(ENV_CONNECTION_STRING).ok_or_else(|| {
+    let settings = hub_core::hub_env::HubEnv::parse(&text, path.parent());
+    let cs = settings.service_connection_string.ok_or_else(|| {
         Error::Usage(format!(
             "{} has no {ENV_CONNECTION_STRING}= line",
             path.display()
         ))
     })?;
-    let ca = value(ENV_CA_FILE).map(PathBuf::from);
+    let ca = settings.ca_file;
     Ok((
         cs,
         ca,

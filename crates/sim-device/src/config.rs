@@ -13,12 +13,12 @@ use hub_core::device_client::Transport;
 
 use crate::SimError;
 
-/// Environment variable with the device connection string (as in the Azure SDK samples).
-pub const ENV_DEVICE_CONNECTION_STRING: &str = "IOTHUB_DEVICE_CONNECTION_STRING";
-/// Environment variable with the service connection string (fleet `--register`).
-pub const ENV_SERVICE_CONNECTION_STRING: &str = "IOTHUB_CONNECTION_STRING";
 /// Environment variable with an extra CA (PEM file) to trust.
-pub const ENV_CA_FILE: &str = "IOTHUB_CA_FILE";
+pub use hub_core::hub_env::ENV_CA_FILE;
+/// Environment variable with the service connection string (fleet `--register`).
+pub use hub_core::hub_env::ENV_CONNECTION_STRING as ENV_SERVICE_CONNECTION_STRING;
+/// Environment variable with the device connection string (as in the Azure SDK samples).
+pub use hub_core::hub_env::ENV_DEVICE_CONNECTION_STRING;
 
 /// The tutorial's simulated device: answers the `lockDoor` direct method and logs desired-property
 /// updates, acknowledging them in reported properties. Runs one device, or a fleet in one process.
@@ -179,7 +179,7 @@ impl Config {
                 cs.clone(),
                 "--connection-string / IOTHUB_DEVICE_CONNECTION_STRING".to_owned(),
             ),
-            (None, Some(env)) => match &env.device_connection_string {
+            (None, Some(env)) => match &env.settings.device_connection_string {
                 Some(cs) => {
                     note = Some(format!(
                         "using the local hub-emulator's settings from {}",
@@ -204,12 +204,12 @@ impl Config {
             hub_env
                 .as_ref()
                 .filter(|_| args.connection_string.is_none() || explicit_env)
-                .and_then(|e| e.ca_file.clone())
+                .and_then(|e| e.settings.ca_file.clone())
         });
         let service_text = args.service_connection_string.clone().or_else(|| {
             hub_env
                 .as_ref()
-                .and_then(|e| e.service_connection_string.clone())
+                .and_then(|e| e.settings.service_connection_string.clone())
         });
         let service_connection_string = match service_text {
             Some(text) => Some(parse_service_cs(&text)?),
@@ -275,20 +275,17 @@ fn parse_service_cs(text: &str) -> Result<ServiceConnectionString, SimError> {
 
 /// `DATA_DIR/iothub-emulator/hub.env`, where the hub-emulator writes it by default.
 pub fn default_hub_env() -> Option<PathBuf> {
-    dirs::data_dir().map(|d| d.join("iothub-emulator").join("hub.env"))
+    hub_core::hub_env::default_path()
 }
 
-/// The `KEY=value` file the hub-emulator writes.
+/// The `KEY=value` file the hub-emulator writes, and where it was read from.
+/// (`Debug` hides the connection strings: they carry keys.)
 #[derive(Debug, Clone, Default)]
 pub struct HubEnvFile {
     /// Where it was read from.
     pub path: PathBuf,
-    /// `IOTHUB_DEVICE_CONNECTION_STRING`.
-    pub device_connection_string: Option<String>,
-    /// `IOTHUB_CONNECTION_STRING`.
-    pub service_connection_string: Option<String>,
-    /// `IOTHUB_CA_FILE`.
-    pub ca_file: Option<PathBuf>,
+    /// What it says.
+    pub settings: hub_core::hub_env::HubEnv,
 }
 
 impl HubEnvFile {
@@ -301,35 +298,12 @@ impl HubEnvFile {
         Ok(HubEnvFile::parse(path, &text))
     }
 
-    /// Parses `KEY=value` lines; `#` comments and unknown keys are ignored.
+    /// Parses `KEY=value` lines (see [`hub_core::hub_env::HubEnv::parse`]).
     pub fn parse(path: &Path, text: &str) -> HubEnvFile {
-        let mut env = HubEnvFile {
+        HubEnvFile {
             path: path.to_owned(),
-            ..HubEnvFile::default()
-        };
-        for line in text.lines().map(str::trim) {
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let Some((key, value)) = line.split_once('=') else {
-                continue;
-            };
-            let value = value.trim().trim_matches('"').to_owned();
-            match key.trim().trim_start_matches("export ").trim() {
-                ENV_DEVICE_CONNECTION_STRING => env.device_connection_string = Some(value),
-                ENV_SERVICE_CONNECTION_STRING => env.service_connection_string = Some(value),
-                ENV_CA_FILE => {
-                    let ca = PathBuf::from(value);
-                    // A relative CA path is relative to hub.env's directory.
-                    env.ca_file = Some(match path.parent() {
-                        Some(dir) if ca.is_relative() => dir.join(ca),
-                        _ => ca,
-                    });
-                }
-                _ => {}
-            }
+            settings: hub_core::hub_env::HubEnv::parse(text, path.parent()),
         }
-        env
     }
 }
 
@@ -354,10 +328,10 @@ mod tests {
              IOTHUB_DEVICE_CONNECTION_STRING=HostName=localhost;DeviceId=myDeviceId;SharedAccessKey=a2V5\nIOTHUB_CA_FILE=ca.pem\n",
         );
         assert_eq!(
-            env.service_connection_string.as_deref(),
+            env.settings.service_connection_string.as_deref(),
             Some("HostName=localhost:8443;SharedAccessKeyName=iothubowner;SharedAccessKey=a2V5==")
         );
-        assert!(env.device_connection_string.is_some());
-        assert_eq!(env.ca_file, Some(PathBuf::from("/data/ca.pem")));
+        assert!(env.settings.device_connection_string.is_some());
+        assert_eq!(env.settings.ca_file, Some(PathBuf::from("/data/ca.pem")));
     }
 }
