@@ -218,12 +218,9 @@ async fn client_side(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = ticker.tick() => status_lines(out, &[
-                (&method.job_id, "method", method.done(), None),
-                (&twin.job_id, "twin", twin.done(), None),
-            ]),
-            r = &mut method.handle, if !method.done() => method.result = Some(join(r, METHOD_NAME)),
-            r = &mut twin.handle, if !twin.done() => twin.result = Some(join(r, "twin update")),
+            // Shutdown first: a task that ended because of it must be reported as undone, not
+            // collected as a result.
+            biased;
             () = shutdown.cancelled() => {
                 stop.cancel();
                 let undone: Vec<String> = [(!method.done()).then(|| method.undone()), (!twin.done()).then(|| twin.undone())]
@@ -232,6 +229,12 @@ async fn client_side(
                     .collect();
                 return Ok(interrupted(out, undone));
             }
+            _ = ticker.tick() => status_lines(out, &[
+                (&method.job_id, "method", method.done(), None),
+                (&twin.job_id, "twin", twin.done(), None),
+            ]),
+            r = &mut method.handle, if !method.done() => method.result = Some(join(r, METHOD_NAME)),
+            r = &mut twin.handle, if !twin.done() => twin.result = Some(join(r, "twin update")),
         }
         if method.done() && twin.done() {
             status_lines(
