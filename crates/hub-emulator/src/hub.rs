@@ -82,6 +82,10 @@ pub enum HubError {
     /// Durable state could not be written; nothing changed.
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// A batch could not be saved (the store's error, as text: every item of the batch gets it);
+    /// nothing changed.
+    #[error("the change was not saved: {0}")]
+    NotSaved(String),
 }
 
 impl HubError {
@@ -96,7 +100,7 @@ impl HubError {
             HubError::GatewayTimeout => ErrorCode::GatewayTimeout,
             HubError::MessageTooLarge(_) => ErrorCode::MessageTooLarge,
             HubError::Throttled => ErrorCode::ThrottlingException,
-            HubError::Store(_) => ErrorCode::ServerError,
+            HubError::Store(_) | HubError::NotSaved(_) => ErrorCode::ServerError,
         }
     }
 }
@@ -1085,11 +1089,7 @@ impl Hub {
             let message = e.to_string();
             return ids
                 .iter()
-                .map(|_| {
-                    Err(HubError::InvalidArgument(format!(
-                        "twin update not saved: {message}"
-                    )))
-                })
+                .map(|_| Err(HubError::NotSaved(message.clone())))
                 .collect();
         }
         let sessions = lock(&self.inner.sessions);
@@ -1166,15 +1166,20 @@ impl Hub {
             kill: kill.clone(),
             subscriptions: Subscriptions::default(),
         };
-        if let Some(previous) = lock(&self.inner.sessions).insert(device_id.to_owned(), entry) {
-            previous.kill.cancel();
-        }
         let now = self.now();
-        if let Some(device) = lock(&self.inner.state).devices.get_mut(device_id) {
+        // The session table and the registry's connection state change under both locks (state
+        // first), so a detach racing with a newer attach cannot leave the device `Disconnected`.
+        let mut state = lock(&self.inner.state);
+        let previous = lock(&self.inner.sessions).insert(device_id.to_owned(), entry);
+        if let Some(device) = state.devices.get_mut(device_id) {
             device.connected = true;
             device.connection_state_updated_time = now.clone();
             device.last_activity_time = now;
             device.refresh();
+        }
+        drop(state);
+        if let Some(previous) = previous {
+            previous.kill.cancel();
         }
         SessionTicket {
             device_id: device_id.to_owned(),
@@ -1187,6 +1192,8 @@ impl Hub {
 
     /// Unregisters a session that ended (a no-op if it was already replaced).
     pub fn detach_session(&self, ticket: &SessionTicket) {
+        let now = self.now();
+        let mut state = lock(&self.inner.state);
         let removed = {
             let mut sessions = lock(&self.inner.sessions);
             match sessions.get(&ticket.device_id) {
@@ -1197,12 +1204,7 @@ impl Hub {
             }
         };
         if removed {
-            let now = self.now();
-            if let Some(device) = lock(&self.inner.state).devices.get_mut(&ticket.device_id) {
-                device.connected = false;
-                device.connection_state_updated_time = now;
-                device.refresh();
-            }
+            mark_disconnected(&mut state, &ticket.device_id, now);
         }
     }
 
@@ -1230,17 +1232,26 @@ impl Hub {
         }
     }
 
-    /// Closes a device's session, if any (device deleted or disabled, or hub shutting down).
+    /// Closes a device's session, if any (device deleted or disabled).
     pub fn kill_session(&self, device_id: &str) {
-        if let Some(entry) = lock(&self.inner.sessions).remove(device_id) {
+        let now = self.now();
+        let mut state = lock(&self.inner.state);
+        let removed = lock(&self.inner.sessions).remove(device_id);
+        if let Some(entry) = removed {
+            // The session's own detach will find its entry gone: record the disconnect here.
+            mark_disconnected(&mut state, device_id, now);
             entry.kill.cancel();
         }
+        drop(state);
         self.inner.presence.notify_waiters();
     }
 
     /// Closes every session (shutdown).
     pub fn kill_all_sessions(&self) {
-        for (_, entry) in lock(&self.inner.sessions).drain() {
+        let now = self.now();
+        let mut state = lock(&self.inner.state);
+        for (device_id, entry) in lock(&self.inner.sessions).drain() {
+            mark_disconnected(&mut state, &device_id, now.clone());
             entry.kill.cancel();
         }
     }
@@ -1349,6 +1360,14 @@ impl Hub {
         {
             let _ = waiter.reply.send((status, body));
         }
+    }
+}
+
+fn mark_disconnected(state: &mut State, device_id: &str, now: String) {
+    if let Some(device) = state.devices.get_mut(device_id) {
+        device.connected = false;
+        device.connection_state_updated_time = now;
+        device.refresh();
     }
 }
 

@@ -907,3 +907,26 @@ async fn a_device_without_symmetric_keys_cannot_connect_with_an_empty_key_token(
     );
     assert_eq!(fx.connection_state("dev-x509"), "Disconnected");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabling_a_connected_device_closes_it_and_shows_it_disconnected() {
+    let fx = Fixture::start().await;
+    let key = fx.add_device("dev-disable");
+    let mut device = fx.device("dev-disable", &key).await;
+    assert_eq!(fx.connection_state("dev-disable"), "Connected");
+    fx.hub()
+        .create_or_update_device(
+            "dev-disable",
+            &json!({"deviceId": "dev-disable", "status": "disabled"}),
+            Some("*"),
+        )
+        .expect("disable");
+    device.expect_closed().await;
+    eventually("the registry to show the device disconnected", || {
+        fx.connection_state("dev-disable") == "Disconnected"
+    })
+    .await;
+    assert_eq!(fx.hub().connected_count(), 0);
+    let twin = fx.hub().get_twin("dev-disable").expect("twin");
+    assert_eq!(twin["connectionState"], "Disconnected");
+}

@@ -197,6 +197,9 @@ impl From<HubError> for ApiError {
             HubError::Store(source) => {
                 ApiError::internal(format!("the hub store failed: {source}"))
             }
+            HubError::NotSaved(message) => {
+                ApiError::internal(format!("the hub store failed: {message}"))
+            }
             other => ApiError::new(code, other.to_string()),
         }
     }
@@ -268,6 +271,14 @@ mod tests {
         assert_eq!(inner["timestampUtc"], "1970-01-01T00:00:00.0000000Z");
         assert_eq!(body.exception_message.as_deref(), Some(""));
         assert_eq!(body.parse().code, Some(ErrorCode::DeviceNotOnline));
+    }
+
+    #[test]
+    fn unsaved_changes_are_server_errors() {
+        let error = ApiError::from(HubError::NotSaved("disk I/O error".into()));
+        assert_eq!(error.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(error.code(), ErrorCode::ServerError);
+        assert!(!error.message().contains("disk"));
     }
 
     #[test]
