@@ -782,6 +782,12 @@ async fn invalid_requests_get_iot_hub_errors() {
             "startTime",
         ),
         (
+            // A valid RFC 3339 time that is past year 9999 in UTC.
+            "j1",
+            with(&|b| b["startTime"] = json!("9999-12-31T23:59:59-05:00")),
+            "startTime",
+        ),
+        (
             "j1",
             with(&|b| b["cloudToDeviceMethod"]["responseTimeoutInSeconds"] = json!(301)),
             "responseTimeoutInSeconds",

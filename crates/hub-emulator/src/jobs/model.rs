@@ -14,7 +14,9 @@ use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};
 /// Formats a time as IoT Hub writes job times: UTC with 7 fraction digits
 /// (`2024-01-02T03:04:05.1234567Z`).
 pub fn format_time(at: OffsetDateTime) -> String {
-    let at = at.to_offset(UtcOffset::UTC);
+    let Some(at) = at.checked_to_offset(UtcOffset::UTC) else {
+        return at.unix_timestamp().to_string();
+    };
     at.format(format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:7]Z"
     ))
@@ -25,7 +27,12 @@ pub fn format_time(at: OffsetDateTime) -> String {
 /// offset (`...05.000Z`, `...41.224459Z`, `...05+02:00`); without an offset it is UTC, as IoT Hub
 /// (and Python's "naive datetime is UTC" rule) treats it.
 pub fn parse_time(text: &str) -> Option<OffsetDateTime> {
-    let text = text.trim();
+    // Only times that also exist in UTC (`9999-12-31T23:00:00-05:00` does not): everything
+    // downstream formats them in UTC, and `to_offset` panics outside the supported range.
+    parse_any_offset(text.trim()).and_then(|at| at.checked_to_offset(UtcOffset::UTC))
+}
+
+fn parse_any_offset(text: &str) -> Option<OffsetDateTime> {
     if let Ok(at) = OffsetDateTime::parse(text, &Rfc3339) {
         return Some(at);
     }
@@ -391,6 +398,8 @@ mod tests {
             "2030-13-02T03:04:05Z",
             "2030-01-02T03:04:05+99:00",
             "2030-01-02",
+            // Valid as written, but after 9999-12-31 in UTC.
+            "9999-12-31T23:59:59-05:00",
         ] {
             assert!(parse_time(bad).is_none(), "{bad} should not parse");
         }
