@@ -131,6 +131,7 @@ fn write_private(path: &Path, contents: &str) -> Result<(), TlsError> {
 /// Loads the CA from `dir` (creating it on first start) and issues a fresh server certificate
 /// for localhost, 127.0.0.1, ::1 and `hostnames`. With no directory, everything is in memory.
 pub fn load_or_create(dir: Option<&Path>, hostnames: &[String]) -> Result<TlsMaterial, TlsError> {
+    let mut new_ca = false;
     let (ca_key, ca_file) = match dir {
         Some(dir) => {
             let key_path = dir.join("ca-key.pem");
@@ -142,6 +143,7 @@ pub fn load_or_create(dir: Option<&Path>, hostnames: &[String]) -> Result<TlsMat
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     let key = KeyPair::generate()?;
                     write_private(&key_path, &key.serialize_pem())?;
+                    new_ca = true;
                     key
                 }
                 Err(source) => {
@@ -163,8 +165,10 @@ pub fn load_or_create(dir: Option<&Path>, hostnames: &[String]) -> Result<TlsMat
     let mut ca_pem = ca_cert.pem();
     if let Some(path) = &ca_file {
         match fs::read_to_string(path) {
-            // Keep the file clients already trust; it names the same key and subject.
-            Ok(existing) if existing.contains("BEGIN CERTIFICATE") => ca_pem = existing,
+            // Keep the file clients already trust; it names the same key and subject. A new key
+            // (first start, or the old key was moved away) needs a new ca.pem: an old one would
+            // not verify the server certificate this start issues.
+            Ok(existing) if !new_ca && existing.contains("BEGIN CERTIFICATE") => ca_pem = existing,
             _ => fs::write(path, &ca_pem).map_err(|source| TlsError::File {
                 action: "write",
                 path: path.clone(),
@@ -227,6 +231,27 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn a_new_ca_key_gets_a_new_ca_pem() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = load_or_create(Some(dir.path()), &[]).expect("first start");
+        // What the BadCaKey error tells people to do: move the key away.
+        fs::rename(
+            dir.path().join("ca-key.pem"),
+            dir.path().join("ca-key.pem.old"),
+        )
+        .expect("move the key away");
+        let second = load_or_create(Some(dir.path()), &[]).expect("restart with a new CA");
+        assert_ne!(
+            first.ca_pem, second.ca_pem,
+            "the old ca.pem does not match the new key"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.path().join("ca.pem")).expect("ca.pem"),
+            second.ca_pem
+        );
     }
 
     #[test]
