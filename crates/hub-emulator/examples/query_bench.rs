@@ -55,8 +55,9 @@ fn twin(i: usize) -> Value {
     })
 }
 
-/// Wall-clock times of `ROUNDS` runs (after one warm-up run), sorted.
-struct Runs(Vec<Duration>);
+/// Wall-clock times of `ROUNDS` runs (after one warm-up run), sorted, and the CPU time all
+/// threads of the process spent on them, per run.
+struct Runs(Vec<Duration>, Option<Duration>);
 
 impl Runs {
     fn median(&self) -> Duration {
@@ -68,13 +69,29 @@ impl Runs {
 fn timed<T>(mut f: impl FnMut() -> T) -> (Runs, T) {
     let mut result = f();
     let mut times = Vec::with_capacity(ROUNDS);
+    let cpu_start = cpu_time();
     for _ in 0..ROUNDS {
         let start = Instant::now();
         result = black_box(f());
         times.push(start.elapsed());
     }
+    let cpu = cpu_time()
+        .zip(cpu_start)
+        .map(|(end, start)| end.saturating_sub(start) / ROUNDS as u32);
     times.sort();
-    (Runs(times), result)
+    (Runs(times, cpu), result)
+}
+
+/// User + system CPU time of the whole process so far (`/proc/self/stat`, in clock ticks,
+/// taken as 100 per second), which unlike wall-clock time does not count waiting for a core.
+fn cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -88,8 +105,12 @@ fn report(label: &str, runs: &Runs, detail: &str) {
         runs.0.first().copied().unwrap_or_default(),
         runs.0.last().copied().unwrap_or_default(),
     );
+    let cpu = runs
+        .1
+        .map_or_else(|| "?".to_owned(), |cpu| format!("{:.0}", ms(cpu)));
     println!(
-        "{label:<46} median {:>7.2} ms  (min {:>7.2}, max {:>7.2}; {per_doc_ns:>6.1} ns/twin)  {detail}",
+        "{label:<46} median {:>7.2} ms  (min {:>7.2}, max {:>7.2}; cpu {cpu:>4} ms; \
+         {per_doc_ns:>6.1} ns/twin)  {detail}",
         ms(median),
         ms(min),
         ms(max)
@@ -201,8 +222,11 @@ fn main() -> anyhow::Result<()> {
     println!(
         "\nissue figure: WHERE over tags + reported properties on {DEVICES} twins: \
          {:.1} ms per query (median of {ROUNDS}, filter_parallel on {cores} cores; \
-         1 thread: {:.1} ms); load average {load_after} when measured",
+         {} ms CPU per query; 1 thread: {:.1} ms); load average {load_after} when measured",
         ms(runs_where.median()),
+        runs_where
+            .1
+            .map_or_else(|| "?".to_owned(), |cpu| format!("{:.0}", ms(cpu))),
         ms(runs_seq.median()),
     );
     Ok(())

@@ -22,22 +22,22 @@ impl Condition {
 
 /// How the evaluator finds a path's value in a document. Every implementation must return
 /// exactly what [`lookup`] returns; they differ only in how fast they get there.
-pub(super) trait Resolve {
+pub(super) trait Resolve<'a> {
     /// The value at `path` in `doc`, as [`lookup`] finds it.
-    fn resolve<'a>(&self, doc: &'a Value, path: &Path) -> Option<&'a Value>;
+    fn resolve(&self, doc: &'a Value, path: &Path) -> Option<&'a Value>;
 }
 
 /// Resolves every path from scratch with [`lookup`].
 struct Direct;
 
-impl Resolve for Direct {
-    fn resolve<'a>(&self, doc: &'a Value, path: &Path) -> Option<&'a Value> {
+impl<'a> Resolve<'a> for Direct {
+    fn resolve(&self, doc: &'a Value, path: &Path) -> Option<&'a Value> {
         lookup(doc, path)
     }
 }
 
 /// True when `expr` evaluates to boolean `true` for `doc`, resolving paths through `resolver`.
-pub(super) fn holds<R: Resolve>(expr: &Expr, doc: &Value, resolver: &R) -> bool {
+pub(super) fn holds<'a, R: Resolve<'a>>(expr: &'a Expr, doc: &'a Value, resolver: &R) -> bool {
     matches!(eval(expr, doc, resolver), Val::Bool(true))
 }
 
@@ -493,7 +493,7 @@ fn equal(left: Val<'_>, right: Val<'_>) -> Option<bool> {
     }
 }
 
-fn eval<'a, R: Resolve>(expr: &'a Expr, doc: &'a Value, r: &R) -> Val<'a> {
+fn eval<'a, R: Resolve<'a>>(expr: &'a Expr, doc: &'a Value, r: &R) -> Val<'a> {
     match expr {
         Expr::Literal(literal) => Val::from_literal(literal),
         Expr::Path(path) => Val::from_json(r.resolve(doc, path)),
@@ -525,7 +525,7 @@ fn eval<'a, R: Resolve>(expr: &'a Expr, doc: &'a Value, r: &R) -> Val<'a> {
     }
 }
 
-fn binary<'a, R: Resolve>(
+fn binary<'a, R: Resolve<'a>>(
     op: BinaryOp,
     left: &'a Expr,
     right: &'a Expr,
@@ -608,7 +608,12 @@ fn arithmetic<'a>(op: BinaryOp, left: Val<'a>, right: Val<'a>) -> Val<'a> {
     }
 }
 
-fn call<'a, R: Resolve>(function: Function, args: &'a [Expr], doc: &'a Value, r: &R) -> Val<'a> {
+fn call<'a, R: Resolve<'a>>(
+    function: Function,
+    args: &'a [Expr],
+    doc: &'a Value,
+    r: &R,
+) -> Val<'a> {
     let arg = |i: usize| args.get(i).map_or(Val::Undefined, |e| eval(e, doc, r));
     let test = |check: fn(Val<'a>) -> bool| Val::Bool(check(arg(0)));
     match function {

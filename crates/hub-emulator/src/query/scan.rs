@@ -5,10 +5,13 @@
 //! * Position hints: twins are built with the same key order, so each path segment remembers
 //!   the index where it last found its key and checks that entry first (falling back to a
 //!   search, which updates the hint).
-//! * Batched warm-up: time goes to cache misses while following a path (object entries, key
-//!   text, value text). Before evaluating a batch of documents, the leading path (the first one
-//!   the condition evaluates) is followed level by level across the whole batch, so the misses
-//!   of different documents overlap instead of queueing one after another.
+//! * Batched lookups: time goes to cache misses while following a path (object entries, key
+//!   text, value text), each waiting for the one before. Documents are evaluated in batches, in
+//!   rounds: a round follows, level by level across the batch, the next path each undecided
+//!   document needs, so the misses of different documents overlap instead of queueing one
+//!   after another; then those documents are evaluated again from the values found so far.
+//!   Short-circuiting is kept: a path is only looked up in documents whose evaluation asks for
+//!   it.
 //! * Parallelism: large slices are cut into chunks that `available_parallelism()` scoped
 //!   threads take in turn; results are put back in chunk order, and a scan that only needs the
 //!   first `n` matches stops handing out chunks once the finished prefix holds `n`.
@@ -26,8 +29,10 @@ use serde_json::{Map, Value};
 use super::ast::{Condition, Expr, Path};
 use super::eval::{LINEAR_SCAN_MAX, Resolve, field, holds, lookup};
 
-/// Documents warmed up and then evaluated together.
-const BATCH: usize = 16;
+/// Documents evaluated together, their path lookups interleaved.
+const BATCH: usize = 32;
+/// Conditions with more path nodes than this are evaluated one document at a time.
+const MAX_PATHS: usize = 64;
 /// Documents a worker takes at a time.
 const CHUNK: usize = 4096;
 /// Below this many documents per available core, fewer threads are used (one below `2 * CHUNK`).
@@ -205,48 +210,122 @@ impl<'q> Scanner<'q> {
         let Some(docs) = docs.get(range.clone()) else {
             return;
         };
+        let batched = !self.paths.is_empty() && self.paths.len() <= MAX_PATHS;
+        // Path values per document of a batch: `values[b * paths + j]` for path `j`.
+        let mut values: Vec<Option<&Value>> = if batched {
+            vec![None; BATCH * self.paths.len()]
+        } else {
+            Vec::new()
+        };
         for (batch_no, batch) in docs.chunks(BATCH).enumerate() {
-            self.warm(batch);
             let first = range.start + batch_no * BATCH;
-            for (i, doc) in batch.iter().enumerate() {
-                if holds(self.expr, doc.borrow(), self) {
-                    found.push(first + i);
-                    if found.len() >= limit {
-                        return;
-                    }
+            let mut outcome = [false; BATCH];
+            if batched {
+                self.evaluate_batch(batch, &mut values, &mut outcome);
+            } else {
+                for (slot, doc) in outcome.iter_mut().zip(batch) {
+                    *slot = holds(self.expr, doc.borrow(), &Hinted(self));
+                }
+            }
+            for (i, _) in outcome.iter().enumerate().filter(|(_, matched)| **matched) {
+                found.push(first + i);
+                if found.len() >= limit {
+                    return;
                 }
             }
         }
     }
 
-    /// Follows the leading path through every document of `batch`, one level at a time, and
-    /// touches the text of string values, so that evaluation finds those lines in cache.
-    fn warm<D: Borrow<Value>>(&self, batch: &[D]) {
-        let Some(lead) = self.paths.first() else {
-            return;
-        };
-        let mut at: [Option<&Value>; BATCH] = [None; BATCH];
-        for (slot, doc) in at.iter_mut().zip(batch) {
-            *slot = Some(doc.borrow());
+    /// Evaluates the condition for every document of `batch` (at most [`BATCH`]) into
+    /// `outcome`, in rounds: each round resolves, level by level across the batch, the one path
+    /// each undecided document asked for first and did not have yet, then evaluates those
+    /// documents again. A document is decided by an evaluation that asked only for resolved
+    /// paths, which therefore saw exactly the values a plain evaluation sees.
+    fn evaluate_batch<'a, D: Borrow<Value>>(
+        &self,
+        batch: &'a [D],
+        values: &mut [Option<&'a Value>],
+        outcome: &mut [bool; BATCH],
+    ) {
+        let width = self.paths.len();
+        let mut known = [0u64; BATCH];
+        // The path each undecided document needs next; every document starts with the lead.
+        let mut wanted: [Option<usize>; BATCH] = [None; BATCH];
+        for slot in wanted.iter_mut().take(batch.len()) {
+            *slot = Some(0);
         }
-        for (segment, hint) in lead.path.segments().iter().zip(&lead.hints) {
-            for slot in &mut at {
-                *slot = slot.and_then(|v| hinted_field(v.as_object()?, segment, hint));
+        loop {
+            let mut at: [Option<&Value>; BATCH] = [None; BATCH];
+            let mut depth = 0;
+            for ((slot, want), doc) in at.iter_mut().zip(&wanted).zip(batch) {
+                if let Some(j) = want {
+                    *slot = Some(doc.borrow());
+                    depth = depth.max(self.paths.get(*j).map_or(0, |p| p.hints.len()));
+                }
+            }
+            for level in 0..depth {
+                for (slot, want) in at.iter_mut().zip(&wanted) {
+                    let Some(path) = want.and_then(|j| self.paths.get(j)) else {
+                        continue;
+                    };
+                    if let (Some(segment), Some(hint)) =
+                        (path.path.segments().get(level), path.hints.get(level))
+                    {
+                        *slot = slot.and_then(|v| hinted_field(v.as_object()?, segment, hint));
+                    }
+                }
+            }
+            let mut touched = 0u8;
+            for (b, (want, value)) in wanted.iter().zip(at).enumerate() {
+                if let Some(j) = *want {
+                    if let Some(Value::String(s)) = value {
+                        touched ^= s.as_bytes().first().copied().unwrap_or(0);
+                    }
+                    if let Some(slot) = values.get_mut(b * width + j) {
+                        *slot = value;
+                    }
+                    known[b] |= 1 << j;
+                }
+            }
+            black_box(touched);
+
+            let mut undecided = false;
+            for (b, doc) in batch.iter().enumerate() {
+                if wanted[b].is_none() {
+                    continue;
+                }
+                let resolver = BatchResolver {
+                    scanner: self,
+                    values: values.get(b * width..(b + 1) * width).unwrap_or_default(),
+                    known: known[b],
+                    missing: Cell::new(None),
+                };
+                let matched = holds(self.expr, doc.borrow(), &resolver);
+                wanted[b] = resolver.missing.get();
+                if wanted[b].is_some() {
+                    undecided = true;
+                } else {
+                    outcome[b] = matched;
+                }
+            }
+            if !undecided {
+                return;
             }
         }
-        let mut touched = 0u8;
-        for value in at.iter().flatten() {
-            if let Value::String(s) = value {
-                touched ^= s.as_bytes().first().copied().unwrap_or(0);
-            }
-        }
-        black_box(touched);
+    }
+
+    /// The index of `path` among the condition's path nodes.
+    fn index_of(&self, path: &Path) -> Option<usize> {
+        self.paths.iter().position(|p| std::ptr::eq(p.path, path))
     }
 }
 
-impl Resolve for Scanner<'_> {
-    fn resolve<'a>(&self, doc: &'a Value, path: &Path) -> Option<&'a Value> {
-        match self.paths.iter().find(|p| std::ptr::eq(p.path, path)) {
+/// Resolves every path through the scanner's position hints.
+struct Hinted<'s, 'q>(&'s Scanner<'q>);
+
+impl<'a> Resolve<'a> for Hinted<'_, '_> {
+    fn resolve(&self, doc: &'a Value, path: &Path) -> Option<&'a Value> {
+        match self.0.index_of(path).and_then(|j| self.0.paths.get(j)) {
             Some(hinted) => hinted
                 .path
                 .segments()
@@ -257,6 +336,31 @@ impl Resolve for Scanner<'_> {
                 }),
             None => lookup(doc, path),
         }
+    }
+}
+
+/// Resolves paths in one document of a batch from the values resolved so far; the first path
+/// asked for that is not resolved yet is recorded in `missing` (and answered as undefined,
+/// which makes this evaluation's result meaningless, so it is discarded).
+struct BatchResolver<'s, 'q, 'v, 'a> {
+    scanner: &'s Scanner<'q>,
+    values: &'v [Option<&'a Value>],
+    known: u64,
+    missing: Cell<Option<usize>>,
+}
+
+impl<'a> Resolve<'a> for BatchResolver<'_, '_, '_, 'a> {
+    fn resolve(&self, doc: &'a Value, path: &Path) -> Option<&'a Value> {
+        let Some(j) = self.scanner.index_of(path) else {
+            return lookup(doc, path);
+        };
+        if self.known & (1 << j) != 0 {
+            return self.values.get(j).copied().flatten();
+        }
+        if self.missing.get().is_none() {
+            self.missing.set(Some(j));
+        }
+        None
     }
 }
 
