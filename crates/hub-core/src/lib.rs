@@ -6,6 +6,8 @@
 //!   [`query`], [`error`]; [`hub_env`] (the local hub's settings file).
 //! - clients (async I/O on tokio): [`tls`] (trust roots), [`device_client`] (MQTT),
 //!   [`service_client`] (REST).
+#![warn(missing_docs)]
+
 pub mod connection_string;
 pub mod device;
 pub mod device_client;
