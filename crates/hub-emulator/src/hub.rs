@@ -165,6 +165,10 @@ struct DeviceRecord {
     last_activity_time: String,
     #[serde(default)]
     model_id: String,
+    /// The twin jobs whose patch this twin already has (newest last, bounded), saved with the
+    /// twin itself so that a job resumed after a crash never applies its patch twice.
+    #[serde(default)]
+    twin_jobs_applied: Vec<String>,
     #[serde(skip)]
     connected: bool,
     #[serde(skip, default = "never")]
@@ -433,6 +437,16 @@ fn generation_id() -> String {
         "638{:015}",
         u64::from_le_bytes(bytes) % 1_000_000_000_000_000
     )
+}
+
+/// How many twin-job ids a twin remembers: more than the active-job cap (the default is 10), so
+/// a resumed job always finds its own.
+const TWIN_JOBS_REMEMBERED: usize = 32;
+
+/// One device's place in a twin batch: its staged change, or the twin as it is.
+enum Staged {
+    Index(usize),
+    AlreadyApplied(Value),
 }
 
 struct State {
@@ -853,6 +867,7 @@ impl Hub {
                     reported: twins::new_section(&now, Section::Reported),
                     last_activity_time: NEVER.into(),
                     model_id: String::new(),
+                    twin_jobs_applied: Vec::new(),
                     connected: false,
                     connection_state_updated_time: NEVER.into(),
                     doc: empty_doc(),
@@ -1002,11 +1017,25 @@ impl Hub {
         if_match: Option<&str>,
         replace: bool,
     ) -> Vec<Result<Value, HubError>> {
+        self.update_twins_for_job(ids, body, if_match, replace, None)
+    }
+
+    /// [`Hub::update_twins`] on behalf of twin job `job_id`: a twin that already has this job's
+    /// patch is left as it is (and reported as updated), which makes resuming a job after a
+    /// crash apply its patch at most once per device.
+    pub fn update_twins_for_job(
+        &self,
+        ids: &[&str],
+        body: &Value,
+        if_match: Option<&str>,
+        replace: bool,
+        job_id: Option<&str>,
+    ) -> Vec<Result<Value, HubError>> {
         let parsed = parse_twin_update(body);
         let now = self.now();
         let mut state = lock(&self.inner.state);
         let mut staged: Vec<(DeviceRecord, Option<Map<String, Value>>)> = Vec::new();
-        let mut results: Vec<Result<usize, HubError>> = Vec::with_capacity(ids.len());
+        let mut results: Vec<Result<Staged, HubError>> = Vec::with_capacity(ids.len());
         for id in ids {
             let outcome = (|| {
                 let (tags, desired) = parsed
@@ -1022,7 +1051,18 @@ impl Hub {
                         id: (*id).to_owned(),
                     });
                 }
+                if let Some(job) = job_id
+                    && current.twin_jobs_applied.iter().any(|j| j == job)
+                {
+                    return Ok(Staged::AlreadyApplied((*current.doc).clone()));
+                }
                 let mut record = current.clone();
+                if let Some(job) = job_id {
+                    if record.twin_jobs_applied.len() >= TWIN_JOBS_REMEMBERED {
+                        record.twin_jobs_applied.remove(0);
+                    }
+                    record.twin_jobs_applied.push(job.to_owned());
+                }
                 let mut notify = None;
                 if let Some(tags) = tags {
                     if replace {
@@ -1064,7 +1104,7 @@ impl Hub {
                 record.twin_version += 1;
                 record.refresh();
                 staged.push((record, notify));
-                Ok(staged.len() - 1)
+                Ok(Staged::Index(staged.len() - 1))
             })();
             results.push(outcome);
         }
@@ -1127,7 +1167,12 @@ impl Hub {
         }
         results
             .into_iter()
-            .map(|r| r.map(|index| applied[index].clone()))
+            .map(|r| {
+                r.map(|staged| match staged {
+                    Staged::Index(index) => applied[index].clone(),
+                    Staged::AlreadyApplied(doc) => doc,
+                })
+            })
             .collect()
     }
 
@@ -1306,7 +1351,9 @@ impl Hub {
         lock(&self.inner.pending).remove(&rid);
         let (status, body) = match answer {
             Ok(Ok(answer)) => answer,
-            // The session ended before answering: to the caller that is a timeout, as on IoT Hub.
+            // No answer in time. A request outlives its session on purpose: a device that
+            // reconnects may still answer it (the SDKs keep unanswered requests), so a dropped
+            // connection is not a failure until the response timeout says so.
             Ok(Err(_)) | Err(_) => return Err(HubError::GatewayTimeout),
         };
         if body.len() > MAX_METHOD_PAYLOAD {
@@ -1505,6 +1552,27 @@ mod tests {
             ),
             Err(HubError::InvalidArgument(_))
         ));
+    }
+
+    #[test]
+    fn a_twin_job_patch_is_applied_once_per_device() {
+        let hub = hub();
+        let patch = json!({"properties": {"desired": {"building": 43}}});
+        let ids = [TUTORIAL_DEVICE_ID];
+        let first = hub.update_twins_for_job(&ids, &patch, Some("*"), false, Some("job-1"));
+        let first = first[0].as_ref().expect("first apply");
+        // A resumed job repeats the batch: the twin must not change again.
+        let again = hub.update_twins_for_job(&ids, &patch, Some("*"), false, Some("job-1"));
+        let again = again[0].as_ref().expect("repeat");
+        assert_eq!(again["version"], first["version"]);
+        assert_eq!(
+            again["properties"]["desired"]["$version"],
+            first["properties"]["desired"]["$version"]
+        );
+        // Another job, or a plain update, still applies.
+        let other = hub.update_twins_for_job(&ids, &patch, Some("*"), false, Some("job-2"));
+        let other = other[0].as_ref().expect("other job");
+        assert_ne!(other["version"], first["version"]);
     }
 
     #[test]

@@ -367,9 +367,10 @@ async fn run_twins(
         let patch = body.clone();
         let started = OffsetDateTime::now_utc();
         // One durable transaction per batch; SQLite work belongs off the async workers.
+        let job_id = plan.record.job_id.clone();
         let results = tokio::task::spawn_blocking(move || {
             let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-            hub.update_twins(&refs, &patch, Some("*"), false)
+            hub.update_twins_for_job(&refs, &patch, Some("*"), false, Some(&job_id))
         })
         .await;
         let Ok(results) = results else {
