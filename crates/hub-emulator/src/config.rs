@@ -53,7 +53,7 @@ pub struct Args {
 
 /// The default data directory: `$XDG_DATA_HOME/iothub-emulator` or its platform equivalent.
 pub fn default_data_dir() -> Option<PathBuf> {
-    dirs::data_dir().map(|d| d.join("iothub-emulator"))
+    hub_core::hub_env::default_data_dir()
 }
 
 /// Everything `start` needs.

@@ -101,14 +101,12 @@ impl std::fmt::Debug for HubEnv {
 impl HubEnv {
     /// The `KEY=value` lines of hub.env.
     pub fn to_env_lines(&self) -> String {
-        let mut text = format!(
-            "IOTHUB_CONNECTION_STRING={}\nIOTHUB_DEVICE_CONNECTION_STRING={}\n",
-            self.service_connection_string, self.device_connection_string
-        );
-        if let Some(ca) = &self.ca_file {
-            text.push_str(&format!("IOTHUB_CA_FILE={}\n", ca.display()));
+        hub_core::hub_env::HubEnv {
+            service_connection_string: Some(self.service_connection_string.clone()),
+            device_connection_string: Some(self.device_connection_string.clone()),
+            ca_file: self.ca_file.clone(),
         }
-        text
+        .to_lines()
     }
 }
 
@@ -266,7 +264,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         ca_pem: tls.ca_pem.clone(),
     };
     if let Some(dir) = &config.data_dir {
-        let path = dir.join("hub.env");
+        let path = dir.join(hub_core::hub_env::FILE_NAME);
         write_secret_file(&path, &env.to_env_lines())
             .map_err(|source| StartError::Env { path, source })?;
     }
