@@ -160,11 +160,10 @@ fn begin(jobs: &Jobs, id: &str) -> Result<Option<Plan>, String> {
     }
     let condition = query::parse_condition(&record.query_condition)
         .map_err(|e| format!("the queryCondition cannot be evaluated: {e}"))?;
-    let devices: Vec<String> = jobs
-        .hub()
-        .twin_documents_after(None)
-        .iter()
-        .filter(|doc| condition.matches(doc))
+    let twins = jobs.hub().twin_documents_after(None);
+    let devices: Vec<String> = query::filter_parallel(&condition, &twins)
+        .into_iter()
+        .filter_map(|index| twins.get(index))
         .filter_map(|doc| {
             doc.get("deviceId")
                 .and_then(Value::as_str)
