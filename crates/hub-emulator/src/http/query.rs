@@ -46,54 +46,15 @@ pub async fn query_devices(
         .get(CONTINUATION_HEADER)
         .map(|v| v.to_str().map_err(|_| bad_token()))
         .transpose()?
-        .filter(|t| !t.is_empty());
-
-    let page = match query.source {
-        Source::Devices => {
-            let cursor = continuation
-                .map(|t| Cursor::decode(t, 1, query.top.is_some()))
-                .transpose()?;
-            let after = cursor
-                .as_ref()
-                .and_then(|c| c.key.first())
-                .map(String::as_str);
-            let docs = state.hub.twin_documents_after(after);
-            run(
-                &query,
-                &docs,
-                cursor,
-                page_size,
-                QueryItemType::Twin,
-                |doc| vec![text_field(doc, "deviceId")],
-            )?
-        }
-        Source::DevicesJobs => {
-            let cursor = continuation
-                .map(|t| Cursor::decode(t, 2, query.top.is_some()))
-                .transpose()?;
-            let docs = device_job_documents(&state);
-            let docs: Vec<Arc<Value>> = match &cursor {
-                // Rows are ordered by (jobId, deviceId): start strictly after the last one sent.
-                Some(cursor) => docs
-                    .into_iter()
-                    .filter(|d| job_key(d) > cursor.key)
-                    .collect(),
-                None => docs,
-            };
-            run(
-                &query,
-                &docs,
-                cursor,
-                page_size,
-                QueryItemType::DeviceJob,
-                job_key,
-            )?
-        }
-        // The emulator has no module identities: the collection exists and is empty.
-        Source::DevicesModules => run(&query, &[], None, page_size, QueryItemType::Twin, |_| {
-            Vec::new()
-        })?,
-    };
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned);
+    // A full scan of a large registry takes tens of milliseconds of CPU: keep it off the async
+    // workers that serve every other request and device session.
+    let page = tokio::task::spawn_blocking(move || {
+        compute_page(&state, &query, continuation.as_deref(), page_size)
+    })
+    .await
+    .map_err(ApiError::internal)??;
 
     let mut response = Json(page.rows).into_response();
     let headers = response.headers_mut();
@@ -106,6 +67,62 @@ pub async fn query_devices(
         headers.insert(CONTINUATION_HEADER, token);
     }
     Ok(response)
+}
+
+/// One page of `query`'s results, starting after `continuation`.
+fn compute_page(
+    state: &AppState,
+    query: &Query,
+    continuation: Option<&str>,
+    page_size: usize,
+) -> Result<Page, ApiError> {
+    let page = match query.source {
+        Source::Devices => {
+            let cursor = continuation
+                .map(|t| Cursor::decode(t, 1, query.top.is_some()))
+                .transpose()?;
+            let after = cursor
+                .as_ref()
+                .and_then(|c| c.key.first())
+                .map(String::as_str);
+            let docs = state.hub.twin_documents_after(after);
+            run(
+                query,
+                &docs,
+                cursor,
+                page_size,
+                QueryItemType::Twin,
+                |doc| vec![text_field(doc, "deviceId")],
+            )?
+        }
+        Source::DevicesJobs => {
+            let cursor = continuation
+                .map(|t| Cursor::decode(t, 2, query.top.is_some()))
+                .transpose()?;
+            let docs = device_job_documents(state);
+            let docs: Vec<Arc<Value>> = match &cursor {
+                // Rows are ordered by (jobId, deviceId): start strictly after the last one sent.
+                Some(cursor) => docs
+                    .into_iter()
+                    .filter(|d| job_key(d) > cursor.key)
+                    .collect(),
+                None => docs,
+            };
+            run(
+                query,
+                &docs,
+                cursor,
+                page_size,
+                QueryItemType::DeviceJob,
+                job_key,
+            )?
+        }
+        // The emulator has no module identities: the collection exists and is empty.
+        Source::DevicesModules => run(query, &[], None, page_size, QueryItemType::Twin, |_| {
+            Vec::new()
+        })?,
+    };
+    Ok(page)
 }
 
 /// The device-job rows (`FROM devices.jobs`), ordered by (jobId, deviceId).
