@@ -5,7 +5,7 @@
 //!   [`topic`], [`timestamp`], and the wire model [`device`], [`twin`], [`method`], [`job`],
 //!   [`query`], [`error`]; [`hub_env`] (the local hub's settings file).
 //! - clients (async I/O on tokio): [`tls`] (trust roots), [`device_client`] (MQTT),
-//!   [`service_client`] (REST).
+//!   [`service_client`] (REST); [`shutdown`] (Ctrl-C/SIGTERM for our binaries).
 #![warn(missing_docs)]
 
 pub mod connection_string;
@@ -19,6 +19,7 @@ pub mod policy;
 pub mod query;
 pub mod sas;
 pub mod service_client;
+pub mod shutdown;
 pub mod timestamp;
 pub mod tls;
 pub mod topic;

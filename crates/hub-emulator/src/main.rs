@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -29,8 +28,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let shutdown = CancellationToken::new();
-        tokio::spawn(signal_shutdown(shutdown.clone()));
+        let shutdown = hub_core::shutdown::token_on_signal();
         match hub_emulator::run(config, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -55,28 +53,4 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
-}
-
-/// Cancels `shutdown` on Ctrl-C or SIGTERM.
-async fn signal_shutdown(shutdown: CancellationToken) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    shutdown.cancel();
 }

@@ -1,9 +1,8 @@
-//! schedule-job binary: parse arguments, wire Ctrl-C to a cancellation token, run, exit.
+//! schedule-job binary: parse arguments, wire Ctrl-C/SIGTERM to a cancellation token, run, exit.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -15,13 +14,7 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = schedule_job::Args::parse();
-    let shutdown = CancellationToken::new();
-    let on_signal = shutdown.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            on_signal.cancel();
-        }
-    });
+    let shutdown = hub_core::shutdown::token_on_signal();
     match schedule_job::run(args, shutdown).await {
         Ok(schedule_job::Outcome::Success) => ExitCode::SUCCESS,
         Ok(outcome @ schedule_job::Outcome::Failed(_)) => {
