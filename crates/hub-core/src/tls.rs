@@ -15,16 +15,15 @@ use rustls_pki_types::pem::{self, SectionKind};
 pub enum TlsError {
     /// The CA file could not be read.
     #[error(
-        "cannot read the CA file {}: {source}; check the path given with --ca-file or IOTHUB_CA_FILE \
+        "cannot read the CA file {}: {cause}; check the path given with --ca-file or IOTHUB_CA_FILE \
          (the hub-emulator writes its CA as ca.pem in its data directory)",
         path.display()
     )]
     CaFileRead {
         /// The file.
         path: PathBuf,
-        /// What the OS said.
-        #[source]
-        source: io::Error,
+        /// What the OS said (in the message, not chained, so it is printed once).
+        cause: io::Error,
     },
     /// The CA file holds no PEM block at all (DER, a key store, or some other file).
     #[error(
@@ -79,9 +78,9 @@ pub enum TlsError {
 /// Reads every certificate from a PEM file (for our MQTT config, or for reqwest's
 /// `add_root_certificate`). Errors name the path and say what to do.
 pub fn read_ca_pem(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let bytes = std::fs::read(path).map_err(|source| TlsError::CaFileRead {
+    let bytes = std::fs::read(path).map_err(|cause| TlsError::CaFileRead {
         path: path.to_owned(),
-        source,
+        cause,
     })?;
     parse_ca_pem(&bytes, path)
 }

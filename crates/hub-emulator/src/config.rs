@@ -24,14 +24,17 @@ pub const DEFAULT_MAX_ACTIVE_JOBS: usize = 10;
   hub-emulator --data-dir ./hub --hostname myhub.azure-devices.net
   hub-emulator --in-memory --mqtt-port 0 --https-port 0   # throwaway hub on free ports
 
-Then, in other terminals: sim-device, and schedule-job (both read DATA_DIR/hub.env)."
+Then, in other terminals: sim-device, and schedule-job. With the default data directory they
+find the hub by themselves (through its hub.env, rewritten at every start, --in-memory too);
+with --data-dir DIR, give them --hub-env DIR/hub.env. Logs: RUST_LOG (e.g. RUST_LOG=debug)."
 )]
 pub struct Args {
     /// Where the hub keeps its keys, CA, registry, twins and jobs
     /// [default: the user's data directory, e.g. ~/.local/share/iothub-emulator].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Keep nothing on disk except the CA and hub.env (throwaway runs).
+    /// Keep the registry, twins and jobs in memory only (throwaway runs); the CA and hub.env
+    /// are still written to the data directory.
     #[arg(long)]
     pub in_memory: bool,
     /// Address to listen on.
@@ -43,7 +46,8 @@ pub struct Args {
     /// HTTPS port for the service API and MQTT over WebSocket (0 picks a free one).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_HTTPS_PORT)]
     pub https_port: u16,
-    /// Extra host names clients may use (added to the certificate and accepted in SAS audiences).
+    /// Extra host names clients may use (added to the certificate and accepted in SAS
+    /// audiences); repeat it for several.
     #[arg(long = "hostname", value_name = "NAME")]
     pub hostnames: Vec<String>,
     /// How many jobs may be active at once (IoT Hub: 1 on S1, 5 on S2, 10 on S3).
@@ -95,7 +99,9 @@ impl TryFrom<Args> for Config {
 
     fn try_from(args: Args) -> Result<Config, String> {
         let data_dir = match args.data_dir {
-            Some(dir) => dir,
+            // Absolute, so that hub.env's IOTHUB_CA_FILE works from any directory.
+            Some(dir) => std::path::absolute(&dir)
+                .map_err(|e| format!("--data-dir {}: {e}", dir.display()))?,
             None => default_data_dir().ok_or(
                 "cannot tell where the user's data directory is; pass --data-dir DIR".to_owned(),
             )?,

@@ -25,10 +25,13 @@ Examples:
   schedule-job results JOB_ID
   schedule-job cancel JOB_ID
 
-Hub: --connection-string or IOTHUB_CONNECTION_STRING (a service policy such as iothubowner), CA
-from --ca-file or IOTHUB_CA_FILE; with neither, the local hub-emulator's hub.env is used.
-Exit codes: 0 done and nothing failed; 1 a device or job failed, was cancelled or interrupted;
-2 bad input, configuration or connection error (nothing was created).";
+Hub, first found wins: --connection-string; --hub-env PATH; IOTHUB_CONNECTION_STRING (a service
+policy such as iothubowner or service); the local hub-emulator's default hub.env. CA from
+--ca-file, else the one that came with the connection string (hub.env) or IOTHUB_CA_FILE.
+Exit codes: 0 done and nothing failed; 1 a device or job failed, was cancelled or interrupted
+(or, for `results`, has not finished); 2 bad input, configuration or connection error (bad input
+is caught before anything is created; a connection lost while following a job leaves the job
+running on the hub).";
 
 /// Schedule and broadcast IoT Hub jobs: the tutorial's delayed lockDoor method and twin update,
 /// and IoT Hub Jobs v2 over a twin query with live progress and per-device results.

@@ -31,11 +31,12 @@ pub use hub_core::hub_env::ENV_DEVICE_CONNECTION_STRING;
   IOTHUB_DEVICE_CONNECTION_STRING='HostName=myhub.azure-devices.net;DeviceId=myDeviceId;SharedAccessKey=...' sim-device
   sim-device --ca-file ./hub/ca.pem --hub-env ./hub/hub.env
   sim-device --count 1000 --register           # 1000 devices (simDevice-1..1000), created if missing
-  sim-device --count 50 --id-prefix door- -v   # a line per event instead of a summary per interval
+  sim-device --count 50 --id-prefix door- --register -v   # a line per event besides the summaries
 
 Configuration, first found wins: flags; IOTHUB_DEVICE_CONNECTION_STRING, IOTHUB_CA_FILE and
-IOTHUB_CONNECTION_STRING; the hub-emulator's hub.env (DATA_DIR/hub.env, e.g.
-~/.local/share/iothub-emulator/hub.env). Status goes to stdout, logs (RUST_LOG) to stderr."
+IOTHUB_CONNECTION_STRING; the hub-emulator's hub.env (by default
+~/.local/share/iothub-emulator/hub.env, or --hub-env PATH). Status goes to stdout, logs
+(RUST_LOG) to stderr."
 )]
 pub struct Args {
     /// Device connection string (HostName=..;DeviceId=..;SharedAccessKey=..).
@@ -43,7 +44,7 @@ pub struct Args {
     #[arg(long, value_name = "CS", env = ENV_DEVICE_CONNECTION_STRING, hide_env_values = true)]
     pub connection_string: Option<String>,
     /// Extra CA certificate (PEM) to trust besides the platform roots, e.g. the hub-emulator's ca.pem.
-    #[arg(long, value_name = "PEM", env = ENV_CA_FILE)]
+    #[arg(long, value_name = "PEM", env = ENV_CA_FILE, hide_env_values = true)]
     pub ca_file: Option<PathBuf>,
     /// The hub-emulator's hub.env to read settings from [default: DATA_DIR/iothub-emulator/hub.env].
     #[arg(long, value_name = "PATH")]
@@ -61,6 +62,8 @@ pub struct Args {
     #[arg(long, requires = "count")]
     pub register: bool,
     /// MQTT over WebSocket (port 443 unless the host names one) instead of MQTT over TLS (8883).
+    /// hub-emulator serves it on its HTTPS port: run it with --https-port 443, or name the port
+    /// in HostName.
     #[arg(long)]
     pub websocket: bool,
     /// Give up if the hub cannot be reached within this time (e.g. 30s, 2m, 500ms).
