@@ -260,6 +260,30 @@ impl DeviceRecord {
     fn refresh(&mut self) {
         self.doc = Arc::new(self.twin_json());
     }
+
+    /// Records a connect or disconnect and brings the cached twin document up to date by
+    /// changing only the fields a connection event changes (`connectionState` and
+    /// `lastActivityTime`) instead of rebuilding it: this runs on every MQTT connect
+    /// and disconnect, under the state lock. The result equals [`DeviceRecord::refresh`]; a
+    /// document still shared with a query snapshot is copied first, so snapshots never change.
+    fn set_connected(&mut self, connected: bool, now: String) {
+        self.connected = connected;
+        if connected {
+            self.last_activity_time = now.clone();
+        }
+        self.connection_state_updated_time = now;
+        let state = self.connection_state();
+        if let Value::Object(doc) = Arc::make_mut(&mut self.doc) {
+            doc.insert("connectionState".to_owned(), Value::from(state));
+            // Also on disconnect: `touch` leaves the cached document's activity time stale.
+            doc.insert(
+                "lastActivityTime".to_owned(),
+                Value::from(self.last_activity_time.as_str()),
+            );
+        } else {
+            self.refresh();
+        }
+    }
 }
 
 /// What a device session is asked to send.
@@ -1225,10 +1249,7 @@ impl Hub {
         let mut state = lock(&self.inner.state);
         let previous = lock(&self.inner.sessions).insert(device_id.to_owned(), entry);
         if let Some(device) = state.devices.get_mut(device_id) {
-            device.connected = true;
-            device.connection_state_updated_time = now.clone();
-            device.last_activity_time = now;
-            device.refresh();
+            device.set_connected(true, now);
         }
         drop(state);
         if let Some(previous) = previous {
@@ -1331,21 +1352,13 @@ impl Hub {
             return Err(HubError::DeviceNotFound(device_id.to_owned()));
         }
         let deadline = tokio::time::Instant::now() + call.connect_timeout;
-        let (rid, reply) = loop {
-            let notified = self.inner.presence.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(sent) = self.try_send_method(device_id, call)? {
-                break sent;
-            }
-            if !self.device_exists(device_id) {
-                return Err(HubError::DeviceNotFound(device_id.to_owned()));
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(HubError::DeviceNotOnline {
-                    timeout_secs: call.connect_timeout.as_secs(),
-                });
-            }
+        // Fast path: a connected, subscribed device needs no presence wait. (Registering with
+        // `presence` takes its lock twice, for every call, from every REST connection.)
+        let sent = self.try_send_method(device_id, call)?;
+        let (rid, reply) = if let Some(sent) = sent {
+            sent
+        } else {
+            self.wait_and_send_method(device_id, call, deadline).await?
         };
         let answer = tokio::time::timeout(call.response_timeout, reply).await;
         lock(&self.inner.pending).remove(&rid);
@@ -1369,6 +1382,33 @@ impl Hub {
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()))
         };
         Ok(MethodOutcome { status, payload })
+    }
+
+    /// Waits (up to `deadline`) for the device to connect and subscribe to methods, then sends.
+    async fn wait_and_send_method(
+        &self,
+        device_id: &str,
+        call: &MethodCall,
+        deadline: tokio::time::Instant,
+    ) -> Result<(u64, MethodReply), HubError> {
+        loop {
+            // Registered before the check, so a subscription between the check and the wait
+            // still wakes this call.
+            let notified = self.inner.presence.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(sent) = self.try_send_method(device_id, call)? {
+                return Ok(sent);
+            }
+            if !self.device_exists(device_id) {
+                return Err(HubError::DeviceNotFound(device_id.to_owned()));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(HubError::DeviceNotOnline {
+                    timeout_secs: call.connect_timeout.as_secs(),
+                });
+            }
+        }
     }
 
     fn try_send_method(
@@ -1420,9 +1460,7 @@ impl Hub {
 
 fn mark_disconnected(state: &mut State, device_id: &str, now: String) {
     if let Some(device) = state.devices.get_mut(device_id) {
-        device.connected = false;
-        device.connection_state_updated_time = now;
-        device.refresh();
+        device.set_connected(false, now);
     }
 }
 
