@@ -404,13 +404,17 @@ async fn serve<T: Transport>(
     let mut last_packet = Instant::now();
     let keep_alive_timer = tokio::time::sleep_until(last_packet + keep_alive_limit);
     let token_timer = tokio::time::sleep_until(token_deadline);
-    tokio::pin!(keep_alive_timer, token_timer);
+    // Created once: a fresh `cancelled()` per loop turn registers with (and leaves) the token's
+    // waiter list each time, and the shutdown token's list is shared by every connection.
+    let killed = session.attached.ticket.kill.clone().cancelled_owned();
+    let stopping = shutdown.clone().cancelled_owned();
+    tokio::pin!(keep_alive_timer, token_timer, killed, stopping);
     loop {
         if !session.wbuf.is_empty() {
             let written = tokio::select! {
                 written = tokio::time::timeout(WRITE_TIMEOUT, transport.send(&mut session.wbuf)) => written,
-                () = session.attached.ticket.kill.cancelled() => return End::Dropped,
-                () = shutdown.cancelled() => return End::Shutdown,
+                () = &mut killed => return End::Dropped,
+                () = &mut stopping => return End::Shutdown,
             };
             match written {
                 Ok(Ok(())) => {}
@@ -429,8 +433,8 @@ async fn serve<T: Transport>(
         }
         let outbound_open = session.inflight.len() < MAX_INFLIGHT;
         tokio::select! {
-            () = shutdown.cancelled() => return End::Shutdown,
-            () = session.attached.ticket.kill.cancelled() => return End::Dropped,
+            () = &mut stopping => return End::Shutdown,
+            () = &mut killed => return End::Dropped,
             () = &mut token_timer => return End::TokenExpired,
             () = &mut keep_alive_timer => {
                 // The timer is re-armed lazily: reads only record the time.
