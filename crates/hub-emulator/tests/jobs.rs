@@ -6,24 +6,17 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use hub_core::connection_string::{ServiceConnectionString, SharedKey};
-use hub_emulator::{Config, RunningHub};
-use reqwest::header::HeaderMap;
+mod support;
+
+use hub_core::connection_string::SharedKey;
+use hub_emulator::Config;
 use reqwest::{Method, StatusCode};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject as _;
 use serde_json::{Value, json};
+use support::{Answer, TestHub, now};
 use tokio::task::JoinHandle;
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 fn iso_in(seconds: i64) -> String {
     let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(seconds);
@@ -31,17 +24,7 @@ fn iso_in(seconds: i64) -> String {
         .unwrap()
 }
 
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Value,
-}
-
 impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
     fn ok(self) -> Value {
         assert_eq!(self.status, StatusCode::OK, "body: {}", self.body);
         self.body
@@ -65,99 +48,7 @@ impl Answer {
     }
 }
 
-/// The hub plus what a service client and devices need to reach it.
-struct TestHub {
-    running: RunningHub,
-    client: reqwest::Client,
-    base: String,
-    owner: String,
-    tls: Arc<rustls::ClientConfig>,
-}
-
 impl TestHub {
-    async fn start() -> TestHub {
-        TestHub::start_with(Config::ephemeral()).await
-    }
-
-    async fn start_with(config: Config) -> TestHub {
-        let running = hub_emulator::start(config).await.expect("hub starts");
-        let cs: ServiceConnectionString = running
-            .env
-            .service_connection_string
-            .parse()
-            .expect("connection string");
-        let host = cs.host_name.to_string();
-        let ca = reqwest::Certificate::from_pem(running.env.ca_pem.as_bytes()).expect("CA PEM");
-        let client = reqwest::Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(ca)
-            .timeout(Duration::from_secs(60))
-            .build()
-            .expect("client");
-        let base = format!("https://localhost:{}", running.https_addr.port());
-        let owner = hub_core::sas::generate(&host, &cs.key, Some(&cs.policy_name), now() + 3600);
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(running.env.ca_pem.as_bytes()) {
-            roots.add(cert.expect("CA certificate")).expect("add CA");
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        TestHub {
-            running,
-            client,
-            base,
-            owner,
-            tls: Arc::new(tls),
-        }
-    }
-
-    async fn call_as(
-        &self,
-        auth: Option<&str>,
-        method: Method,
-        path: &str,
-        body: Option<&Value>,
-        extra: &[(&str, &str)],
-    ) -> Answer {
-        let separator = if path.contains('?') { '&' } else { '?' };
-        let url = format!("{}{path}{separator}api-version=2021-04-12", self.base);
-        let mut request = self.client.request(method, url);
-        if let Some(auth) = auth {
-            request = request.header("Authorization", auth);
-        }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        for (name, value) in extra {
-            request = request.header(*name, *value);
-        }
-        let response = request.send().await.expect("request");
-        let status = response.status();
-        let headers = response.headers().clone();
-        let text = response.text().await.expect("body");
-        let body = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).expect("JSON body")
-        };
-        Answer {
-            status,
-            headers,
-            body,
-        }
-    }
-
-    async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Answer {
-        self.call_as(Some(&self.owner), method, path, body, &[])
-            .await
-    }
-
     async fn put_job(&self, id: &str, body: &Value) -> Answer {
         self.call(Method::PUT, &format!("/jobs/v2/{id}"), Some(body))
             .await

@@ -5,34 +5,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use hub_core::connection_string::{ServiceConnectionString, SharedKey};
-use hub_emulator::{Config, RunningHub};
-use reqwest::header::HeaderMap;
+mod support;
+
+use hub_core::connection_string::SharedKey;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-
-struct TestHub {
-    running: RunningHub,
-    client: reqwest::Client,
-    base: String,
-    /// The HostName as clients know it (`localhost:<port>`), the SAS audience.
-    host: String,
-    owner: String,
-}
-
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Value,
-}
+use support::{Answer, TestHub, now};
 
 impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
     /// Asserts the classic IoT Hub error form: `ErrorCode:<code>;...` plus the header.
     fn assert_error(&self, status: StatusCode, code: &str) {
         assert_eq!(self.status, status, "body: {}", self.body);
@@ -57,101 +39,10 @@ impl Answer {
     }
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
 impl TestHub {
-    async fn start() -> TestHub {
-        let running = hub_emulator::start(Config::ephemeral())
-            .await
-            .expect("hub starts");
-        let cs: ServiceConnectionString = running
-            .env
-            .service_connection_string
-            .parse()
-            .expect("connection string");
-        let host = cs.host_name.to_string();
-        let ca = reqwest::Certificate::from_pem(running.env.ca_pem.as_bytes()).expect("CA PEM");
-        let client = reqwest::Client::builder()
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(ca)
-            .resolve("localhost", running.https_addr)
-            .timeout(Duration::from_secs(30))
-            .build()
-            .expect("client");
-        let base = format!("https://localhost:{}", running.https_addr.port());
-        let owner = hub_core::sas::generate(&host, &cs.key, Some(&cs.policy_name), now() + 3600);
-        TestHub {
-            running,
-            client,
-            base,
-            host,
-            owner,
-        }
-    }
-
-    /// A token for one of the hub's default policies.
-    fn policy_token(&self, policy: &str, expiry: u64) -> String {
-        let keys = self.running.hub().policy_keys(policy).expect("policy");
-        let key = SharedKey::from_base64(&keys.primary_key).expect("key");
-        hub_core::sas::generate(&self.host, &key, Some(policy), expiry)
-    }
-
-    async fn call_as(
-        &self,
-        auth: Option<&str>,
-        method: Method,
-        path: &str,
-        body: Option<&Value>,
-        extra: &[(&str, &str)],
-    ) -> Answer {
-        let separator = if path.contains('?') { '&' } else { '?' };
-        let url = format!("{}{path}{separator}api-version=2021-04-12", self.base);
-        let mut request = self.client.request(method, url);
-        if let Some(auth) = auth {
-            request = request.header("Authorization", auth);
-        }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        for (name, value) in extra {
-            request = request.header(*name, *value);
-        }
-        let response = request.send().await.expect("request");
-        let status = response.status();
-        let headers = response.headers().clone();
-        let text = response.text().await.expect("body");
-        let body = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).expect("JSON body")
-        };
-        Answer {
-            status,
-            headers,
-            body,
-        }
-    }
-
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&Value>,
-        extra: &[(&str, &str)],
-    ) -> Answer {
-        self.call_as(Some(&self.owner), method, path, body, extra)
-            .await
-    }
-
     async fn create(&self, id: &str) -> Answer {
         let answer = self
-            .call(
+            .call_with(
                 Method::PUT,
                 &format!("/devices/{id}"),
                 Some(&json!({"deviceId": id})),
@@ -180,7 +71,7 @@ impl TestHub {
         if let Some(token) = continuation {
             extra.push(("x-ms-continuation", token));
         }
-        self.call(
+        self.call_with(
             Method::POST,
             "/devices/query",
             Some(&json!({"query": text})),
@@ -204,7 +95,7 @@ async fn device_create_get_update_delete_follow_etags() {
     );
 
     let again = hub
-        .call(
+        .call_with(
             Method::PUT,
             "/devices/dev-a",
             Some(&json!({"deviceId": "dev-a"})),
@@ -214,7 +105,7 @@ async fn device_create_get_update_delete_follow_etags() {
     again.assert_error(StatusCode::CONFLICT, "DeviceAlreadyExists");
 
     let stale = hub
-        .call(
+        .call_with(
             Method::PUT,
             "/devices/dev-a",
             Some(&json!({"deviceId": "dev-a", "status": "disabled"})),
@@ -225,7 +116,7 @@ async fn device_create_get_update_delete_follow_etags() {
 
     let quoted = format!("\"{etag}\"");
     let updated = hub
-        .call(
+        .call_with(
             Method::PUT,
             "/devices/dev-a",
             Some(&json!({"deviceId": "dev-a", "status": "disabled"})),
@@ -236,15 +127,19 @@ async fn device_create_get_update_delete_follow_etags() {
     assert_eq!(updated.body["status"], "disabled");
     assert_ne!(updated.body["etag"], etag.as_str());
 
-    let got = hub.call(Method::GET, "/devices/dev-a", None, &[]).await;
+    let got = hub
+        .call_with(Method::GET, "/devices/dev-a", None, &[])
+        .await;
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(got.body["deviceId"], "dev-a");
     assert_eq!(got.body["status"], "disabled");
 
-    let listed = hub.call(Method::GET, "/devices?top=1", None, &[]).await;
+    let listed = hub
+        .call_with(Method::GET, "/devices?top=1", None, &[])
+        .await;
     assert_eq!(listed.status, StatusCode::OK);
     assert_eq!(listed.body.as_array().map(Vec::len), Some(1));
-    let all = hub.call(Method::GET, "/devices", None, &[]).await;
+    let all = hub.call_with(Method::GET, "/devices", None, &[]).await;
     assert_eq!(
         all.body.as_array().map(Vec::len),
         Some(2),
@@ -252,19 +147,19 @@ async fn device_create_get_update_delete_follow_etags() {
     );
 
     let stats = hub
-        .call(Method::GET, "/statistics/devices", None, &[])
+        .call_with(Method::GET, "/statistics/devices", None, &[])
         .await;
     assert_eq!(
         stats.body,
         json!({"totalDeviceCount": 2, "enabledDeviceCount": 1, "disabledDeviceCount": 1})
     );
     let service = hub
-        .call(Method::GET, "/statistics/service", None, &[])
+        .call_with(Method::GET, "/statistics/service", None, &[])
         .await;
     assert_eq!(service.body, json!({"connectedDeviceCount": 0}));
 
     let stale_delete = hub
-        .call(
+        .call_with(
             Method::DELETE,
             "/devices/dev-a",
             None,
@@ -273,7 +168,7 @@ async fn device_create_get_update_delete_follow_etags() {
         .await;
     stale_delete.assert_error(StatusCode::PRECONDITION_FAILED, "PreconditionFailed");
     let deleted = hub
-        .call(
+        .call_with(
             Method::DELETE,
             "/devices/dev-a",
             None,
@@ -283,9 +178,13 @@ async fn device_create_get_update_delete_follow_etags() {
     assert_eq!(deleted.status, StatusCode::NO_CONTENT);
     assert_eq!(deleted.body, Value::Null);
 
-    let gone = hub.call(Method::GET, "/devices/dev-a", None, &[]).await;
+    let gone = hub
+        .call_with(Method::GET, "/devices/dev-a", None, &[])
+        .await;
     gone.assert_error(StatusCode::NOT_FOUND, "DeviceNotFound");
-    let gone = hub.call(Method::DELETE, "/devices/dev-a", None, &[]).await;
+    let gone = hub
+        .call_with(Method::DELETE, "/devices/dev-a", None, &[])
+        .await;
     gone.assert_error(StatusCode::NOT_FOUND, "DeviceNotFound");
 }
 
@@ -413,7 +312,9 @@ async fn expired_missing_and_forged_tokens_are_refused() {
 #[tokio::test]
 async fn twin_patch_and_replace_honour_if_match() {
     let hub = TestHub::start().await;
-    let twin = hub.call(Method::GET, "/twins/myDeviceId", None, &[]).await;
+    let twin = hub
+        .call_with(Method::GET, "/twins/myDeviceId", None, &[])
+        .await;
     assert_eq!(twin.status, StatusCode::OK);
     let etag = twin.body["etag"].as_str().expect("etag").to_owned();
     assert_eq!(twin.header("etag"), Some(format!("\"{etag}\"").as_str()));
@@ -425,7 +326,7 @@ async fn twin_patch_and_replace_honour_if_match() {
     let patch =
         json!({"tags": {"building": "43"}, "properties": {"desired": {"telemetryInterval": 20}}});
     let patched = hub
-        .call(
+        .call_with(
             Method::PATCH,
             "/twins/myDeviceId",
             Some(&patch),
@@ -450,7 +351,7 @@ async fn twin_patch_and_replace_honour_if_match() {
     );
 
     let stale = hub
-        .call(
+        .call_with(
             Method::PATCH,
             "/twins/myDeviceId",
             Some(&json!({"tags": {"x": 1}})),
@@ -460,7 +361,7 @@ async fn twin_patch_and_replace_honour_if_match() {
     stale.assert_error(StatusCode::PRECONDITION_FAILED, "PreconditionFailed");
 
     let merged = hub
-        .call(
+        .call_with(
             Method::PATCH,
             "/twins/myDeviceId",
             Some(&json!({"properties": {"desired": {"mode": "eco"}}})),
@@ -479,7 +380,7 @@ async fn twin_patch_and_replace_honour_if_match() {
 
     let replacement = json!({"tags": {"floor": 2}, "properties": {"desired": {"mode": "off"}}});
     let replaced = hub
-        .call(
+        .call_with(
             Method::PUT,
             "/twins/myDeviceId",
             Some(&replacement),
@@ -504,7 +405,7 @@ async fn twin_patch_and_replace_honour_if_match() {
     );
 
     let reported = hub
-        .call(
+        .call_with(
             Method::PATCH,
             "/twins/myDeviceId",
             Some(&json!({"properties": {"reported": {"x": 1}}})),
@@ -512,7 +413,7 @@ async fn twin_patch_and_replace_honour_if_match() {
         )
         .await;
     reported.assert_error(StatusCode::BAD_REQUEST, "ArgumentInvalid");
-    let missing = hub.call(Method::GET, "/twins/nobody", None, &[]).await;
+    let missing = hub.call_with(Method::GET, "/twins/nobody", None, &[]).await;
     missing.assert_error(StatusCode::NOT_FOUND, "DeviceNotFound");
 }
 
@@ -521,7 +422,7 @@ async fn method_to_offline_device_is_404103_after_connect_timeout() {
     let hub = TestHub::start().await;
     let started = Instant::now();
     let answer = hub
-        .call(
+        .call_with(
             Method::POST,
             "/twins/myDeviceId/methods",
             Some(&json!({"methodName": "reboot", "payload": {"delay": 5}, "responseTimeoutInSeconds": 5, "connectTimeoutInSeconds": 1})),
@@ -543,7 +444,7 @@ async fn method_to_offline_device_is_404103_after_connect_timeout() {
     assert!(inner["trackingId"].is_string() && inner["timestampUtc"].is_string());
 
     let unknown = hub
-        .call(
+        .call_with(
             Method::POST,
             "/twins/nobody/methods",
             Some(&json!({"methodName": "reboot"})),
@@ -552,7 +453,7 @@ async fn method_to_offline_device_is_404103_after_connect_timeout() {
         .await;
     unknown.assert_error(StatusCode::NOT_FOUND, "DeviceNotFound");
     let bad = hub
-        .call(
+        .call_with(
             Method::POST,
             "/twins/myDeviceId/methods",
             Some(&json!({"methodName": "x", "responseTimeoutInSeconds": 1})),
@@ -562,12 +463,12 @@ async fn method_to_offline_device_is_404103_after_connect_timeout() {
     bad.assert_error(StatusCode::BAD_REQUEST, "ArgumentInvalid");
     let big = json!({"methodName": "x", "payload": "y".repeat(130 * 1024)});
     let too_large = hub
-        .call(Method::POST, "/twins/myDeviceId/methods", Some(&big), &[])
+        .call_with(Method::POST, "/twins/myDeviceId/methods", Some(&big), &[])
         .await;
     too_large.assert_error(StatusCode::PAYLOAD_TOO_LARGE, "MessageTooLarge");
     let huge = json!({"methodName": "x", "payload": "y".repeat(512 * 1024)});
     let too_large = hub
-        .call(Method::POST, "/twins/myDeviceId/methods", Some(&huge), &[])
+        .call_with(Method::POST, "/twins/myDeviceId/methods", Some(&huge), &[])
         .await;
     too_large.assert_error(StatusCode::PAYLOAD_TOO_LARGE, "MessageTooLarge");
 }
@@ -641,7 +542,7 @@ async fn query_pages_are_stable_while_devices_are_added() {
 #[tokio::test]
 async fn query_item_types_and_results() {
     let hub = TestHub::start().await;
-    hub.call(
+    hub.call_with(
         Method::PATCH,
         "/twins/myDeviceId",
         Some(&json!({"tags": {"building": "43"}})),
@@ -711,7 +612,7 @@ async fn query_errors_are_400_with_position() {
     too_long.assert_error(StatusCode::BAD_REQUEST, "ArgumentInvalid");
 
     let missing = hub
-        .call(
+        .call_with(
             Method::POST,
             "/devices/query",
             Some(&json!({"sql": "SELECT * FROM devices"})),
@@ -724,7 +625,9 @@ async fn query_errors_are_400_with_position() {
 #[tokio::test]
 async fn unknown_route_is_404_in_iot_hub_form() {
     let hub = TestHub::start().await;
-    let answer = hub.call(Method::GET, "/no/such/route", None, &[]).await;
+    let answer = hub
+        .call_with(Method::GET, "/no/such/route", None, &[])
+        .await;
     assert_eq!(answer.status, StatusCode::NOT_FOUND);
     let code = answer
         .header("iothub-errorcode")
@@ -737,7 +640,7 @@ async fn unknown_route_is_404_in_iot_hub_form() {
             .starts_with(&format!("ErrorCode:{code};"))
     );
     let wrong_method = hub
-        .call(Method::POST, "/twins/myDeviceId", Some(&json!({})), &[])
+        .call_with(Method::POST, "/twins/myDeviceId", Some(&json!({})), &[])
         .await;
     assert_eq!(wrong_method.status, StatusCode::METHOD_NOT_ALLOWED);
     assert!(
@@ -780,7 +683,7 @@ async fn malformed_json_is_400_argument_invalid() {
 async fn shutdown_answers_waiting_methods_and_stops_accepting() {
     let hub = TestHub::start().await;
     let warm = hub
-        .call(Method::GET, "/devices/myDeviceId", None, &[])
+        .call_with(Method::GET, "/devices/myDeviceId", None, &[])
         .await;
     assert_eq!(
         warm.status,
@@ -849,13 +752,13 @@ async fn device_job_rows_page_by_job_and_device() {
             "maxExecutionTimeInSeconds": 60,
         });
         let created = hub
-            .call(Method::PUT, &format!("/jobs/v2/{job}"), Some(&request), &[])
+            .call_with(Method::PUT, &format!("/jobs/v2/{job}"), Some(&request), &[])
             .await;
         assert_eq!(created.status, StatusCode::OK, "{}", created.body);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let status = hub
-                .call(Method::GET, &format!("/jobs/v2/{job}"), None, &[])
+                .call_with(Method::GET, &format!("/jobs/v2/{job}"), None, &[])
                 .await;
             if status.body["status"] == "completed" {
                 break;
