@@ -6,7 +6,7 @@
 //! `cargo build --release -p sim-device`), so hub and devices each have their own file-descriptor
 //! limit; with `--in-process`, or when sim-device is not built, they run in this process.
 //!
-//! Run with: `ulimit -n 65536; cargo build --release -p sim-device;
+//! Run with: `ulimit -n "$(ulimit -Hn)"; cargo build --release -p sim-device;
 //! cargo run --release -p schedule-job --example fanout_bench -- [N] [CONCURRENCY] [--in-process]`
 //! (defaults 10000 and 256). Prints devices/s for both; it is a benchmark, not a test.
 

@@ -7,7 +7,7 @@
 //! binary sits next to this example; build it first. `--in-process` runs it in this process.
 //!
 //! Run with:
-//!   ulimit -n 65536
+//!   ulimit -n "$(ulimit -Hn)"
 //!   cargo build --release -p hub-emulator
 //!   cargo run --release -p sim-device --example fleet_bench -- [N] [--in-process]
 
