@@ -5,12 +5,14 @@
 //!   [`topic`], [`timestamp`], and the wire model [`device`], [`twin`], [`method`], [`job`],
 //!   [`query`], [`error`]; [`hub_env`] (the local hub's settings file).
 //! - clients (async I/O on tokio): [`tls`] (trust roots), [`device_client`] (MQTT),
-//!   [`service_client`] (REST); [`shutdown`] (Ctrl-C/SIGTERM for our binaries).
+//!   [`service_client`] (REST); [`shutdown`] (Ctrl-C/SIGTERM) and [`duration`] (`20s`, `2m`) for
+//!   our binaries.
 #![warn(missing_docs)]
 
 pub mod connection_string;
 pub mod device;
 pub mod device_client;
+pub mod duration;
 pub mod error;
 pub mod hub_env;
 pub mod job;

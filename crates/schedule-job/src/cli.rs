@@ -236,34 +236,7 @@ pub enum JobKind {
     Twin,
 }
 
-/// Parses `20s`, `1.5s`, `500ms`, `2m`, `1h`, `1d` or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration; use e.g. 20s, 500ms, 2m, 1h"))?;
-    let scale = match unit.trim() {
-        "" | "s" | "sec" | "secs" => 1.0,
-        "ms" => 0.001,
-        "m" | "min" | "mins" => 60.0,
-        "h" => 3600.0,
-        "d" => 86_400.0,
-        other => {
-            return Err(format!(
-                "unknown unit `{other}` in `{text}`; use ms, s, m, h or d"
-            ));
-        }
-    };
-    let secs = value * scale;
-    if !secs.is_finite() || secs > 10.0 * 365.0 * 86_400.0 {
-        return Err(format!("`{text}` is too long"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+pub use hub_core::duration::parse as parse_duration;
 
 /// Parses an RFC 3339 time.
 pub fn parse_time(text: &str) -> Result<OffsetDateTime, String> {

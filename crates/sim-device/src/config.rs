@@ -77,28 +77,7 @@ pub struct Args {
     pub verbose: bool,
 }
 
-/// Parses `500ms`, `30s`, `2m`, `1h` or plain seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => text.split_at(i),
-        None => (text, "s"),
-    };
-    let value = f64::from_str(number)
-        .map_err(|_| format!("`{text}` is not a duration (try 30s, 2m, 500ms)"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => {
-            return Err(format!(
-                "`{text}`: unknown unit `{unit}` (use ms, s, m or h)"
-            ));
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|_| format!("`{text}` is out of range"))
-}
+pub use hub_core::duration::parse as parse_duration;
 
 /// A fleet of devices in one process.
 #[derive(Debug, Clone)]
