@@ -113,6 +113,7 @@ async fn main() {
     let running = hub_emulator::start(config).await.expect("hub starts");
     let hub = running.hub().clone();
     hub.delete_device(hub_emulator::hub::TUTORIAL_DEVICE_ID, None)
+        .await
         .expect("delete tutorial device");
 
     let started = Instant::now();
@@ -120,6 +121,7 @@ async fn main() {
     for i in 0..devices {
         let id = format!("bench-{i:05}");
         hub.create_or_update_device(&id, &json!({"deviceId": id}), None)
+            .await
             .expect("register");
         keys.push((
             id.clone(),

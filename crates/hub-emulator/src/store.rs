@@ -2,16 +2,26 @@
 //!
 //! Every write a client is told about is committed here first, in one transaction per
 //! operation (or per batch, for jobs). WAL mode with `synchronous=NORMAL` survives a killed
-//! process; a power cut may lose the last transactions. A store written by a newer emulator, or
+//! process; a power cut may lose the last transactions.
+//!
+//! Commits from the running hub go through [`Store::commit`] to one writer thread that owns the
+//! connection's write path: callers never block an async worker on SQLite, and the writer
+//! group-commits whatever is queued into one transaction (each caller still learns its own
+//! outcome: if the group's transaction fails, its commits are retried one by one). Commits are
+//! applied in the order they were queued, so a caller that queues under a lock keeps that lock's
+//! order on disk. A store written by a newer emulator, or
 //! one that is not a database or fails SQLite's integrity check, is refused before anything is
 //! written to it. One hub at a time: the file stays exclusively locked while a hub has it open
 //! (two hubs on one store would each overwrite the other's changes). The file holds every key,
 //! so it is created readable by its owner only.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
 
 use rusqlite::{Connection, OpenFlags, params};
+use tokio::sync::oneshot;
 
 /// The schema this build reads and writes (`PRAGMA user_version`).
 pub const SCHEMA_VERSION: i64 = 1;
@@ -49,50 +59,96 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    /// A commit failed on the writer thread (the message is the SQL error's, shared by every
+    /// commit of a failed group).
+    #[error("hub store commit failed: {0}")]
+    Commit(String),
+    /// The writer thread is gone (the store is closing).
+    #[error("the hub store is closed")]
+    Closed,
 }
 
 fn sql(operation: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |source| StoreError::Sql { operation, source }
 }
 
-/// One change to durable state; a slice of them commits atomically.
-#[derive(Debug, Clone, Copy)]
-pub enum Write<'a> {
+/// One change to durable state; a list of them commits atomically.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
     /// Insert or replace a device record (JSON).
-    PutDevice { id: &'a str, doc: &'a str },
+    PutDevice { id: String, doc: String },
     /// Remove a device record.
-    DeleteDevice { id: &'a str },
+    DeleteDevice { id: String },
     /// Insert or replace a job (JSON).
-    PutJob { id: &'a str, doc: &'a str },
+    PutJob { id: String, doc: String },
     /// Remove a job and its device rows.
-    DeleteJob { id: &'a str },
+    DeleteJob { id: String },
     /// Insert or replace one device's row of a job (JSON).
     PutDeviceJob {
-        job_id: &'a str,
-        device_id: &'a str,
-        doc: &'a str,
+        job_id: String,
+        device_id: String,
+        doc: String,
     },
     /// Insert or replace a value in the hub's settings (keys, policies).
-    PutMeta { key: &'a str, value: &'a str },
+    PutMeta { key: String, value: String },
 }
+
+/// One queued commit and where its outcome goes.
+struct Queued {
+    writes: Vec<Write>,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// Most commits the writer joins into one transaction: bounds the work one failed group repeats.
+const GROUP_MAX: usize = 256;
 
 /// The hub's durable store; `None` inside means `--in-memory` (nothing persists).
 #[derive(Debug)]
 pub struct Store {
-    // A std Mutex: SQLite calls are short and synchronous, and the guard is never held across
-    // an `.await`.
-    conn: Option<Mutex<Connection>>,
+    durable: Option<Durable>,
+}
+
+/// The open database and its writer thread.
+#[derive(Debug)]
+struct Durable {
+    // A std Mutex: SQLite calls are synchronous and the guard is never held across an `.await`.
+    // The writer thread takes it per group; startup reads and `write` take it directly.
+    conn: Arc<Mutex<Connection>>,
+    queue: Option<mpsc::Sender<Queued>>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Queued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queued")
+            .field("writes", &self.writes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Durable {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer after it has committed everything queued; joining
+        // it closes the database (and releases its exclusive lock) before the hub is gone, so
+        // the same data directory can be opened again at once.
+        drop(self.queue.take());
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!("the hub store's writer thread panicked");
+        }
+    }
 }
 
 impl Store {
     /// A store that keeps nothing (for `--in-memory`).
     pub fn in_memory() -> Self {
-        Store { conn: None }
+        Store { durable: None }
     }
 
     /// Whether writes reach disk.
     pub fn is_durable(&self) -> bool {
-        self.conn.is_some()
+        self.durable.is_some()
     }
 
     /// Opens (or creates) the store at `path`, refusing damaged, newer-format or in-use files.
@@ -167,8 +223,24 @@ impl Store {
             conn.pragma_update(None, "user_version", SCHEMA_VERSION)
                 .map_err(refused)?;
         }
+        let conn = Arc::new(Mutex::new(conn));
+        let (queue, queued) = mpsc::channel();
+        let writer = {
+            let conn = Arc::clone(&conn);
+            std::thread::Builder::new()
+                .name("hub-store-writer".into())
+                .spawn(move || write_loop(&conn, &queued))
+                .map_err(|source| StoreError::Create {
+                    path: path.to_path_buf(),
+                    source,
+                })?
+        };
         Ok(Store {
-            conn: Some(Mutex::new(conn)),
+            durable: Some(Durable {
+                conn,
+                queue: Some(queue),
+                writer: Some(writer),
+            }),
         })
     }
 
@@ -176,56 +248,43 @@ impl Store {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
     ) -> Result<Option<T>, StoreError> {
-        match &self.conn {
+        match &self.durable {
             None => Ok(None),
-            Some(conn) => {
-                let mut conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                f(&mut conn).map(Some)
-            }
+            Some(durable) => f(&mut lock_conn(&durable.conn)).map(Some),
         }
     }
 
-    /// Commits `writes` in one transaction.
-    pub fn write(&self, writes: &[Write<'_>]) -> Result<(), StoreError> {
-        self.with_conn(|conn| {
-            let tx = conn.transaction().map_err(sql("begin"))?;
-            for write in writes {
-                match *write {
-                    Write::PutDevice { id, doc } => tx
-                        .prepare_cached("INSERT OR REPLACE INTO devices (id, doc) VALUES (?1, ?2)")
-                        .and_then(|mut s| s.execute(params![id, doc]))
-                        .map_err(sql("device write"))?,
-                    Write::DeleteDevice { id } => tx
-                        .prepare_cached("DELETE FROM devices WHERE id = ?1")
-                        .and_then(|mut s| s.execute(params![id]))
-                        .map_err(sql("device delete"))?,
-                    Write::PutJob { id, doc } => tx
-                        .prepare_cached("INSERT OR REPLACE INTO jobs (id, doc) VALUES (?1, ?2)")
-                        .and_then(|mut s| s.execute(params![id, doc]))
-                        .map_err(sql("job write"))?,
-                    Write::DeleteJob { id } => {
-                        tx.prepare_cached("DELETE FROM device_jobs WHERE job_id = ?1")
-                            .and_then(|mut s| s.execute(params![id]))
-                            .map_err(sql("job delete"))?;
-                        tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")
-                            .and_then(|mut s| s.execute(params![id]))
-                            .map_err(sql("job delete"))?
+    /// Commits `writes` in one transaction on the calling thread (startup, tests and blocking
+    /// code; the running hub uses [`Store::commit`]).
+    pub fn write(&self, writes: &[Write]) -> Result<(), StoreError> {
+        self.with_conn(|conn| apply(conn, writes)).map(|_| ())
+    }
+
+    /// Queues `writes` for the writer thread; the future resolves once they are committed in one
+    /// transaction (at once for an in-memory store). Commits are applied in the order this is
+    /// called, whether or not the futures are awaited in that order; a dropped future does not
+    /// cancel its commit.
+    pub fn commit(&self, writes: Vec<Write>) -> impl Future<Output = Result<(), StoreError>> {
+        let receiver = match &self.durable {
+            None => None,
+            Some(durable) => {
+                let (done, receiver) = oneshot::channel();
+                match &durable.queue {
+                    Some(queue) if queue.send(Queued { writes, done }).is_ok() => Some(receiver),
+                    _ => {
+                        let (closed, receiver) = oneshot::channel();
+                        let _ = closed.send(Err(StoreError::Closed));
+                        Some(receiver)
                     }
-                    Write::PutDeviceJob { job_id, device_id, doc } => tx
-                        .prepare_cached(
-                            "INSERT OR REPLACE INTO device_jobs (job_id, device_id, doc) VALUES (?1, ?2, ?3)",
-                        )
-                        .and_then(|mut s| s.execute(params![job_id, device_id, doc]))
-                        .map_err(sql("device job write"))?,
-                    Write::PutMeta { key, value } => tx
-                        .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")
-                        .and_then(|mut s| s.execute(params![key, value]))
-                        .map_err(sql("settings write"))?,
-                };
+                }
             }
-            tx.commit().map_err(sql("commit"))
-        })
-        .map(|_| ())
+        };
+        async move {
+            match receiver {
+                None => Ok(()),
+                Some(receiver) => receiver.await.unwrap_or(Err(StoreError::Closed)),
+            }
+        }
     }
 
     /// Reads one setting.
@@ -279,6 +338,84 @@ impl Store {
     }
 }
 
+fn lock_conn(conn: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> {
+    // A panic while holding the connection is a bug already reported; SQLite rolls back the
+    // transaction it interrupted, so the connection is still consistent.
+    conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The writer thread: takes the first queued commit, joins whatever else is queued behind it
+/// (up to [`GROUP_MAX`]) into one transaction, and answers each. Ends when the queue closes.
+fn write_loop(conn: &Mutex<Connection>, queued: &mpsc::Receiver<Queued>) {
+    while let Ok(first) = queued.recv() {
+        let mut group = vec![first];
+        while group.len() < GROUP_MAX {
+            match queued.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        let mut conn = lock_conn(conn);
+        let all: Vec<&Write> = group.iter().flat_map(|q| &q.writes).collect();
+        if group.len() == 1 || apply_refs(&mut conn, &all).is_err() {
+            // Alone, or one bad commit must not fail the others: each in its own transaction.
+            for queued in group {
+                let outcome =
+                    apply(&mut conn, &queued.writes).map_err(|e| StoreError::Commit(e.to_string()));
+                let _ = queued.done.send(outcome);
+            }
+        } else {
+            for queued in group {
+                let _ = queued.done.send(Ok(()));
+            }
+        }
+    }
+}
+
+fn apply(conn: &mut Connection, writes: &[Write]) -> Result<(), StoreError> {
+    apply_refs(conn, &writes.iter().collect::<Vec<_>>())
+}
+
+/// Commits `writes` in one transaction.
+fn apply_refs(conn: &mut Connection, writes: &[&Write]) -> Result<(), StoreError> {
+    let tx = conn.transaction().map_err(sql("begin"))?;
+    for write in writes {
+        match write {
+                    Write::PutDevice { id, doc } => tx
+                        .prepare_cached("INSERT OR REPLACE INTO devices (id, doc) VALUES (?1, ?2)")
+                        .and_then(|mut s| s.execute(params![id, doc]))
+                        .map_err(sql("device write"))?,
+                    Write::DeleteDevice { id } => tx
+                        .prepare_cached("DELETE FROM devices WHERE id = ?1")
+                        .and_then(|mut s| s.execute(params![id]))
+                        .map_err(sql("device delete"))?,
+                    Write::PutJob { id, doc } => tx
+                        .prepare_cached("INSERT OR REPLACE INTO jobs (id, doc) VALUES (?1, ?2)")
+                        .and_then(|mut s| s.execute(params![id, doc]))
+                        .map_err(sql("job write"))?,
+                    Write::DeleteJob { id } => {
+                        tx.prepare_cached("DELETE FROM device_jobs WHERE job_id = ?1")
+                            .and_then(|mut s| s.execute(params![id]))
+                            .map_err(sql("job delete"))?;
+                        tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")
+                            .and_then(|mut s| s.execute(params![id]))
+                            .map_err(sql("job delete"))?
+                    }
+                    Write::PutDeviceJob { job_id, device_id, doc } => tx
+                        .prepare_cached(
+                            "INSERT OR REPLACE INTO device_jobs (job_id, device_id, doc) VALUES (?1, ?2, ?3)",
+                        )
+                        .and_then(|mut s| s.execute(params![job_id, device_id, doc]))
+                        .map_err(sql("device job write"))?,
+                    Write::PutMeta { key, value } => tx
+                        .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")
+                        .and_then(|mut s| s.execute(params![key, value]))
+                        .map_err(sql("settings write"))?,
+                };
+    }
+    tx.commit().map_err(sql("commit"))
+}
+
 /// Creates an empty store file readable by its owner only (SQLite gives its WAL the same mode);
 /// an existing file is left as it is.
 fn create_private(path: &Path) -> std::io::Result<()> {
@@ -309,21 +446,21 @@ mod tests {
             store
                 .write(&[
                     Write::PutDevice {
-                        id: "d1",
-                        doc: "{\"a\":1}",
+                        id: "d1".into(),
+                        doc: "{\"a\":1}".into(),
                     },
                     Write::PutJob {
-                        id: "j1",
-                        doc: "{}",
+                        id: "j1".into(),
+                        doc: "{}".into(),
                     },
                     Write::PutDeviceJob {
-                        job_id: "j1",
-                        device_id: "d1",
-                        doc: "{}",
+                        job_id: "j1".into(),
+                        device_id: "d1".into(),
+                        doc: "{}".into(),
                     },
                     Write::PutMeta {
-                        key: "k",
-                        value: "v",
+                        key: "k".into(),
+                        value: "v".into(),
                     },
                 ])
                 .expect("write");
@@ -336,7 +473,7 @@ mod tests {
         assert_eq!(store.load_device_jobs().expect("load").len(), 1);
         assert_eq!(store.meta("k").expect("meta").as_deref(), Some("v"));
         store
-            .write(&[Write::DeleteJob { id: "j1" }])
+            .write(&[Write::DeleteJob { id: "j1".into() }])
             .expect("delete");
         assert!(store.load_jobs().expect("load").is_empty());
         assert!(store.load_device_jobs().expect("load").is_empty());
@@ -374,7 +511,10 @@ mod tests {
             for i in 0..50 {
                 let id = format!("dev{i}");
                 store
-                    .write(&[Write::PutDevice { id: &id, doc: &doc }])
+                    .write(&[Write::PutDevice {
+                        id: id.clone(),
+                        doc: doc.clone(),
+                    }])
                     .expect("write");
             }
         }
@@ -411,8 +551,8 @@ mod tests {
         assert!(err.to_string().contains("--data-dir"), "{err}");
         first
             .write(&[Write::PutMeta {
-                key: "k",
-                value: "v",
+                key: "k".into(),
+                value: "v".into(),
             }])
             .expect("the first one still writes");
         drop(first);
@@ -430,7 +570,10 @@ mod tests {
     fn in_memory_store_keeps_nothing() {
         let store = Store::in_memory();
         store
-            .write(&[Write::PutDevice { id: "d", doc: "{}" }])
+            .write(&[Write::PutDevice {
+                id: "d".into(),
+                doc: "{}".into(),
+            }])
             .expect("write");
         assert!(store.load_devices().expect("load").is_empty());
         assert!(!store.is_durable());

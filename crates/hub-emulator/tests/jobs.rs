@@ -95,12 +95,14 @@ impl TestHub {
     }
 
     /// Registers a device (setup goes straight to the hub) with optional tags; returns its key.
-    fn register(&self, id: &str, tags: Option<Value>) -> String {
+    async fn register(&self, id: &str, tags: Option<Value>) -> String {
         let hub = self.running.hub();
         hub.create_or_update_device(id, &json!({"deviceId": id}), None)
+            .await
             .expect("create device");
         if let Some(tags) = tags {
             hub.update_twin(id, &json!({"tags": tags}), Some("*"), false)
+                .await
                 .expect("tags");
         }
         hub.device_primary_key(id).expect("key")
@@ -358,12 +360,13 @@ async fn tag_query_job_over_fifty_devices_fails_offline_ones() {
     let mut devices = Vec::new();
     for i in 0..50 {
         let id = format!("dev-{i:02}");
-        hub.register(&id, Some(json!({"building": "43"})));
+        hub.register(&id, Some(json!({"building": "43"}))).await;
         if i % 5 != 0 {
             devices.push((id.clone(), hub.connect(&id, 200).await));
         }
     }
-    hub.register("elsewhere", Some(json!({"building": "44"})));
+    hub.register("elsewhere", Some(json!({"building": "44"})))
+        .await;
 
     hub.put_job(
         "many",
@@ -446,7 +449,7 @@ async fn cancel_mid_run_keeps_counts_and_cancels_pending_devices() {
     let mut online = Vec::new();
     for i in 0..10 {
         let id = format!("c-{i}");
-        hub.register(&id, Some(json!({"grp": "cancel"})));
+        hub.register(&id, Some(json!({"grp": "cancel"}))).await;
         if i < 4 {
             online.push(hub.connect(&id, 200).await);
         }
@@ -514,8 +517,8 @@ async fn cancel_mid_run_keeps_counts_and_cancels_pending_devices() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn job_outliving_its_max_execution_time_fails_unreached_devices() {
     let hub = TestHub::start().await;
-    hub.register("slow-1", None);
-    hub.register("slow-2", None);
+    hub.register("slow-1", None).await;
+    hub.register("slow-2", None).await;
     let _online = hub.connect("slow-1", 200).await;
     let mut body = method_job("ping", json!({}), "deviceId IN ['slow-1', 'slow-2']", 300);
     body["maxExecutionTimeInSeconds"] = json!(2);
@@ -564,7 +567,7 @@ async fn restart_mid_job_resumes_without_repeating_devices() {
     {
         let hub = TestHub::start_with(config.clone()).await;
         for id in ids {
-            hub.register(id, Some(json!({"restart": true})));
+            hub.register(id, Some(json!({"restart": true}))).await;
         }
         let first = [hub.connect("r-1", 200).await, hub.connect("r-2", 200).await];
         hub.put_job(

@@ -49,10 +49,11 @@ impl Fixture {
     }
 
     /// Registers a device and returns its primary key.
-    fn add_device(&self, id: &str) -> String {
+    async fn add_device(&self, id: &str) -> String {
         let device = self
             .hub()
             .create_or_update_device(id, &json!({"deviceId": id}), None)
+            .await
             .expect("create device");
         device["authentication"]["symmetricKey"]["primaryKey"]
             .as_str()
@@ -356,7 +357,7 @@ async fn read_raw(stream: &mut TlsStream<TcpStream>, buf: &mut BytesMut) -> Opti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_marks_device_connected_and_acks_telemetry() {
     let fx = Fixture::start().await;
-    let key = fx.add_device("dev-ok");
+    let key = fx.add_device("dev-ok").await;
     assert_eq!(fx.connection_state("dev-ok"), "Disconnected");
     let mut device = fx.device("dev-ok", &key).await;
     assert_eq!(fx.connection_state("dev-ok"), "Connected");
@@ -391,7 +392,7 @@ async fn connect_marks_device_connected_and_acks_telemetry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connects_over_tls12_and_tls13() {
     let fx = Fixture::start().await;
-    let key = fx.add_device("dev-tls");
+    let key = fx.add_device("dev-tls").await;
     for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
         let mut stream = raw_tls(&fx, client_config(&fx.running.env.ca_pem, Some(version))).await;
         assert_eq!(stream.get_ref().1.protocol_version(), Some(version.version));
@@ -417,9 +418,9 @@ async fn connects_over_tls12_and_tls13() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_credentials_are_refused_with_not_authorized() {
     let fx = Fixture::start().await;
-    let key = fx.add_device("dev-auth");
-    let other_key = fx.add_device("dev-other");
-    fx.add_device("dev-disabled");
+    let key = fx.add_device("dev-auth").await;
+    let other_key = fx.add_device("dev-other").await;
+    fx.add_device("dev-disabled").await;
     let disabled_key = fx.hub().device_primary_key("dev-disabled").expect("key");
     fx.hub()
         .create_or_update_device(
@@ -427,6 +428,7 @@ async fn bad_credentials_are_refused_with_not_authorized() {
             &json!({"deviceId": "dev-disabled", "status": "disabled"}),
             Some("*"),
         )
+        .await
         .expect("disable");
 
     let expired = now_unix() - SAS_SKEW_SECS - 60;
@@ -495,7 +497,7 @@ async fn bad_credentials_are_refused_with_not_authorized() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn method_round_trip_and_unsubscribe() {
     let fx = Fixture::start().await;
-    let key = fx.add_device("dev-method");
+    let key = fx.add_device("dev-method").await;
     let mut device = fx.device("dev-method", &key).await;
     assert!(!fx.hub().method_ready("dev-method"));
     // Node subscribes once per handler: identical filters are one subscription.
@@ -529,7 +531,7 @@ async fn method_round_trip_and_unsubscribe() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twin_get_and_reported_patch() {
     let fx = Fixture::start().await;
-    let key = fx.add_device("dev-twin");
+    let key = fx.add_device("dev-twin").await;
     let mut device = fx.device("dev-twin", &key).await;
     // QoS 2 asked, QoS 1 granted.
     assert_eq!(
@@ -585,7 +587,7 @@ async fn twin_get_and_reported_patch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn desired_patch_is_pushed_after_update_twin() {
     let fx = Fixture::start().await;
-    let key = fx.add_device("dev-desired");
+    let key = fx.add_device("dev-desired").await;
     let mut device = fx.device("dev-desired", &key).await;
     let granted = device
         .subscribe("$iothub/twin/PATCH/properties/desired/#", QoS::AtMostOnce)
@@ -600,6 +602,7 @@ async fn desired_patch_is_pushed_after_update_twin() {
             None,
             false,
         )
+        .await
         .expect("update twin");
     let desired_version = twin["properties"]["desired"]["$version"]
         .as_u64()
@@ -623,7 +626,7 @@ async fn desired_patch_is_pushed_after_update_twin() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_connection_replaces_the_first() {
     let fx = Fixture::start().await;
-    let key = fx.add_device("dev-twice");
+    let key = fx.add_device("dev-twice").await;
     let mut first = fx.device("dev-twice", &key).await;
     let mut second = fx.device("dev-twice", &key).await;
     first.expect_closed().await;
@@ -640,8 +643,8 @@ async fn second_connection_replaces_the_first() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_topics_close_the_connection() {
     let fx = Fixture::start().await;
-    let key = fx.add_device("dev-a");
-    fx.add_device("dev-b");
+    let key = fx.add_device("dev-a").await;
+    fx.add_device("dev-b").await;
 
     let mut device = fx.device("dev-a", &key).await;
     let own = device
@@ -689,7 +692,7 @@ async fn foreign_topics_close_the_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qos2_publish_and_retained_twin_request_close_the_connection() {
     let fx = Fixture::start().await;
-    let key = fx.add_device("dev-qos");
+    let key = fx.add_device("dev-qos").await;
 
     let mut device = fx.device("dev-qos", &key).await;
     device
@@ -729,8 +732,8 @@ async fn qos2_publish_and_retained_twin_request_close_the_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_oversized_packets_drop_only_that_connection() {
     let fx = Fixture::start().await;
-    let key = fx.add_device("dev-steady");
-    let noisy_key = fx.add_device("dev-noisy");
+    let key = fx.add_device("dev-steady").await;
+    let noisy_key = fx.add_device("dev-noisy").await;
     let mut steady = fx.device("dev-steady", &key).await;
     steady
         .subscribe("$iothub/methods/POST/#", QoS::AtLeastOnce)
@@ -807,7 +810,7 @@ async fn garbage_and_oversized_packets_drop_only_that_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_and_token_expiry_close_the_connection() {
     let fx = Fixture::start().await;
-    let key = fx.add_device("dev-quiet");
+    let key = fx.add_device("dev-quiet").await;
 
     // Keep-alive 1 s: silence for 1.5 s closes the connection.
     let mut stream = raw_tls(&fx, Arc::clone(&fx.tls)).await;
@@ -861,7 +864,7 @@ async fn keep_alive_and_token_expiry_close_the_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_connects_and_answers_a_method() {
     let fx = Fixture::start().await;
-    let key = fx.add_device("dev-ws");
+    let key = fx.add_device("dev-ws").await;
     let transport = Transport::wss_with_config(TlsConfiguration::Rustls(Arc::clone(&fx.tls)));
     let mut device =
         Device::connect(fx.options("dev-ws", token("dev-ws", &key, in_an_hour()), transport))
@@ -885,6 +888,7 @@ async fn a_device_without_symmetric_keys_cannot_connect_with_an_empty_key_token(
                 "x509Thumbprint": {"primaryThumbprint": "AA", "secondaryThumbprint": "BB"}}}),
             None,
         )
+        .await
         .expect("create an X.509 device");
     // Anyone can sign with an empty key; the hub must not take that for the device's key.
     let empty_key_token = sas::generate(
@@ -911,7 +915,7 @@ async fn a_device_without_symmetric_keys_cannot_connect_with_an_empty_key_token(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disabling_a_connected_device_closes_it_and_shows_it_disconnected() {
     let fx = Fixture::start().await;
-    let key = fx.add_device("dev-disable");
+    let key = fx.add_device("dev-disable").await;
     let mut device = fx.device("dev-disable", &key).await;
     assert_eq!(fx.connection_state("dev-disable"), "Connected");
     fx.hub()
@@ -920,6 +924,7 @@ async fn disabling_a_connected_device_closes_it_and_shows_it_disconnected() {
             &json!({"deviceId": "dev-disable", "status": "disabled"}),
             Some("*"),
         )
+        .await
         .expect("disable");
     device.expect_closed().await;
     eventually("the registry to show the device disconnected", || {

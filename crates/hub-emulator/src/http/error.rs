@@ -200,6 +200,9 @@ impl From<HubError> for ApiError {
             HubError::NotSaved(message) => {
                 ApiError::internal(format!("the hub store failed: {message}"))
             }
+            HubError::Internal(message) | HubError::Unreadable(message) => {
+                ApiError::internal(message)
+            }
             other => ApiError::new(code, other.to_string()),
         }
     }

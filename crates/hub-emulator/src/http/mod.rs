@@ -110,14 +110,14 @@ async fn device_named_query(
     const ID: &str = "query";
     match method {
         Method::GET => registry::get_device_named(&state, &headers, ID),
-        Method::DELETE => {
-            registry::delete_device_named(&state, &headers, ID).map(IntoResponse::into_response)
-        }
+        Method::DELETE => registry::delete_device_named(&state, &headers, ID)
+            .await
+            .map(IntoResponse::into_response),
         _ => {
             let body: Value = serde_json::from_slice(&body).map_err(|e| {
                 ApiError::argument(format!("the request body is not valid JSON: {e}"))
             })?;
-            registry::put_device_named(&state, &headers, ID, &body)
+            registry::put_device_named(&state, &headers, ID, &body).await
         }
     }
 }

@@ -46,7 +46,7 @@ pub async fn put_device(
     IdPath(id): IdPath,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
-    put_device_named(&state, &headers, &id, &body)
+    put_device_named(&state, &headers, &id, &body).await
 }
 
 /// `DELETE /devices/{id}`.
@@ -55,7 +55,7 @@ pub async fn delete_device(
     headers: HeaderMap,
     IdPath(id): IdPath,
 ) -> Result<StatusCode, ApiError> {
-    delete_device_named(&state, &headers, &id)
+    delete_device_named(&state, &headers, &id).await
 }
 
 pub(crate) fn get_device_named(
@@ -67,7 +67,7 @@ pub(crate) fn get_device_named(
     Ok(with_etag(state.hub.get_device(id)?))
 }
 
-pub(crate) fn put_device_named(
+pub(crate) async fn put_device_named(
     state: &AppState,
     headers: &HeaderMap,
     id: &str,
@@ -76,18 +76,19 @@ pub(crate) fn put_device_named(
     require(state, headers, Permission::RegistryWrite)?;
     let device = state
         .hub
-        .create_or_update_device(id, body, if_match(headers)?)?;
+        .create_or_update_device(id, body, if_match(headers)?)
+        .await?;
     tracing::info!(device_id = %id, "device saved");
     Ok(with_etag(device))
 }
 
-pub(crate) fn delete_device_named(
+pub(crate) async fn delete_device_named(
     state: &AppState,
     headers: &HeaderMap,
     id: &str,
 ) -> Result<StatusCode, ApiError> {
     require(state, headers, Permission::RegistryWrite)?;
-    state.hub.delete_device(id, if_match(headers)?)?;
+    state.hub.delete_device(id, if_match(headers)?).await?;
     tracing::info!(device_id = %id, "device deleted");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -35,7 +35,7 @@ pub async fn patch_twin(
     IdPath(id): IdPath,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
-    update(&state, &headers, &id, &body, false)
+    update(&state, &headers, &id, &body, false).await
 }
 
 /// `PUT /twins/{id}`: replaces tags and desired properties.
@@ -45,10 +45,10 @@ pub async fn replace_twin(
     IdPath(id): IdPath,
     JsonBody(body): JsonBody<Value>,
 ) -> Result<Response, ApiError> {
-    update(&state, &headers, &id, &body, true)
+    update(&state, &headers, &id, &body, true).await
 }
 
-fn update(
+async fn update(
     state: &AppState,
     headers: &HeaderMap,
     id: &str,
@@ -58,7 +58,8 @@ fn update(
     require(state, headers, Permission::ServiceConnect)?;
     let twin = state
         .hub
-        .update_twin(id, body, if_match(headers)?, replace)?;
+        .update_twin(id, body, if_match(headers)?, replace)
+        .await?;
     tracing::info!(device_id = %id, replace, "twin updated");
     Ok(with_etag(twin))
 }

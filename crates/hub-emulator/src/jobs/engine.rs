@@ -202,12 +202,12 @@ fn begin(jobs: &Jobs, id: &str) -> Result<Option<Plan>, String> {
     let record_doc = json_text(&running);
     let docs: Vec<String> = rows.iter().map(json_text).collect();
     let mut writes = vec![Write::PutJob {
-        id,
-        doc: &record_doc,
+        id: id.to_owned(),
+        doc: record_doc,
     }];
-    writes.extend(rows.iter().zip(&docs).map(|(r, doc)| Write::PutDeviceJob {
-        job_id: id,
-        device_id: &r.device_id,
+    writes.extend(rows.iter().zip(docs).map(|(r, doc)| Write::PutDeviceJob {
+        job_id: id.to_owned(),
+        device_id: r.device_id.clone(),
         doc,
     }));
     jobs.hub()
@@ -361,20 +361,18 @@ async fn run_twins(
         if Instant::now() >= deadline {
             return Ended::TimedOut;
         }
-        let hub = jobs.hub().clone();
-        let ids = chunk.to_vec();
-        let patch = body.clone();
         let started = OffsetDateTime::now_utc();
-        // One durable transaction per batch; SQLite work belongs off the async workers.
-        let job_id = plan.record.job_id.clone();
-        let results = tokio::task::spawn_blocking(move || {
-            let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
-            hub.update_twins_for_job(&refs, &patch, Some("*"), false, Some(&job_id))
-        })
-        .await;
-        let Ok(results) = results else {
-            return Ended::Fatal("the twin update task failed".into());
-        };
+        // One durable transaction per batch, committed off the async workers by the store.
+        let results = jobs
+            .hub()
+            .update_twins_for_job(
+                chunk.to_vec(),
+                body.clone(),
+                Some("*".into()),
+                false,
+                Some(plan.record.job_id.clone()),
+            )
+            .await;
         let ended = OffsetDateTime::now_utc();
         let events = chunk
             .iter()
@@ -462,10 +460,10 @@ fn flush(jobs: &Jobs, job_id: &str, events: Vec<Event>) -> Result<(), String> {
         .values()
         .map(|r| (r.device_id.clone(), json_text(r)))
         .collect();
-    let writes: Vec<Write<'_>> = docs
-        .iter()
+    let writes: Vec<Write> = docs
+        .into_iter()
         .map(|(device_id, doc)| Write::PutDeviceJob {
-            job_id,
+            job_id: job_id.to_owned(),
             device_id,
             doc,
         })

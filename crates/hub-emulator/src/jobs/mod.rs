@@ -241,8 +241,8 @@ impl Jobs {
             });
         }
         self.hub().store().write(&[Write::PutJob {
-            id,
-            doc: &json_text(&record),
+            id: id.to_owned(),
+            doc: json_text(&record),
         }])?;
         let entry = Entry::new(record);
         let response = entry.response();
@@ -367,7 +367,10 @@ impl Jobs {
         if old.is_empty() {
             return Ok(0);
         }
-        let writes: Vec<Write<'_>> = old.iter().map(|id| Write::DeleteJob { id }).collect();
+        let writes: Vec<Write> = old
+            .iter()
+            .map(|id| Write::DeleteJob { id: id.clone() })
+            .collect();
         self.hub().store().write(&writes)?;
         for id in &old {
             state.jobs.remove(id);
@@ -441,17 +444,17 @@ impl Jobs {
             .collect();
         let docs: Vec<String> = changed.iter().map(json_text).collect();
         let record_doc = json_text(&record);
-        let mut writes: Vec<Write<'_>> = vec![Write::PutJob {
-            id,
-            doc: &record_doc,
+        let mut writes: Vec<Write> = vec![Write::PutJob {
+            id: id.to_owned(),
+            doc: record_doc,
         }];
         writes.extend(
             changed
                 .iter()
-                .zip(&docs)
+                .zip(docs)
                 .map(|(row, doc)| Write::PutDeviceJob {
-                    job_id: id,
-                    device_id: &row.device_id,
+                    job_id: id.to_owned(),
+                    device_id: row.device_id.clone(),
                     doc,
                 }),
         );

@@ -396,7 +396,7 @@ async fn serve<T: Transport>(
     token_deadline: Instant,
 ) -> End {
     // Packets the device sent right behind CONNECT.
-    let mut needed = match session.process(rbuf) {
+    let mut needed = match session.process(rbuf).await {
         Ok(needed) => needed,
         Err(end) => return end,
     };
@@ -448,7 +448,7 @@ async fn serve<T: Transport>(
                 Ok(0) => return End::PeerClosed,
                 Ok(_) => {
                     last_packet = Instant::now();
-                    needed = match session.process(rbuf) {
+                    needed = match session.process(rbuf).await {
                         Ok(needed) => needed,
                         Err(end) => return end,
                     };
@@ -502,19 +502,19 @@ impl Session<'_> {
     }
 
     /// Handles every complete packet in `rbuf`; returns how many more bytes the next one needs.
-    fn process(&mut self, rbuf: &mut BytesMut) -> Result<usize, End> {
+    async fn process(&mut self, rbuf: &mut BytesMut) -> Result<usize, End> {
         loop {
             match Packet::read(rbuf, MAX_PACKET_SIZE) {
-                Ok(packet) => self.handle(packet)?,
+                Ok(packet) => self.handle(packet).await?,
                 Err(CodecError::InsufficientBytes(needed)) => return Ok(needed),
                 Err(e) => return Err(End::Malformed(e)),
             }
         }
     }
 
-    fn handle(&mut self, packet: Packet) -> Result<(), End> {
+    async fn handle(&mut self, packet: Packet) -> Result<(), End> {
         match packet {
-            Packet::Publish(publish) => self.on_publish(publish),
+            Packet::Publish(publish) => self.on_publish(publish).await,
             Packet::PubAck(PubAck { pkid }) => {
                 // An id we never sent (or already acknowledged) is ignored [MQTT-4.3.2].
                 if let Some(at) = self.inflight.iter().position(|&id| id == pkid) {
@@ -552,7 +552,7 @@ impl Session<'_> {
         }
     }
 
-    fn on_publish(&mut self, publish: Publish) -> Result<(), End> {
+    async fn on_publish(&mut self, publish: Publish) -> Result<(), End> {
         // [DOCS mqtt] a PUBLISH with QoS 2 makes IoT Hub close the connection.
         if publish.qos == QoS::ExactlyOnce {
             return Err(End::Violation(
@@ -598,7 +598,7 @@ impl Session<'_> {
                     .method_response(self.device_id(), &rid, status, publish.payload);
             }
             Topic::TwinGet { rid } => self.twin_get(rid)?,
-            Topic::TwinPatchReported { rid } => self.twin_patch(rid, &publish.payload)?,
+            Topic::TwinPatchReported { rid } => self.twin_patch(rid, &publish.payload).await?,
             _ => {
                 return Err(End::Forbidden(format!(
                     "published on `{}`, a hub-to-device topic",
@@ -630,14 +630,18 @@ impl Session<'_> {
         self.publish(topic, body, qos)
     }
 
-    fn twin_patch(&mut self, rid: String, payload: &[u8]) -> Result<(), End> {
-        let result = serde_json::from_slice::<Value>(payload)
-            .map_err(|e| {
-                HubError::InvalidArgument(format!(
-                    "the reported properties patch is not valid JSON: {e}"
-                ))
-            })
-            .and_then(|patch| self.attached.hub.patch_reported(self.device_id(), &patch));
+    async fn twin_patch(&mut self, rid: String, payload: &[u8]) -> Result<(), End> {
+        let result = match serde_json::from_slice::<Value>(payload) {
+            Ok(patch) => {
+                self.attached
+                    .hub
+                    .patch_reported(self.device_id(), patch)
+                    .await
+            }
+            Err(e) => Err(HubError::InvalidArgument(format!(
+                "the reported properties patch is not valid JSON: {e}"
+            ))),
+        };
         let (status, version, body) = match result {
             Ok(version) => (204, Some(version), Bytes::new()),
             Err(error) => {

@@ -1,0 +1,230 @@
+//! Who may do what: the hub's shared access policies with their keys ([`PolicyKeys`]), the
+//! checks of a service request's SAS token against a policy and permission, and of a device's
+//! MQTT CONNECT (client id, username, SAS signed with the device's key or a policy's).
+
+use serde::{Deserialize, Serialize};
+
+use hub_core::policy::{Permission, Permissions, Policy};
+use hub_core::sas::SasToken;
+
+use super::record::random_key;
+use super::{AuthError, Hub, HubError, lock};
+
+/// Clock skew tolerated on SAS expiry.
+pub const SAS_SKEW_SECS: u64 = 300;
+
+/// A shared access policy and its keys (`Debug` leaves the keys out).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct PolicyKeys {
+    /// Policy name (`iothubowner`, `service`, ...).
+    pub name: String,
+    /// Base64 primary key.
+    pub primary_key: String,
+    /// Base64 secondary key.
+    pub secondary_key: String,
+}
+
+impl std::fmt::Debug for PolicyKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyKeys")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The hub's policies with their permissions: loaded from the store, or made with fresh keys for
+/// a new hub (and saved).
+pub(super) fn load_policies(
+    store: &crate::store::Store,
+) -> Result<Vec<(PolicyKeys, Permissions)>, HubError> {
+    let policies: Vec<PolicyKeys> = match store.meta("policies")? {
+        Some(text) => serde_json::from_str(&text).map_err(|e| {
+            HubError::Unreadable(format!("the hub store's policy record is unreadable: {e}"))
+        })?,
+        None => {
+            let fresh: Vec<PolicyKeys> = Policy::defaults()
+                .iter()
+                .map(|p| PolicyKeys {
+                    name: p.name.to_string(),
+                    primary_key: random_key(),
+                    secondary_key: random_key(),
+                })
+                .collect();
+            let text =
+                serde_json::to_string(&fresh).map_err(|e| HubError::Internal(e.to_string()))?;
+            store.write(&[crate::store::Write::PutMeta {
+                key: "policies".into(),
+                value: text,
+            }])?;
+            fresh
+        }
+    };
+    let defaults = Policy::defaults();
+    Ok(policies
+        .into_iter()
+        .map(|keys| {
+            let permissions = defaults
+                .iter()
+                .find(|p| p.name == keys.name)
+                .map(|p| p.permissions)
+                .unwrap_or_default();
+            (keys, permissions)
+        })
+        .collect())
+}
+
+impl Hub {
+    /// The keys of a policy, for writing connection strings.
+    pub fn policy_keys(&self, name: &str) -> Option<PolicyKeys> {
+        self.inner
+            .policies
+            .iter()
+            .find(|(k, _)| k.name == name)
+            .map(|(k, _)| k.clone())
+    }
+
+    /// A device's primary key (for writing its connection string).
+    pub fn device_primary_key(&self, id: &str) -> Option<String> {
+        lock(&self.inner.state)
+            .devices
+            .get(id)
+            .and_then(|d| d.primary_key.clone())
+    }
+
+    fn audience_ok(&self, token: &SasToken, path: &str) -> bool {
+        self.inner
+            .host_names
+            .iter()
+            .any(|host| token.covers(host, path))
+    }
+
+    /// Checks a service request's `Authorization` header and that its policy grants `needed`.
+    pub fn authorize_service(
+        &self,
+        header: &str,
+        needed: Permission,
+        now_unix: u64,
+    ) -> Result<(), AuthError> {
+        let token = SasToken::parse(header).map_err(|e| AuthError::Malformed(e.to_string()))?;
+        token
+            .check_expiry(now_unix, SAS_SKEW_SECS)
+            .map_err(|e| AuthError::Refused(e.to_string()))?;
+        let Some(policy_name) = token.key_name.as_deref() else {
+            return Err(AuthError::Refused(
+                "a device token cannot call service APIs; use a shared access policy (skn)".into(),
+            ));
+        };
+        let Some((keys, permissions)) = self
+            .inner
+            .policies
+            .iter()
+            .find(|(k, _)| k.name == policy_name)
+        else {
+            return Err(AuthError::Refused(format!(
+                "unknown shared access policy `{policy_name}`"
+            )));
+        };
+        self.verify_with_keys(&token, &keys.primary_key, &keys.secondary_key)?;
+        if !self.audience_ok(&token, "") {
+            return Err(AuthError::Refused(format!(
+                "the token's audience `{}` is not this hub ({})",
+                token.resource,
+                self.host_name()
+            )));
+        }
+        if !permissions.contains(needed) {
+            return Err(AuthError::MissingPermission(needed));
+        }
+        Ok(())
+    }
+
+    fn verify_with_keys(
+        &self,
+        token: &SasToken,
+        primary: &str,
+        secondary: &str,
+    ) -> Result<(), AuthError> {
+        for key in [primary, secondary] {
+            // A device without symmetric keys (X.509, `none`) has empty ones here: an HMAC with
+            // an empty key is one anybody can compute, so it must never authenticate.
+            if let Ok(key) = hub_core::connection_string::SharedKey::from_base64(key)
+                && !key.as_bytes().is_empty()
+                && token.verify_signature(&key).is_ok()
+            {
+                return Ok(());
+            }
+        }
+        Err(AuthError::Refused(
+            "the signature does not match the key".into(),
+        ))
+    }
+
+    /// Authenticates an MQTT CONNECT: client id, username and SAS password.
+    /// Returns the token's expiry (Unix seconds).
+    pub fn authenticate_device(
+        &self,
+        client_id: &str,
+        username: &str,
+        password: &str,
+        now_unix: u64,
+    ) -> Result<u64, AuthError> {
+        let device_id = client_id;
+        // Username is `{host}/{deviceId}/?api-version=...`; any api-version is accepted.
+        let mut parts = username.splitn(3, '/');
+        let (_host, user_device) = (parts.next(), parts.next());
+        if user_device != Some(device_id) {
+            return Err(AuthError::Refused(format!(
+                "the MQTT username must be `{{host}}/{device_id}/?api-version=...`"
+            )));
+        }
+        let token = SasToken::parse(password).map_err(|e| AuthError::Malformed(e.to_string()))?;
+        token
+            .check_expiry(now_unix, SAS_SKEW_SECS)
+            .map_err(|e| AuthError::Refused(e.to_string()))?;
+        let path = format!("devices/{device_id}");
+        if !self.audience_ok(&token, &path) {
+            return Err(AuthError::Refused(format!(
+                "the token's audience `{}` does not cover {}/{path}",
+                token.resource,
+                self.host_name()
+            )));
+        }
+        let (primary, secondary, enabled) = {
+            let state = lock(&self.inner.state);
+            let Some(device) = state.devices.get(device_id) else {
+                return Err(AuthError::Refused(format!(
+                    "device {device_id} is not registered"
+                )));
+            };
+            (
+                device.primary_key.clone(),
+                device.secondary_key.clone(),
+                device.status == "enabled",
+            )
+        };
+        match token.key_name.as_deref() {
+            Some(policy) => {
+                let Some((keys, permissions)) =
+                    self.inner.policies.iter().find(|(k, _)| k.name == policy)
+                else {
+                    return Err(AuthError::Refused(format!(
+                        "unknown shared access policy `{policy}`"
+                    )));
+                };
+                self.verify_with_keys(&token, &keys.primary_key, &keys.secondary_key)?;
+                if !permissions.contains(Permission::DeviceConnect) {
+                    return Err(AuthError::MissingPermission(Permission::DeviceConnect));
+                }
+            }
+            None => self.verify_with_keys(
+                &token,
+                primary.as_deref().unwrap_or_default(),
+                secondary.as_deref().unwrap_or_default(),
+            )?,
+        }
+        if !enabled {
+            return Err(AuthError::DeviceDisabled(device_id.to_owned()));
+        }
+        Ok(token.expiry)
+    }
+}

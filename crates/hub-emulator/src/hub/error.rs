@@ -1,0 +1,90 @@
+//! The hub's failures: [`HubError`] for service and device operations, each with the IoT Hub
+//! error code it is reported with, and [`AuthError`] for refused credentials.
+
+use hub_core::error::ErrorCode;
+use hub_core::policy::Permission;
+
+use crate::store::StoreError;
+use crate::twins::TwinError;
+
+/// A failure the service API reports with an IoT Hub error code.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// No device with this id.
+    #[error("Device {0} not registered")]
+    DeviceNotFound(String),
+    /// Create with an id that exists.
+    #[error("A device with ID '{0}' is already registered.")]
+    DeviceAlreadyExists(String),
+    /// `If-Match` named another etag.
+    #[error("Precondition failed: the etag does not match the current {what} etag of '{id}'.")]
+    PreconditionFailed { what: &'static str, id: String },
+    /// A malformed request.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A twin patch IoT Hub would refuse.
+    #[error("{0}")]
+    Twin(#[from] TwinError),
+    /// The device did not connect (and subscribe to methods) within the connect timeout.
+    #[error("Timed out waiting for device to connect.")]
+    DeviceNotOnline { timeout_secs: u64 },
+    /// The device did not answer within the response timeout.
+    #[error("Timed out waiting for the response from device.")]
+    GatewayTimeout,
+    /// A payload over the limit.
+    #[error("{0}")]
+    MessageTooLarge(String),
+    /// The device's session could not take the request.
+    #[error("The device's connection is backed up; try again later.")]
+    Throttled,
+    /// Durable state could not be written; nothing changed.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The hub could not encode its own state (a bug, reported as 500); nothing changed.
+    #[error("internal error: {0}")]
+    Internal(String),
+    /// A stored record could not be read at startup.
+    #[error("{0}")]
+    Unreadable(String),
+    /// A batch could not be saved (the store's error, as text: every item of the batch gets it);
+    /// nothing changed.
+    #[error("the change was not saved: {0}")]
+    NotSaved(String),
+}
+
+impl HubError {
+    /// The IoT Hub error code this failure is reported with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            HubError::DeviceNotFound(_) => ErrorCode::DeviceNotFound,
+            HubError::DeviceAlreadyExists(_) => ErrorCode::DeviceAlreadyExists,
+            HubError::PreconditionFailed { .. } => ErrorCode::PreconditionFailed,
+            HubError::InvalidArgument(_) | HubError::Twin(_) => ErrorCode::ArgumentInvalid,
+            HubError::DeviceNotOnline { .. } => ErrorCode::DeviceNotOnline,
+            HubError::GatewayTimeout => ErrorCode::GatewayTimeout,
+            HubError::MessageTooLarge(_) => ErrorCode::MessageTooLarge,
+            HubError::Throttled => ErrorCode::ThrottlingException,
+            HubError::Store(_)
+            | HubError::NotSaved(_)
+            | HubError::Internal(_)
+            | HubError::Unreadable(_) => ErrorCode::ServerError,
+        }
+    }
+}
+
+/// Why a connection or request was not authorized. Messages never contain the token.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The token could not be parsed.
+    #[error("malformed SharedAccessSignature: {0}")]
+    Malformed(String),
+    /// Token expired, wrong signature, unknown policy or device, wrong audience.
+    #[error("{0}")]
+    Refused(String),
+    /// Valid credentials without the permission the operation needs.
+    #[error("the credentials do not grant {0:?}")]
+    MissingPermission(Permission),
+    /// The device exists but is disabled.
+    #[error("device {0} is disabled")]
+    DeviceDisabled(String),
+}

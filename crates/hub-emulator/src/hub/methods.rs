@@ -1,0 +1,240 @@
+//! Direct methods: a validated call ([`MethodCall`]), the table of requests waiting for a
+//! device's answer, and the wait for a device to come online and subscribe.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use hub_core::topic::Topic;
+
+use super::router::Outbound;
+use super::{Hub, HubError, lock};
+
+/// Largest direct-method payload, each way.
+pub const MAX_METHOD_PAYLOAD: usize = 128 * 1024;
+
+const DEFAULT_METHOD_RESPONSE_TIMEOUT: u64 = 30;
+
+/// Where a device's answer to one method request arrives: its status and raw body.
+type MethodReply = oneshot::Receiver<(i32, Bytes)>;
+
+pub(super) struct PendingMethod {
+    device_id: String,
+    reply: oneshot::Sender<(i32, Bytes)>,
+}
+
+/// The outcome of a direct method, as the service API returns it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodOutcome {
+    /// The status the device answered with.
+    pub status: i32,
+    /// The device's payload (`null` when it sent none).
+    pub payload: Value,
+}
+
+/// A direct-method call, validated.
+#[derive(Debug, Clone)]
+pub struct MethodCall {
+    /// Method name.
+    pub name: String,
+    /// The JSON text to send (empty when the request had no payload).
+    pub payload: Bytes,
+    /// How long to wait for the device's answer.
+    pub response_timeout: Duration,
+    /// How long to wait for the device to come online.
+    pub connect_timeout: Duration,
+}
+
+impl MethodCall {
+    /// Validates a `POST /twins/{id}/methods` body (IoT Hub's ranges and limits).
+    pub fn from_request(body: &Value) -> Result<MethodCall, HubError> {
+        let Value::Object(map) = body else {
+            return Err(HubError::InvalidArgument(
+                "the method request must be a JSON object with methodName, payload, responseTimeoutInSeconds and connectTimeoutInSeconds".into(),
+            ));
+        };
+        let name = match map.get("methodName") {
+            Some(Value::String(name)) => name.clone(),
+            Some(_) => {
+                return Err(HubError::InvalidArgument(
+                    "methodName must be a string".into(),
+                ));
+            }
+            None => return Err(HubError::InvalidArgument("methodName is required".into())),
+        };
+        validate_method_name(&name)?;
+        let seconds = |field: &str, default: u64, min: u64, max: u64| -> Result<u64, HubError> {
+            match map.get(field) {
+                None | Some(Value::Null) => Ok(default),
+                Some(v) => match v.as_u64() {
+                    Some(n) if (min..=max).contains(&n) => Ok(n),
+                    _ => Err(HubError::InvalidArgument(format!(
+                        "{field} must be a whole number of seconds from {min} to {max}, got {v}"
+                    ))),
+                },
+            }
+        };
+        let response = seconds(
+            "responseTimeoutInSeconds",
+            DEFAULT_METHOD_RESPONSE_TIMEOUT,
+            5,
+            300,
+        )?;
+        let connect = seconds("connectTimeoutInSeconds", 0, 0, 300)?;
+        let payload = match map.get("payload") {
+            None => Bytes::new(),
+            Some(value) => Bytes::from(value.to_string()),
+        };
+        if payload.len() > MAX_METHOD_PAYLOAD {
+            return Err(HubError::MessageTooLarge(format!(
+                "the method payload is {} bytes; IoT Hub allows at most {MAX_METHOD_PAYLOAD}",
+                payload.len()
+            )));
+        }
+        Ok(MethodCall {
+            name,
+            payload,
+            response_timeout: Duration::from_secs(response),
+            connect_timeout: Duration::from_secs(connect),
+        })
+    }
+}
+
+/// Checks a method name against IoT Hub's rules (printable ASCII without separators).
+pub fn validate_method_name(name: &str) -> Result<(), HubError> {
+    const FORBIDDEN: &str = "$()<>@,;:\\\"/[]?={} \t";
+    if name.is_empty() || name.len() > 128 {
+        return Err(HubError::InvalidArgument(format!(
+            "method name must be 1 to 128 characters, got {}",
+            name.len()
+        )));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || FORBIDDEN.contains(*c))
+    {
+        return Err(HubError::InvalidArgument(format!(
+            "method name `{name}` contains `{c}`; use printable ASCII without $()<>@,;:\\\"/[]?={{}} or spaces"
+        )));
+    }
+    Ok(())
+}
+
+impl Hub {
+    /// Invokes a direct method and waits for the device's answer, as `POST /twins/{id}/methods`.
+    pub async fn invoke_method(
+        &self,
+        device_id: &str,
+        call: &MethodCall,
+    ) -> Result<MethodOutcome, HubError> {
+        if !self.device_exists(device_id) {
+            return Err(HubError::DeviceNotFound(device_id.to_owned()));
+        }
+        let deadline = tokio::time::Instant::now() + call.connect_timeout;
+        // Fast path: a connected, subscribed device needs no presence wait. (Registering with
+        // `presence` takes its lock twice, for every call, from every REST connection.)
+        let sent = self.try_send_method(device_id, call)?;
+        let (rid, reply) = if let Some(sent) = sent {
+            sent
+        } else {
+            self.wait_and_send_method(device_id, call, deadline).await?
+        };
+        let answer = tokio::time::timeout(call.response_timeout, reply).await;
+        lock(&self.inner.pending).remove(&rid);
+        let (status, body) = match answer {
+            Ok(Ok(answer)) => answer,
+            // No answer in time. A request outlives its session on purpose: a device that
+            // reconnects may still answer it (the SDKs keep unanswered requests), so a dropped
+            // connection is not a failure until the response timeout says so.
+            Ok(Err(_)) | Err(_) => return Err(HubError::GatewayTimeout),
+        };
+        if body.len() > MAX_METHOD_PAYLOAD {
+            return Err(HubError::MessageTooLarge(format!(
+                "the device answered with {} bytes; IoT Hub allows at most {MAX_METHOD_PAYLOAD}",
+                body.len()
+            )));
+        }
+        let payload = if body.iter().all(u8::is_ascii_whitespace) {
+            Value::Null
+        } else {
+            serde_json::from_slice(&body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()))
+        };
+        Ok(MethodOutcome { status, payload })
+    }
+
+    /// Waits (up to `deadline`) for the device to connect and subscribe to methods, then sends.
+    async fn wait_and_send_method(
+        &self,
+        device_id: &str,
+        call: &MethodCall,
+        deadline: tokio::time::Instant,
+    ) -> Result<(u64, MethodReply), HubError> {
+        loop {
+            // Registered before the check, so a subscription between the check and the wait
+            // still wakes this call.
+            let notified = self.inner.presence.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(sent) = self.try_send_method(device_id, call)? {
+                return Ok(sent);
+            }
+            if !self.device_exists(device_id) {
+                return Err(HubError::DeviceNotFound(device_id.to_owned()));
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(HubError::DeviceNotOnline {
+                    timeout_secs: call.connect_timeout.as_secs(),
+                });
+            }
+        }
+    }
+
+    fn try_send_method(
+        &self,
+        device_id: &str,
+        call: &MethodCall,
+    ) -> Result<Option<(u64, MethodReply)>, HubError> {
+        let sessions = lock(&self.inner.sessions);
+        let Some(session) = sessions.get(device_id).filter(|s| s.subscriptions.methods) else {
+            return Ok(None);
+        };
+        let rid = self.next_id();
+        let (reply_tx, reply_rx) = oneshot::channel();
+        lock(&self.inner.pending).insert(
+            rid,
+            PendingMethod {
+                device_id: device_id.to_owned(),
+                reply: reply_tx,
+            },
+        );
+        let topic = Topic::MethodRequest {
+            name: call.name.clone(),
+            rid: rid.to_string(),
+        }
+        .to_string();
+        match session.tx.try_send(Outbound::Publish {
+            topic,
+            payload: call.payload.clone(),
+        }) {
+            Ok(()) => Ok(Some((rid, reply_rx))),
+            Err(_) => {
+                lock(&self.inner.pending).remove(&rid);
+                Err(HubError::Throttled)
+            }
+        }
+    }
+
+    /// A device's answer to a method request; ignored unless that device was asked.
+    pub fn method_response(&self, device_id: &str, rid: &str, status: i32, body: Bytes) {
+        let Ok(rid) = rid.parse::<u64>() else { return };
+        let mut pending = lock(&self.inner.pending);
+        if pending.get(&rid).is_some_and(|p| p.device_id == device_id)
+            && let Some(waiter) = pending.remove(&rid)
+        {
+            let _ = waiter.reply.send((status, body));
+        }
+    }
+}

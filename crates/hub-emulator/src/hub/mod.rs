@@ -1,0 +1,271 @@
+//! The hub's shared state behind one cheap handle ([`Hub`]): the identity registry with each
+//! device's twin, the access policies, the sessions of connected devices and pending direct
+//! methods. This file owns the handle, the locks and the order they are taken in; the rooms:
+//!
+//! - [`auth`]: policies and their keys, service and device authentication.
+//! - [`registry`]: device identities (create, update, delete, read, list).
+//! - [`twins`]: service twin updates (one device or a job's batch) and device reported patches.
+//! - [`router`]: device sessions, presence, the outbound queue, desired-patch delivery.
+//! - [`methods`]: direct-method calls waiting for a device's answer.
+//! - `record`: one device as stored, and the device and twin documents made from it.
+//!
+//! # Locks, in the order they are taken
+//!
+//! 1. **Device write locks** ([`WriteLocks`], async, one per device id, taken in id order by
+//!    [`WriteLocks::lock`]): held by a change to device records from staging to applying, so
+//!    two changes of one device never interleave, while other devices' changes and every read
+//!    go on. Never taken while holding 2 or 3.
+//! 2. **`state`** (std mutex): the registry as committed. Held only to read, stage or apply, never
+//!    across an `.await`, a commit or a serialization of records.
+//! 3. **`sessions`** (std mutex), then **`pending`** (std mutex): never held across an `.await`.
+//!
+//! # Invariants
+//!
+//! - Every change a caller is told about is committed to the [`Store`] first: a change is staged
+//!   (under its device write locks, reading `state`), committed without any std lock held, then
+//!   applied to `state` ([`Hub::commit_devices`]); readers only ever see committed records.
+//! - Desired patches reach a session in version order: they are queued by
+//!   [`router::queue_desired_patch`] while the device's write lock and `state` are held, in the
+//!   order the versions were committed.
+//! - A change, once staged, runs to its end on its own task ([`Hub::detached`]): a caller that
+//!   goes away (a closed connection) cannot leave a commit on disk that `state` never saw.
+
+mod auth;
+mod error;
+mod methods;
+mod record;
+mod registry;
+mod router;
+mod twins;
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use tokio::sync::{Notify, OwnedMutexGuard};
+
+pub use auth::{PolicyKeys, SAS_SKEW_SECS};
+pub use error::{AuthError, HubError};
+pub use methods::{MAX_METHOD_PAYLOAD, MethodCall, MethodOutcome, validate_method_name};
+pub use record::{NEVER, timestamp};
+pub use registry::{TUTORIAL_DEVICE_ID, validate_device_id};
+pub use router::{Outbound, SESSION_QUEUE, SessionTicket, Subscriptions};
+
+use crate::store::{Store, Write};
+use methods::PendingMethod;
+use record::DeviceRecord;
+use router::Sessions;
+
+/// The registry as committed.
+struct State {
+    devices: BTreeMap<String, DeviceRecord>,
+}
+
+struct Inner {
+    host_names: Vec<String>,
+    policies: Vec<(PolicyKeys, hub_core::policy::Permissions)>,
+    writes: WriteLocks,
+    state: Mutex<State>,
+    sessions: Mutex<Sessions>,
+    pending: Mutex<HashMap<u64, PendingMethod>>,
+    presence: Notify,
+    next_id: AtomicU64,
+    store: Store,
+}
+
+/// A cheap handle to the hub's shared state.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("host_names", &self.inner.host_names)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a hub lock is a bug already reported; the data is still consistent
+    // because every change is staged and committed before it is applied.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Per-device write locks (lock 1 of the module's order), made on first use and dropped when
+/// nobody holds or waits for them, so memory follows the devices being written, not the fleet.
+#[derive(Default)]
+struct WriteLocks {
+    held: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The write locks of a set of devices; released (and forgotten when unused) on drop.
+struct WriteGuard<'a> {
+    locks: &'a WriteLocks,
+    ids: Vec<String>,
+    waiting: Vec<Arc<tokio::sync::Mutex<()>>>,
+    guards: Vec<OwnedMutexGuard<()>>,
+}
+
+impl WriteLocks {
+    /// Takes the write locks of `ids` in id order (so two batches never deadlock); tokio's mutex
+    /// is fair, so a device's changes are applied in the order they asked.
+    async fn lock<'a>(&'a self, ids: impl IntoIterator<Item = &str>) -> WriteGuard<'a> {
+        let mut ids: Vec<String> = ids.into_iter().map(str::to_owned).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let waiting: Vec<_> = {
+            let mut held = lock(&self.held);
+            ids.iter()
+                .map(|id| Arc::clone(held.entry(id.clone()).or_default()))
+                .collect()
+        };
+        // The guard owns everything before the first await: if this future is dropped midway,
+        // its drop still releases and forgets what it took.
+        let mut guard = WriteGuard {
+            locks: self,
+            guards: Vec::with_capacity(ids.len()),
+            ids,
+            waiting,
+        };
+        guard.waiting.reverse();
+        while let Some(mutex) = guard.waiting.pop() {
+            let taken = mutex.lock_owned().await;
+            guard.guards.push(taken);
+        }
+        guard
+    }
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        self.guards.clear();
+        self.waiting.clear();
+        let mut held = lock(&self.locks.held);
+        for id in &self.ids {
+            if held.get(id).is_some_and(|m| Arc::strong_count(m) == 1) {
+                held.remove(id);
+            }
+        }
+    }
+}
+
+/// A staged change of device records: what to put (with the desired patch its device should
+/// receive) and what to delete. Made under the devices' write locks from committed records.
+#[derive(Default)]
+struct DeviceChange {
+    put: Vec<(DeviceRecord, Option<Map<String, Value>>)>,
+    delete: Vec<String>,
+}
+
+impl Hub {
+    /// Opens the hub over `store`: loads its policies (creating keys on first start), its devices,
+    /// and creates the tutorial device on a new hub. `host_names` are the names clients may use
+    /// in SAS audiences (the first is the primary one). Blocking: call it before serving.
+    pub fn open(store: Store, host_names: Vec<String>) -> Result<Hub, HubError> {
+        let policies = auth::load_policies(&store)?;
+        let devices = registry::load_devices(&store)?;
+        let hub = Hub {
+            inner: Arc::new(Inner {
+                host_names,
+                policies,
+                writes: WriteLocks::default(),
+                state: Mutex::new(State { devices }),
+                sessions: Mutex::new(HashMap::new()),
+                pending: Mutex::new(HashMap::new()),
+                presence: Notify::new(),
+                next_id: AtomicU64::new(1),
+                store,
+            }),
+        };
+        if hub.inner.store.meta("created")?.is_none() {
+            hub.create_tutorial_device()?;
+            hub.inner.store.write(&[Write::PutMeta {
+                key: "created".into(),
+                value: hub.now(),
+            }])?;
+        }
+        Ok(hub)
+    }
+
+    /// The durable store (jobs keep their records there too).
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The hub's primary host name.
+    pub fn host_name(&self) -> &str {
+        self.inner
+            .host_names
+            .first()
+            .map(String::as_str)
+            .unwrap_or("localhost")
+    }
+
+    fn now(&self) -> String {
+        timestamp(OffsetDateTime::now_utc())
+    }
+
+    fn next_id(&self) -> u64 {
+        self.inner.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Runs a change on its own task and waits for it: once started, it commits and applies even
+    /// if the caller stops waiting (see the module's invariants).
+    async fn detached<T: Send + 'static>(
+        &self,
+        change: impl Future<Output = Result<T, HubError>> + Send + 'static,
+    ) -> Result<T, HubError> {
+        tokio::spawn(change)
+            .await
+            .map_err(|e| HubError::Internal(format!("a registry change did not finish: {e}")))?
+    }
+
+    /// Commits a staged change, then applies it to `state` and queues its desired patches. The
+    /// caller holds the write locks of every device in `change`; no std lock is held here while
+    /// records are serialized or committed.
+    async fn commit_devices(&self, change: DeviceChange) -> Result<(), HubError> {
+        if self.inner.store.is_durable() {
+            let mut writes = Vec::with_capacity(change.put.len() + change.delete.len());
+            for (record, _) in &change.put {
+                let doc = serde_json::to_string(record)
+                    .map_err(|e| HubError::Internal(format!("cannot encode a device: {e}")))?;
+                writes.push(Write::PutDevice {
+                    id: record.device_id.clone(),
+                    doc,
+                });
+            }
+            writes.extend(
+                change
+                    .delete
+                    .iter()
+                    .map(|id| Write::DeleteDevice { id: id.clone() }),
+            );
+            self.inner.store.commit(writes).await?;
+        }
+        let mut state = lock(&self.inner.state);
+        let sessions = lock(&self.inner.sessions);
+        for (mut record, desired_patch) in change.put {
+            if let Some(current) = state.devices.get(&record.device_id) {
+                record.keep_presence_of(current);
+            }
+            if let Some(patch) = desired_patch {
+                router::queue_desired_patch(&sessions, &record.device_id, patch);
+            }
+            state.devices.insert(record.device_id.clone(), record);
+        }
+        for id in &change.delete {
+            state.devices.remove(id);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,204 @@
+//! One device as the hub keeps it ([`DeviceRecord`]: identity, keys, twin sections, presence)
+//! and the documents built from it: the registry's device, the service's twin, etags.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use time::OffsetDateTime;
+
+/// The zero time IoT Hub shows for "never".
+pub const NEVER: &str = "0001-01-01T00:00:00Z";
+
+/// Formats a time as IoT Hub does in twins and identities (`2024-01-01T00:00:00.000Z`).
+pub fn timestamp(at: OffsetDateTime) -> String {
+    hub_core::timestamp::format_millis(at)
+}
+
+/// A device identity and its twin, as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct DeviceRecord {
+    pub(super) device_id: String,
+    pub(super) generation_id: String,
+    pub(super) etag_seq: u64,
+    pub(super) status: String,
+    pub(super) status_reason: Option<String>,
+    pub(super) status_updated_time: String,
+    pub(super) auth_type: String,
+    pub(super) primary_key: Option<String>,
+    pub(super) secondary_key: Option<String>,
+    pub(super) primary_thumbprint: Option<String>,
+    pub(super) secondary_thumbprint: Option<String>,
+    pub(super) iot_edge: bool,
+    #[serde(default)]
+    pub(super) device_scope: Option<String>,
+    pub(super) twin_version: u64,
+    pub(super) tags: Map<String, Value>,
+    pub(super) desired: Map<String, Value>,
+    pub(super) reported: Map<String, Value>,
+    pub(super) last_activity_time: String,
+    #[serde(default)]
+    pub(super) model_id: String,
+    /// The twin jobs whose patch this twin already has (newest last, bounded), saved with the
+    /// twin itself so that a job resumed after a crash never applies its patch twice.
+    #[serde(default)]
+    pub(super) twin_jobs_applied: Vec<String>,
+    #[serde(skip)]
+    pub(super) connected: bool,
+    #[serde(skip, default = "never")]
+    pub(super) connection_state_updated_time: String,
+    #[serde(skip, default = "empty_doc")]
+    pub(super) doc: Arc<Value>,
+}
+
+fn never() -> String {
+    NEVER.to_owned()
+}
+
+pub(super) fn empty_doc() -> Arc<Value> {
+    Arc::new(Value::Null)
+}
+
+pub(super) fn etag_of(seq: u64) -> String {
+    BASE64.encode(seq.to_string())
+}
+
+pub(super) fn twin_etag_of(version: u64) -> String {
+    BASE64.encode(version.to_be_bytes())
+}
+
+pub(super) fn matches_etag(if_match: Option<&str>, current: &str) -> bool {
+    match if_match.map(|v| v.trim().trim_start_matches("W/").trim_matches('"')) {
+        None | Some("*") | Some("") => true,
+        Some(given) => given == current,
+    }
+}
+
+impl DeviceRecord {
+    pub(super) fn connection_state(&self) -> &'static str {
+        if self.connected {
+            "Connected"
+        } else {
+            "Disconnected"
+        }
+    }
+
+    pub(super) fn etag(&self) -> String {
+        etag_of(self.etag_seq)
+    }
+
+    pub(super) fn device_json(&self) -> Value {
+        json!({
+            "deviceId": self.device_id,
+            "moduleId": null,
+            "generationId": self.generation_id,
+            "etag": self.etag(),
+            "connectionState": self.connection_state(),
+            "status": self.status,
+            "statusReason": self.status_reason,
+            "connectionStateUpdatedTime": self.connection_state_updated_time,
+            "statusUpdatedTime": self.status_updated_time,
+            "lastActivityTime": self.last_activity_time,
+            "cloudToDeviceMessageCount": 0,
+            "authentication": {
+                "symmetricKey": {"primaryKey": self.primary_key, "secondaryKey": self.secondary_key},
+                "x509Thumbprint": {"primaryThumbprint": self.primary_thumbprint, "secondaryThumbprint": self.secondary_thumbprint},
+                "type": self.auth_type,
+            },
+            "capabilities": {"iotEdge": self.iot_edge},
+            "deviceScope": self.device_scope,
+        })
+    }
+
+    pub(super) fn twin_json(&self) -> Value {
+        json!({
+            "deviceId": self.device_id,
+            "etag": twin_etag_of(self.twin_version),
+            "deviceEtag": self.etag(),
+            "status": self.status,
+            "statusReason": self.status_reason,
+            "statusUpdateTime": self.status_updated_time,
+            "connectionState": self.connection_state(),
+            "lastActivityTime": self.last_activity_time,
+            "cloudToDeviceMessageCount": 0,
+            "authenticationType": self.auth_type,
+            "x509Thumbprint": {"primaryThumbprint": self.primary_thumbprint, "secondaryThumbprint": self.secondary_thumbprint},
+            "modelId": self.model_id,
+            "version": self.twin_version,
+            "tags": self.tags,
+            "properties": {"desired": self.desired, "reported": self.reported},
+            "capabilities": {"iotEdge": self.iot_edge},
+        })
+    }
+
+    pub(super) fn refresh(&mut self) {
+        self.doc = Arc::new(self.twin_json());
+    }
+
+    /// The twin document's etag.
+    pub(super) fn twin_etag(&self) -> String {
+        twin_etag_of(self.twin_version)
+    }
+
+    /// Takes over what connection events changed on `current` (kept in memory, not under the
+    /// device's write lock) while this record was being staged and committed, so applying a
+    /// staged change never reverts a connect, a disconnect or a newer activity time.
+    pub(super) fn keep_presence_of(&mut self, current: &DeviceRecord) {
+        self.connected = current.connected;
+        self.connection_state_updated_time = current.connection_state_updated_time.clone();
+        // Both are `2024-01-01T00:00:00.000Z` strings (or `NEVER`): text order is time order.
+        if current.last_activity_time > self.last_activity_time {
+            self.last_activity_time = current.last_activity_time.clone();
+        }
+    }
+
+    /// Records a connect or disconnect and brings the cached twin document up to date by
+    /// changing only the fields a connection event changes (`connectionState` and
+    /// `lastActivityTime`) instead of rebuilding it: this runs on every MQTT connect
+    /// and disconnect, under the state lock. The result equals [`DeviceRecord::refresh`]; a
+    /// document still shared with a query snapshot is copied first, so snapshots never change.
+    pub(super) fn set_connected(&mut self, connected: bool, now: String) {
+        self.connected = connected;
+        if connected {
+            self.last_activity_time = now.clone();
+        }
+        self.connection_state_updated_time = now;
+        let state = self.connection_state();
+        if let Value::Object(doc) = Arc::make_mut(&mut self.doc) {
+            doc.insert("connectionState".to_owned(), Value::from(state));
+            // Also on disconnect: `touch` leaves the cached document's activity time stale.
+            doc.insert(
+                "lastActivityTime".to_owned(),
+                Value::from(self.last_activity_time.as_str()),
+            );
+        } else {
+            self.refresh();
+        }
+    }
+}
+
+pub(super) fn random_key() -> String {
+    let mut bytes = [0u8; 32];
+    fill_random(&mut bytes);
+    BASE64.encode(bytes)
+}
+
+fn fill_random(bytes: &mut [u8]) {
+    use ring::rand::SecureRandom as _;
+    // The system RNG only fails when the OS has none; nothing secure can be made then.
+    #[allow(clippy::expect_used)]
+    ring::rand::SystemRandom::new()
+        .fill(bytes)
+        .expect("the operating system's random number generator failed");
+}
+
+pub(super) fn generation_id() -> String {
+    let mut bytes = [0u8; 8];
+    fill_random(&mut bytes);
+    format!(
+        "638{:015}",
+        u64::from_le_bytes(bytes) % 1_000_000_000_000_000
+    )
+}

@@ -1,0 +1,203 @@
+//! The router to connected device sessions: the session table (one per device, with what it
+//! subscribed to), presence (connection state in the registry, the wake-up for calls waiting on
+//! a device), and the outbound queue each session reads.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use hub_core::topic::Topic;
+
+use super::{Hub, State, lock};
+
+/// How many messages may wait for one device session before the hub drops it.
+pub const SESSION_QUEUE: usize = 64;
+
+/// What a device session is asked to send.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// Publish on `topic`; the session picks the QoS its subscription was granted.
+    Publish { topic: String, payload: Bytes },
+}
+
+/// Which hub-to-device streams a session has subscribed to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Subscriptions {
+    /// `$iothub/methods/POST/#`.
+    pub methods: bool,
+    /// `$iothub/twin/PATCH/properties/desired/#`.
+    pub desired: bool,
+    /// `$iothub/twin/res/#`.
+    pub twin_responses: bool,
+    /// `devices/{id}/messages/devicebound/#`.
+    pub c2d: bool,
+}
+
+pub(super) struct SessionEntry {
+    pub(super) conn_id: u64,
+    pub(super) tx: mpsc::Sender<Outbound>,
+    pub(super) kill: CancellationToken,
+    pub(super) subscriptions: Subscriptions,
+}
+
+/// A connected session's registration; the session loop keeps it and passes it back.
+#[derive(Debug)]
+pub struct SessionTicket {
+    /// The device this session speaks for.
+    pub device_id: String,
+    /// Unique per connection, so a replaced session cannot unregister its successor.
+    pub conn_id: u64,
+    /// Cancelled when the hub drops the session (replaced, backed up, or shutting down).
+    pub kill: CancellationToken,
+    /// What the hub sends this session.
+    pub outbound: mpsc::Receiver<Outbound>,
+    /// When the device's SAS token expires (Unix seconds), if it does.
+    pub token_expiry: Option<u64>,
+}
+
+/// The sessions table: device id to its one live session.
+pub(super) type Sessions = HashMap<String, SessionEntry>;
+
+/// Queues a desired-properties patch (with its `$version`) to the device's session, if it
+/// subscribed to them. The caller holds the state and sessions locks and the device's write lock
+/// and calls this in the order the versions were committed: that is what makes a device see its
+/// desired patches in version order.
+pub(super) fn queue_desired_patch(sessions: &Sessions, device_id: &str, patch: Map<String, Value>) {
+    let Some(session) = sessions.get(device_id).filter(|s| s.subscriptions.desired) else {
+        return;
+    };
+    let version = patch
+        .get("$version")
+        .and_then(Value::as_u64)
+        .unwrap_or_default();
+    let message = Outbound::Publish {
+        topic: Topic::TwinDesiredPatch { version }.to_string(),
+        payload: Bytes::from(Value::Object(patch).to_string()),
+    };
+    if session.tx.try_send(message).is_err() {
+        // The device is not reading; dropping it makes it reconnect and re-read its twin, which
+        // is how IoT Hub devices catch up on missed patches.
+        session.kill.cancel();
+    }
+}
+
+impl Hub {
+    /// Registers a newly authenticated session, replacing (and closing) any earlier one.
+    pub fn attach_session(&self, device_id: &str, token_expiry: Option<u64>) -> SessionTicket {
+        let conn_id = self.next_id();
+        let (tx, outbound) = mpsc::channel(SESSION_QUEUE);
+        let kill = CancellationToken::new();
+        let entry = SessionEntry {
+            conn_id,
+            tx,
+            kill: kill.clone(),
+            subscriptions: Subscriptions::default(),
+        };
+        let now = self.now();
+        // The session table and the registry's connection state change under both locks (state
+        // first), so a detach racing with a newer attach cannot leave the device `Disconnected`.
+        let mut state = lock(&self.inner.state);
+        let previous = lock(&self.inner.sessions).insert(device_id.to_owned(), entry);
+        if let Some(device) = state.devices.get_mut(device_id) {
+            device.set_connected(true, now);
+        }
+        drop(state);
+        if let Some(previous) = previous {
+            previous.kill.cancel();
+        }
+        SessionTicket {
+            device_id: device_id.to_owned(),
+            conn_id,
+            kill,
+            outbound,
+            token_expiry,
+        }
+    }
+
+    /// Unregisters a session that ended (a no-op if it was already replaced).
+    pub fn detach_session(&self, ticket: &SessionTicket) {
+        let now = self.now();
+        let mut state = lock(&self.inner.state);
+        let removed = {
+            let mut sessions = lock(&self.inner.sessions);
+            match sessions.get(&ticket.device_id) {
+                Some(entry) if entry.conn_id == ticket.conn_id => {
+                    sessions.remove(&ticket.device_id).is_some()
+                }
+                _ => false,
+            }
+        };
+        if removed {
+            mark_disconnected(&mut state, &ticket.device_id, now);
+        }
+    }
+
+    /// Records that a session subscribed to a hub-to-device stream.
+    pub fn set_subscriptions(
+        &self,
+        ticket: &SessionTicket,
+        update: impl FnOnce(&mut Subscriptions),
+    ) {
+        if let Some(entry) = lock(&self.inner.sessions).get_mut(&ticket.device_id)
+            && entry.conn_id == ticket.conn_id
+        {
+            update(&mut entry.subscriptions);
+        }
+        self.inner.presence.notify_waiters();
+    }
+
+    /// Updates the device's last activity time (kept in memory; not user data).
+    pub fn touch(&self, device_id: &str) {
+        let now = self.now();
+        if let Some(device) = lock(&self.inner.state).devices.get_mut(device_id) {
+            device.last_activity_time = now;
+            // The cached document is refreshed on the next twin change or connection event;
+            // rebuilding it on every packet would cost more than the query freshness is worth.
+        }
+    }
+
+    /// Closes a device's session, if any (device deleted or disabled).
+    pub fn kill_session(&self, device_id: &str) {
+        let now = self.now();
+        let mut state = lock(&self.inner.state);
+        let removed = lock(&self.inner.sessions).remove(device_id);
+        if let Some(entry) = removed {
+            // The session's own detach will find its entry gone: record the disconnect here.
+            mark_disconnected(&mut state, device_id, now);
+            entry.kill.cancel();
+        }
+        drop(state);
+        self.inner.presence.notify_waiters();
+    }
+
+    /// Closes every session (shutdown).
+    pub fn kill_all_sessions(&self) {
+        let now = self.now();
+        let mut state = lock(&self.inner.state);
+        for (device_id, entry) in lock(&self.inner.sessions).drain() {
+            mark_disconnected(&mut state, &device_id, now.clone());
+            entry.kill.cancel();
+        }
+    }
+
+    /// How many device sessions are connected.
+    pub fn connected_count(&self) -> usize {
+        lock(&self.inner.sessions).len()
+    }
+
+    /// Whether the device is connected and subscribed to method requests.
+    pub fn method_ready(&self, device_id: &str) -> bool {
+        lock(&self.inner.sessions)
+            .get(device_id)
+            .is_some_and(|s| s.subscriptions.methods)
+    }
+}
+
+fn mark_disconnected(state: &mut State, device_id: &str, now: String) {
+    if let Some(device) = state.devices.get_mut(device_id) {
+        device.set_connected(false, now);
+    }
+}

@@ -1,0 +1,176 @@
+//! Unit tests of the hub's state: registry, twins and method calls.
+
+use serde_json::json;
+
+use super::*;
+
+fn hub() -> Hub {
+    Hub::open(Store::in_memory(), vec!["localhost".into()]).expect("hub")
+}
+
+#[test]
+fn fresh_hub_has_the_tutorial_device_with_keys() {
+    let hub = hub();
+    let device = hub.get_device(TUTORIAL_DEVICE_ID).expect("device");
+    assert_eq!(device["status"], "enabled");
+    assert_eq!(device["connectionState"], "Disconnected");
+    assert!(
+        device["authentication"]["symmetricKey"]["primaryKey"]
+            .as_str()
+            .is_some_and(|k| k.len() == 44)
+    );
+    let owner = hub.policy_keys("iothubowner").expect("iothubowner");
+    let debug = format!("{owner:?}");
+    assert!(
+        !debug.contains(&owner.primary_key) && !debug.contains(&owner.secondary_key),
+        "Debug must not show keys: {debug}"
+    );
+}
+
+#[tokio::test]
+async fn create_update_delete_follow_etags() {
+    let hub = hub();
+    let created = hub
+        .create_or_update_device("dev2", &json!({"deviceId": "dev2"}), None)
+        .await
+        .expect("create");
+    let etag = created["etag"].as_str().expect("etag").to_owned();
+    assert!(matches!(
+        hub.create_or_update_device("dev2", &json!({"deviceId": "dev2"}), None)
+            .await,
+        Err(HubError::DeviceAlreadyExists(_))
+    ));
+    assert!(matches!(
+        hub.create_or_update_device("dev2", &json!({"status": "disabled"}), Some("\"bogus\""))
+            .await,
+        Err(HubError::PreconditionFailed { .. })
+    ));
+    let updated = hub
+        .create_or_update_device(
+            "dev2",
+            &json!({"status": "disabled"}),
+            Some(&format!("\"{etag}\"")),
+        )
+        .await
+        .expect("update");
+    assert_eq!(updated["status"], "disabled");
+    assert_eq!(
+        updated["authentication"]["symmetricKey"]["primaryKey"],
+        created["authentication"]["symmetricKey"]["primaryKey"],
+        "keys are kept when an update does not give them"
+    );
+    hub.delete_device("dev2", Some("*")).await.expect("delete");
+    assert!(matches!(
+        hub.get_device("dev2"),
+        Err(HubError::DeviceNotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn twin_patch_versions_and_etag() {
+    let hub = hub();
+    let twin = hub.get_twin(TUTORIAL_DEVICE_ID).expect("twin");
+    let etag = twin["etag"].as_str().expect("etag").to_owned();
+    let patched = hub
+        .update_twin(
+            TUTORIAL_DEVICE_ID,
+            &json!({"tags": {"building": "43"}, "properties": {"desired": {"floor": 3}}}),
+            Some(&format!("\"{etag}\"")),
+            false,
+        )
+        .await
+        .expect("patch");
+    assert_eq!(patched["properties"]["desired"]["floor"], 3);
+    assert_eq!(patched["properties"]["desired"]["$version"], 2);
+    assert_eq!(patched["tags"]["building"], "43");
+    assert!(matches!(
+        hub.update_twin(
+            TUTORIAL_DEVICE_ID,
+            &json!({"tags": {"a": 1}}),
+            Some(&format!("\"{etag}\"")),
+            false
+        )
+        .await,
+        Err(HubError::PreconditionFailed { .. })
+    ));
+    assert!(matches!(
+        hub.update_twin(
+            TUTORIAL_DEVICE_ID,
+            &json!({"properties": {"reported": {"x": 1}}}),
+            None,
+            false
+        )
+        .await,
+        Err(HubError::InvalidArgument(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_twin_job_patch_is_applied_once_per_device() {
+    let hub = hub();
+    let patch = json!({"properties": {"desired": {"building": 43}}});
+    let ids = || vec![TUTORIAL_DEVICE_ID.to_owned()];
+    let first = hub
+        .update_twins_for_job(
+            ids(),
+            patch.clone(),
+            Some("*".into()),
+            false,
+            Some("job-1".into()),
+        )
+        .await;
+    let first = first[0].as_ref().expect("first apply");
+    // A resumed job repeats the batch: the twin must not change again.
+    let again = hub
+        .update_twins_for_job(
+            ids(),
+            patch.clone(),
+            Some("*".into()),
+            false,
+            Some("job-1".into()),
+        )
+        .await;
+    let again = again[0].as_ref().expect("repeat");
+    assert_eq!(again["version"], first["version"]);
+    assert_eq!(
+        again["properties"]["desired"]["$version"],
+        first["properties"]["desired"]["$version"]
+    );
+    // Another job, or a plain update, still applies.
+    let other = hub
+        .update_twins_for_job(
+            ids(),
+            patch.clone(),
+            Some("*".into()),
+            false,
+            Some("job-2".into()),
+        )
+        .await;
+    let other = other[0].as_ref().expect("other job");
+    assert_ne!(other["version"], first["version"]);
+}
+
+#[test]
+fn method_call_validation() {
+    assert!(
+        MethodCall::from_request(
+            &json!({"methodName": "lockDoor", "payload": {"lockTime": "10m"}})
+        )
+        .is_ok()
+    );
+    for bad in [
+        json!({"payload": 1}),
+        json!({"methodName": "a b"}),
+        json!({"methodName": "x", "responseTimeoutInSeconds": 4}),
+        json!({"methodName": "x", "responseTimeoutInSeconds": 301}),
+        json!({"methodName": "x", "connectTimeoutInSeconds": -1}),
+        json!("nope"),
+    ] {
+        assert!(MethodCall::from_request(&bad).is_err(), "{bad}");
+    }
+    let big = json!({"methodName": "x", "payload": "y".repeat(MAX_METHOD_PAYLOAD)});
+    assert!(matches!(
+        MethodCall::from_request(&big),
+        Err(HubError::MessageTooLarge(_))
+    ));
+}

@@ -1,0 +1,264 @@
+//! Twins as the hub changes them: service updates of tags and desired properties (`PATCH` and
+//! `PUT /twins/{id}`, and a twin job's batches, applied at most once per job and device), device
+//! reported-property patches, and the twin documents that reads, queries and jobs see.
+
+use std::ops::Bound;
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
+
+use super::record::{DeviceRecord, matches_etag};
+use super::{DeviceChange, Hub, HubError, lock};
+use crate::twins::{self, Section, TwinError};
+
+/// How many twin-job ids a twin remembers: more than the active-job cap (the default is 10), so
+/// a resumed job always finds its own.
+const TWIN_JOBS_REMEMBERED: usize = 32;
+
+/// One device's place in a twin batch: its staged record, or the twin as it is.
+enum Staged {
+    Changed(Box<DeviceRecord>, Option<Map<String, Value>>),
+    AlreadyApplied(Arc<Value>),
+}
+
+/// Applies a service update (`tags`, `desired`) to `record`, as of `now`. `replace` replaces
+/// the sections (`PUT`) instead of merging (`PATCH`); `job_id` makes it a twin job's update,
+/// applied once.
+fn stage_twin_update(
+    mut record: DeviceRecord,
+    (tags, desired): TwinUpdateParts<'_>,
+    if_match: Option<&str>,
+    replace: bool,
+    job_id: Option<&str>,
+    now: &str,
+) -> Result<Staged, HubError> {
+    if !matches_etag(if_match, &record.twin_etag()) {
+        return Err(HubError::PreconditionFailed {
+            what: "twin",
+            id: record.device_id,
+        });
+    }
+    if let Some(job) = job_id {
+        if record.twin_jobs_applied.iter().any(|j| j == job) {
+            return Ok(Staged::AlreadyApplied(record.doc));
+        }
+        if record.twin_jobs_applied.len() >= TWIN_JOBS_REMEMBERED {
+            record.twin_jobs_applied.remove(0);
+        }
+        record.twin_jobs_applied.push(job.to_owned());
+    }
+    if let Some(tags) = tags {
+        if replace {
+            twins::validate_patch("tags", tags)?;
+            record.tags = tags.as_object().cloned().unwrap_or_default();
+            let size = twins::section_size(&record.tags);
+            if size > twins::MAX_TAGS_BYTES {
+                return Err(TwinError::TooLarge {
+                    section: "tags",
+                    size,
+                    limit: twins::MAX_TAGS_BYTES,
+                }
+                .into());
+            }
+        } else {
+            twins::apply_tags(&mut record.tags, tags)?;
+        }
+    }
+    let mut notify = None;
+    if let Some(desired) = desired {
+        let (version, mut patch) = if replace {
+            twins::replace_section(&mut record.desired, desired, Section::Desired, now)?
+        } else {
+            let version = twins::apply_patch(&mut record.desired, desired, Section::Desired, now)?;
+            (version, desired.as_object().cloned().unwrap_or_default())
+        };
+        patch.insert("$version".into(), Value::from(version));
+        notify = Some(patch);
+    }
+    record.twin_version += 1;
+    record.refresh();
+    Ok(Staged::Changed(Box::new(record), notify))
+}
+
+impl Hub {
+    /// `GET /twins/{id}`.
+    pub fn get_twin(&self, id: &str) -> Result<Value, HubError> {
+        lock(&self.inner.state)
+            .devices
+            .get(id)
+            .map(|d| (*d.doc).clone())
+            .ok_or_else(|| HubError::DeviceNotFound(id.to_owned()))
+    }
+
+    /// Twin documents in device-id order, starting after `after`: a consistent snapshot for
+    /// queries and jobs (documents are shared, not copied).
+    pub fn twin_documents_after(&self, after: Option<&str>) -> Vec<Arc<Value>> {
+        let state = lock(&self.inner.state);
+        let range = match after {
+            Some(after) => state
+                .devices
+                .range::<str, _>((Bound::Excluded(after), Bound::Unbounded)),
+            None => state.devices.range::<str, _>(..),
+        };
+        range.map(|(_, d)| Arc::clone(&d.doc)).collect()
+    }
+
+    /// `PATCH /twins/{id}` (`replace == false`) or `PUT /twins/{id}` (`replace == true`):
+    /// tags and desired properties; reported properties are the device's and are refused.
+    pub async fn update_twin(
+        &self,
+        id: &str,
+        body: &Value,
+        if_match: Option<&str>,
+        replace: bool,
+    ) -> Result<Value, HubError> {
+        let mut results = self
+            .update_twins_for_job(
+                vec![id.to_owned()],
+                body.clone(),
+                if_match.map(str::to_owned),
+                replace,
+                None,
+            )
+            .await;
+        results
+            .pop()
+            .unwrap_or_else(|| Err(HubError::DeviceNotFound(id.to_owned())))
+            .map(|doc| (*doc).clone())
+    }
+
+    /// Applies one twin update to many devices in one durable transaction, as twin job `job_id`
+    /// when given: a twin that already has this job's patch is left as it is (and reported as
+    /// updated), which makes resuming a job after a crash apply its patch at most once per
+    /// device. Returns one result per id, in order.
+    pub async fn update_twins_for_job(
+        &self,
+        ids: Vec<String>,
+        body: Value,
+        if_match: Option<String>,
+        replace: bool,
+        job_id: Option<String>,
+    ) -> Vec<Result<Arc<Value>, HubError>> {
+        let hub = self.clone();
+        let count = ids.len();
+        let batch = async move {
+            let parsed = parse_twin_update(&body).map_err(HubError::InvalidArgument);
+            let _writing = hub.inner.writes.lock(ids.iter().map(String::as_str)).await;
+            // Copies of the committed records: staging (merges, documents) runs without the
+            // state lock; the write locks keep these records from changing meanwhile.
+            let current: Vec<Option<DeviceRecord>> = {
+                let state = lock(&hub.inner.state);
+                ids.iter()
+                    .map(|id| state.devices.get(id).cloned())
+                    .collect()
+            };
+            let now = hub.now();
+            let mut change = DeviceChange::default();
+            let mut results: Vec<Result<Arc<Value>, HubError>> = Vec::with_capacity(ids.len());
+            for (id, current) in ids.iter().zip(current) {
+                let staged = match (&parsed, current) {
+                    (Err(e), _) => Err(HubError::InvalidArgument(e.to_string())),
+                    (Ok(_), None) => Err(HubError::DeviceNotFound(id.clone())),
+                    (Ok(parts), Some(record)) => stage_twin_update(
+                        record,
+                        *parts,
+                        if_match.as_deref(),
+                        replace,
+                        job_id.as_deref(),
+                        &now,
+                    ),
+                };
+                results.push(staged.map(|staged| match staged {
+                    Staged::Changed(record, notify) => {
+                        let doc = Arc::clone(&record.doc);
+                        change.put.push((*record, notify));
+                        doc
+                    }
+                    Staged::AlreadyApplied(doc) => doc,
+                }));
+            }
+            // One transaction for the whole batch: either every staged change is durable or
+            // none is.
+            if let Err(e) = hub.commit_devices(change).await {
+                let message = e.to_string();
+                return Ok(ids
+                    .iter()
+                    .map(|_| Err(HubError::NotSaved(message.clone())))
+                    .collect());
+            }
+            Ok(results)
+        };
+        match self.detached(batch).await {
+            Ok(results) => results,
+            Err(e) => {
+                let message = e.to_string();
+                (0..count)
+                    .map(|_| Err(HubError::NotSaved(message.clone())))
+                    .collect()
+            }
+        }
+    }
+
+    /// The device's twin GET answer: `{"desired": {...}, "reported": {...}}` without metadata.
+    pub fn device_twin(&self, id: &str) -> Option<Value> {
+        let state = lock(&self.inner.state);
+        let device = state.devices.get(id)?;
+        Some(json!({
+            "desired": twins::without_metadata(&device.desired),
+            "reported": twins::without_metadata(&device.reported),
+        }))
+    }
+
+    /// A device's reported-properties patch. Returns the new reported `$version`.
+    pub async fn patch_reported(&self, id: &str, patch: Value) -> Result<u64, HubError> {
+        let (hub, id) = (self.clone(), id.to_owned());
+        self.detached(async move {
+            let _writing = hub.inner.writes.lock([id.as_str()]).await;
+            let current = lock(&hub.inner.state).devices.get(&id).cloned();
+            let mut record = current.ok_or_else(|| HubError::DeviceNotFound(id.clone()))?;
+            let now = hub.now();
+            let version =
+                twins::apply_patch(&mut record.reported, &patch, Section::Reported, &now)?;
+            record.twin_version += 1;
+            record.last_activity_time = now;
+            record.refresh();
+            hub.commit_devices(DeviceChange {
+                put: vec![(record, None)],
+                delete: Vec::new(),
+            })
+            .await?;
+            Ok(version)
+        })
+        .await
+    }
+}
+
+type TwinUpdateParts<'a> = (Option<&'a Value>, Option<&'a Value>);
+
+fn parse_twin_update(body: &Value) -> Result<TwinUpdateParts<'_>, String> {
+    let Value::Object(map) = body else {
+        return Err(
+            "the twin update must be a JSON object with tags and/or properties.desired".into(),
+        );
+    };
+    let tags = map.get("tags").filter(|v| !v.is_null());
+    let properties = map.get("properties").filter(|v| !v.is_null());
+    if let Some(props) = properties {
+        let Value::Object(props) = props else {
+            return Err("properties must be an object with desired".into());
+        };
+        if props
+            .get("reported")
+            .is_some_and(|r| !r.is_null() && r.as_object().is_none_or(|o| !o.is_empty()))
+        {
+            return Err(
+                "properties.reported is written by the device and cannot be updated by the service"
+                    .into(),
+            );
+        }
+    }
+    let desired = properties
+        .and_then(|p| p.get("desired"))
+        .filter(|v| !v.is_null());
+    Ok((tags, desired))
+}
