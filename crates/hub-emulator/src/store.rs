@@ -578,4 +578,54 @@ mod tests {
         assert!(store.load_devices().expect("load").is_empty());
         assert!(!store.is_durable());
     }
+
+    #[tokio::test]
+    async fn commits_apply_in_queue_order_even_when_not_awaited() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("hub.db");
+        {
+            let store = Store::open(&path).expect("open");
+            let pending: Vec<_> = (0..200)
+                .map(|i| {
+                    store.commit(vec![Write::PutMeta {
+                        key: "k".into(),
+                        value: i.to_string(),
+                    }])
+                })
+                .collect();
+            // One future is dropped unawaited: its commit still happens.
+            let mut pending = pending.into_iter().rev();
+            drop(pending.next());
+            for commit in pending {
+                commit.await.expect("commit");
+            }
+            store
+                .commit(vec![Write::PutMeta {
+                    key: "other".into(),
+                    value: "x".into(),
+                }])
+                .await
+                .expect("commit");
+        }
+        let store = Store::open(&path).expect("reopen");
+        assert_eq!(
+            store.meta("k").expect("meta").as_deref(),
+            Some("199"),
+            "the last queued commit is the last applied, awaited or not"
+        );
+        assert_eq!(store.meta("other").expect("meta").as_deref(), Some("x"));
+    }
+
+    #[tokio::test]
+    async fn an_in_memory_commit_succeeds_and_keeps_nothing() {
+        let store = Store::in_memory();
+        store
+            .commit(vec![Write::PutMeta {
+                key: "k".into(),
+                value: "v".into(),
+            }])
+            .await
+            .expect("commit");
+        assert_eq!(store.meta("k").expect("meta"), None);
+    }
 }

@@ -174,3 +174,88 @@ fn method_call_validation() {
         Err(HubError::MessageTooLarge(_))
     ));
 }
+
+fn durable_hub(dir: &std::path::Path) -> Hub {
+    let store = Store::open(&dir.join("hub.db")).expect("store");
+    Hub::open(store, vec!["localhost".into()]).expect("hub")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_changes_of_one_device_are_serialized_by_its_write_lock() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hub = durable_hub(dir.path());
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                hub.patch_reported(TUTORIAL_DEVICE_ID, json!({ format!("k{i}"): i }))
+                    .await
+            })
+        })
+        .collect();
+    let mut versions = Vec::new();
+    for task in tasks {
+        versions.push(task.await.expect("task").expect("patch"));
+    }
+    versions.sort_unstable();
+    assert_eq!(
+        versions,
+        (2..=65).collect::<Vec<u64>>(),
+        "every patch got its own version"
+    );
+    let twin = hub.get_twin(TUTORIAL_DEVICE_ID).expect("twin");
+    let reported = &twin["properties"]["reported"];
+    assert_eq!(reported["$version"], 65);
+    for i in 0..64 {
+        assert_eq!(
+            reported[format!("k{i}")],
+            i,
+            "no patch was lost: {reported}"
+        );
+    }
+    drop(hub);
+    let reopened = durable_hub(dir.path());
+    assert_eq!(
+        reopened.get_twin(TUTORIAL_DEVICE_ID).expect("twin")["properties"]["reported"],
+        *reported,
+        "what was acknowledged is what was committed"
+    );
+}
+
+#[tokio::test]
+async fn a_change_whose_caller_goes_away_is_still_applied_after_its_commit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hub = durable_hub(dir.path());
+    let patch = json!({"properties": {"desired": {"floor": 7}}});
+    // Polled once (the change starts), then dropped, as when a REST client hangs up.
+    let abandoned = futures_util::FutureExt::now_or_never(hub.update_twin(
+        TUTORIAL_DEVICE_ID,
+        &patch,
+        None,
+        false,
+    ));
+    assert!(abandoned.is_none(), "the update must still be in flight");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let twin = loop {
+        let twin = hub.get_twin(TUTORIAL_DEVICE_ID).expect("twin");
+        if twin["properties"]["desired"]["floor"] == 7 {
+            break twin;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the committed change never reached the state: {twin}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    // Let the detached task release the device's write lock before the store closes.
+    hub.update_twin(TUTORIAL_DEVICE_ID, &json!({"tags": {}}), None, false)
+        .await
+        .expect("a later update");
+    drop(hub);
+    let reopened = durable_hub(dir.path());
+    let stored = reopened.get_twin(TUTORIAL_DEVICE_ID).expect("twin");
+    assert_eq!(
+        stored["properties"]["desired"], twin["properties"]["desired"],
+        "memory and disk agree"
+    );
+}
