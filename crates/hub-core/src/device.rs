@@ -237,9 +237,13 @@ wire_enum! {
 pub struct Device {
     /// `deviceId` (required).
     pub device_id: String,
-    /// `moduleId`, present on module identities only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub module_id: Option<String>,
+    /// `moduleId`: set on module identities; devices may send it as `null`, `Some(None)`.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub module_id: Option<Option<String>>,
     /// `generationId`: hub-generated, distinguishes re-created devices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation_id: Option<String>,
@@ -299,6 +303,11 @@ impl Device {
             device_id: device_id.into(),
             ..Self::default()
         }
+    }
+
+    /// `moduleId` flattened: `None` when absent or `null`.
+    pub fn module_id(&self) -> Option<&str> {
+        self.module_id.as_ref().and_then(Option::as_deref)
     }
 
     /// `statusReason` flattened: `None` when absent or `null`.
@@ -498,6 +507,12 @@ mod tests {
         assert_eq!(d.generation_id.as_deref(), Some("638000000000000000"));
         assert!(!d.is_iot_edge());
         assert!(d.extra.is_empty());
+        assert_eq!(d.module_id, None);
+        // The emulator and some SDKs send `moduleId: null` on devices; it must come back.
+        let d = round_trip(r#"{"deviceId":"dev1","moduleId":null,"deviceScope":null}"#);
+        assert_eq!(d.module_id, Some(None));
+        assert_eq!(d.module_id(), None);
+        assert_eq!(d.device_scope, Some(None));
     }
 
     #[test]
@@ -513,7 +528,7 @@ mod tests {
     fn unknown_fields_are_kept() {
         let text = r#"{"deviceId":"d","moduleId":"m","managedBy":"iotEdge","authentication":{"type":"selfSigned","x509Thumbprint":{"primaryThumbprint":"AB","secondaryThumbprint":null},"symmetricKey":{"primaryKey":null,"secondaryKey":null},"future":1},"capabilities":{"iotEdge":true,"x":[1]}}"#;
         let d = round_trip(text);
-        assert_eq!(d.module_id.as_deref(), Some("m"));
+        assert_eq!(d.module_id(), Some("m"));
         assert_eq!(d.extra.get("managedBy"), Some(&json!("iotEdge")));
         assert!(d.is_iot_edge());
         assert_eq!(

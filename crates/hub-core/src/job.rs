@@ -342,6 +342,16 @@ pub struct DeviceJobOutcome {
     pub extra: Map<String, Value>,
 }
 
+impl DeviceJobOutcome {
+    /// The outcome of a method the device answered: `{"deviceMethodResponse": result}`.
+    pub fn method_response(result: CloudToDeviceMethodResult) -> Self {
+        Self {
+            device_method_response: Some(Some(result)),
+            extra: Map::new(),
+        }
+    }
+}
+
 /// `error` of a device job.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -355,6 +365,17 @@ pub struct DeviceJobError {
     /// Keys this crate does not model.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+impl DeviceJobError {
+    /// An error with both `code` and `description` set.
+    pub fn new(code: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            code: Some(code.into()),
+            description: Some(description.into()),
+            extra: Map::new(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -540,6 +561,22 @@ mod tests {
         assert_eq!(
             twin_row.outcome.as_ref().unwrap().device_method_response,
             Some(None)
+        );
+    }
+
+    #[test]
+    fn device_job_constructors_match_the_wire() {
+        let outcome = DeviceJobOutcome::method_response(CloudToDeviceMethodResult {
+            status: 200,
+            payload: json!({"result": "ok"}),
+        });
+        assert_eq!(
+            serde_json::to_value(&outcome).unwrap(),
+            json!({"deviceMethodResponse": {"status": 200, "payload": {"result": "ok"}}})
+        );
+        assert_eq!(
+            serde_json::to_value(DeviceJobError::new("DeviceNotOnline", "gone")).unwrap(),
+            json!({"code": "DeviceNotOnline", "description": "gone"})
         );
     }
 

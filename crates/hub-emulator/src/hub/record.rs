@@ -6,7 +6,12 @@ use std::sync::Arc;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
+
+use hub_core::device::{
+    Authentication, Capabilities, ConnectionState, Device, SymmetricKey, X509Thumbprint,
+};
+use hub_core::twin::{Twin, TwinCollection, TwinProperties};
 use time::OffsetDateTime;
 
 /// The zero time IoT Hub shows for "never".
@@ -90,47 +95,86 @@ impl DeviceRecord {
     }
 
     pub(super) fn device_json(&self) -> Value {
-        json!({
-            "deviceId": self.device_id,
-            "moduleId": null,
-            "generationId": self.generation_id,
-            "etag": self.etag(),
-            "connectionState": self.connection_state(),
-            "status": self.status,
-            "statusReason": self.status_reason,
-            "connectionStateUpdatedTime": self.connection_state_updated_time,
-            "statusUpdatedTime": self.status_updated_time,
-            "lastActivityTime": self.last_activity_time,
-            "cloudToDeviceMessageCount": 0,
-            "authentication": {
-                "symmetricKey": {"primaryKey": self.primary_key, "secondaryKey": self.secondary_key},
-                "x509Thumbprint": {"primaryThumbprint": self.primary_thumbprint, "secondaryThumbprint": self.secondary_thumbprint},
-                "type": self.auth_type,
-            },
-            "capabilities": {"iotEdge": self.iot_edge},
-            "deviceScope": self.device_scope,
-        })
+        let thumbprint = X509Thumbprint {
+            primary_thumbprint: Some(self.primary_thumbprint.clone()),
+            secondary_thumbprint: Some(self.secondary_thumbprint.clone()),
+        };
+        let device = Device {
+            device_id: self.device_id.clone(),
+            module_id: Some(None),
+            generation_id: Some(self.generation_id.clone()),
+            etag: Some(self.etag()),
+            connection_state: Some(if self.connected {
+                ConnectionState::Connected
+            } else {
+                ConnectionState::Disconnected
+            }),
+            // Status and auth type are validated on every write, so they always parse.
+            status: self.status.parse().ok(),
+            status_reason: Some(self.status_reason.clone()),
+            connection_state_updated_time: Some(self.connection_state_updated_time.clone()),
+            status_updated_time: Some(self.status_updated_time.clone()),
+            last_activity_time: Some(self.last_activity_time.clone()),
+            cloud_to_device_message_count: Some(0),
+            authentication: Some(Authentication {
+                symmetric_key: Some(SymmetricKey {
+                    primary_key: Some(self.primary_key.clone()),
+                    secondary_key: Some(self.secondary_key.clone()),
+                }),
+                x509_thumbprint: Some(thumbprint),
+                auth_type: self.auth_type.parse().ok(),
+                extra: Map::new(),
+            }),
+            capabilities: Some(Capabilities {
+                iot_edge: self.iot_edge,
+                extra: Map::new(),
+            }),
+            device_scope: Some(self.device_scope.clone()),
+            parent_scopes: None,
+            extra: Map::new(),
+        };
+        // Plain strings, numbers and string-keyed maps: serializing cannot fail.
+        serde_json::to_value(device).unwrap_or(Value::Null)
     }
 
     pub(super) fn twin_json(&self) -> Value {
-        json!({
-            "deviceId": self.device_id,
-            "etag": twin_etag_of(self.twin_version),
-            "deviceEtag": self.etag(),
-            "status": self.status,
-            "statusReason": self.status_reason,
-            "statusUpdateTime": self.status_updated_time,
-            "connectionState": self.connection_state(),
-            "lastActivityTime": self.last_activity_time,
-            "cloudToDeviceMessageCount": 0,
-            "authenticationType": self.auth_type,
-            "x509Thumbprint": {"primaryThumbprint": self.primary_thumbprint, "secondaryThumbprint": self.secondary_thumbprint},
-            "modelId": self.model_id,
-            "version": self.twin_version,
-            "tags": self.tags,
-            "properties": {"desired": self.desired, "reported": self.reported},
-            "capabilities": {"iotEdge": self.iot_edge},
-        })
+        let twin = Twin {
+            device_id: self.device_id.clone(),
+            module_id: None,
+            etag: Some(twin_etag_of(self.twin_version)),
+            device_etag: Some(self.etag()),
+            // Status and auth type are validated on every write, so they always parse.
+            status: self.status.parse().ok(),
+            status_reason: Some(self.status_reason.clone()),
+            status_update_time: Some(self.status_updated_time.clone()),
+            connection_state: Some(if self.connected {
+                ConnectionState::Connected
+            } else {
+                ConnectionState::Disconnected
+            }),
+            last_activity_time: Some(self.last_activity_time.clone()),
+            cloud_to_device_message_count: Some(0),
+            authentication_type: self.auth_type.parse().ok(),
+            x509_thumbprint: Some(X509Thumbprint {
+                primary_thumbprint: Some(self.primary_thumbprint.clone()),
+                secondary_thumbprint: Some(self.secondary_thumbprint.clone()),
+            }),
+            model_id: Some(self.model_id.clone()),
+            version: Some(self.twin_version),
+            tags: Some(self.tags.clone()),
+            properties: Some(TwinProperties {
+                desired: Some(TwinCollection(self.desired.clone())),
+                reported: Some(TwinCollection(self.reported.clone())),
+                extra: Map::new(),
+            }),
+            capabilities: Some(Capabilities {
+                iot_edge: self.iot_edge,
+                extra: Map::new(),
+            }),
+            extra: Map::new(),
+        };
+        // Plain strings, numbers and string-keyed maps: serializing cannot fail.
+        serde_json::to_value(twin).unwrap_or(Value::Null)
     }
 
     pub(super) fn refresh(&mut self) {

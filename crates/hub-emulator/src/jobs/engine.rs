@@ -9,19 +9,48 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
-use serde_json::{Value, json};
+use hub_core::job::{
+    DeviceJob, DeviceJobError, DeviceJobOutcome, DeviceJobStatus, JobStatus, JobType,
+};
+use hub_core::method::CloudToDeviceMethodResult;
+use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::model::{
-    DeviceJobError, DeviceJobRow, DeviceJobStatus, JobRecord, JobStatus, JobType, format_time,
-};
+use super::model::{JobRecord, Tally as _, format_time};
 use super::{Finish, Jobs, Row, json_text};
 use crate::hub::{Hub, HubError, MethodCall, MethodOutcome};
-use crate::query;
-use crate::store::Write;
+use crate::query::{self, QueryError};
+use crate::store::{StoreError, Write};
+
+/// Why a running job failed as a whole. The message becomes the job's `failureReason` and each
+/// unfinished device's error description, so it carries its cause's text rather than chaining it.
+#[derive(Debug, thiserror::Error)]
+pub enum JobRunError {
+    /// The stored `queryCondition` no longer parses.
+    #[error("the queryCondition cannot be evaluated: {0}")]
+    Condition(QueryError),
+    /// The job's start (its rows and `running` status) could not be saved.
+    #[error("the job could not be saved: {0}")]
+    NotSaved(StoreError),
+    /// A batch of device outcomes could not be saved.
+    #[error("device outcomes could not be saved: {0}")]
+    OutcomesNotSaved(StoreError),
+    /// The stored `cloudToDeviceMethod` is not a valid method call.
+    #[error("the job's cloudToDeviceMethod is invalid: {0}")]
+    InvalidMethod(HubError),
+    /// A method job without `cloudToDeviceMethod`.
+    #[error("the job has no cloudToDeviceMethod")]
+    NoMethod,
+    /// A twin job without `updateTwin`.
+    #[error("the job has no updateTwin")]
+    NoUpdateTwin,
+    /// A job type this hub does not run (from a damaged store; requests are validated).
+    #[error("job type `{0}` cannot run on /jobs/v2")]
+    UnsupportedType(JobType),
+}
 
 /// Direct methods a job has in flight at once. Each waits on a device (up to the connect plus
 /// response timeouts), so the cap bounds memory and the hub's pending-request table, not CPU;
@@ -36,6 +65,11 @@ const FLUSH_ROWS: usize = 500;
 const FLUSH_AFTER: Duration = Duration::from_millis(25);
 /// Longest wait the engine computes (guards `Instant` arithmetic against huge deadlines).
 const FAR: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+fn json_value<T: serde::Serialize>(value: &T) -> Value {
+    // Hub-core wire types hold strings, numbers and JSON values only: this cannot fail.
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
 
 fn until(at: OffsetDateTime) -> Instant {
     let seconds = (at - OffsetDateTime::now_utc())
@@ -113,9 +147,10 @@ async fn run(jobs: Jobs, id: String, shutdown: CancellationToken) {
     };
     let deadline = until(plan.record.deadline());
     tracing::info!(job_id = %id, devices = plan.pending.len(), "job running");
-    let ended = match plan.record.job_type {
+    let ended = match &plan.record.job_type {
         JobType::ScheduleDeviceMethod => run_methods(&jobs, &plan, deadline, &shutdown).await,
         JobType::ScheduleUpdateTwin => run_twins(&jobs, &plan, deadline, &shutdown).await,
+        other => Ended::Fatal(JobRunError::UnsupportedType(other.clone())),
     };
     let how = match ended {
         Ended::Shutdown => return,
@@ -130,7 +165,7 @@ async fn run(jobs: Jobs, id: String, shutdown: CancellationToken) {
 /// Moves a due job to `running`: evaluates its condition over the twins now and saves one
 /// `pending` row per matching device, with the job, in one transaction. A resumed job keeps its
 /// rows. Returns `None` if the job ended meanwhile (cancelled).
-fn begin(jobs: &Jobs, id: &str) -> Result<Option<Plan>, String> {
+fn begin(jobs: &Jobs, id: &str) -> Result<Option<Plan>, JobRunError> {
     let (record, cancel) = {
         let state = jobs.lock();
         let Some(entry) = state.jobs.get(id) else {
@@ -158,8 +193,8 @@ fn begin(jobs: &Jobs, id: &str) -> Result<Option<Plan>, String> {
             cancel,
         }));
     }
-    let condition = query::parse_condition(&record.query_condition)
-        .map_err(|e| format!("the queryCondition cannot be evaluated: {e}"))?;
+    let condition =
+        query::parse_condition(&record.query_condition).map_err(JobRunError::Condition)?;
     let twins = jobs.hub().twin_documents_after(None);
     let devices: Vec<String> = query::filter_parallel(&condition, &twins)
         .into_iter()
@@ -171,19 +206,20 @@ fn begin(jobs: &Jobs, id: &str) -> Result<Option<Plan>, String> {
         })
         .collect();
     let now = format_time(OffsetDateTime::now_utc());
-    let rows: Vec<DeviceJobRow> = devices
+    let rows: Vec<DeviceJob> = devices
         .iter()
-        .map(|device_id| DeviceJobRow {
+        .map(|device_id| DeviceJob {
             device_id: device_id.clone(),
             job_id: id.to_owned(),
-            job_type: record.job_type,
+            job_type: record.job_type.clone(),
             status: DeviceJobStatus::Pending,
             start_time_utc: None,
             end_time_utc: None,
-            created_date_time_utc: now.clone(),
-            last_updated_date_time_utc: now.clone(),
+            created_date_time_utc: Some(now.clone()),
+            last_updated_date_time_utc: Some(now.clone()),
             outcome: None,
             error: None,
+            extra: Map::new(),
         })
         .collect();
     let mut state = jobs.lock();
@@ -213,9 +249,9 @@ fn begin(jobs: &Jobs, id: &str) -> Result<Option<Plan>, String> {
     jobs.hub()
         .store()
         .write(&writes)
-        .map_err(|e| format!("the job could not be saved: {e}"))?;
+        .map_err(JobRunError::NotSaved)?;
     for row in rows {
-        entry.stats.add(row.status);
+        entry.stats.add(&row.status);
         entry.rows.insert(row.device_id.clone(), Row::new(row));
     }
     entry.record = running.clone();
@@ -231,7 +267,7 @@ enum Ended {
     Cancelled,
     TimedOut,
     Shutdown,
-    Fatal(String),
+    Fatal(JobRunError),
 }
 
 /// A device's progress, saved in batches.
@@ -244,15 +280,12 @@ enum Event {
         device_id: String,
         started: OffsetDateTime,
         ended: OffsetDateTime,
-        result: Result<Option<Value>, DeviceJobError>,
+        result: Result<Option<DeviceJobOutcome>, DeviceJobError>,
     },
 }
 
 fn device_error(error: &HubError) -> DeviceJobError {
-    DeviceJobError {
-        code: error.code().name().to_owned(),
-        description: error.to_string(),
-    }
+    DeviceJobError::new(error.code().name(), error.to_string())
 }
 
 async fn invoke(hub: Hub, device_id: String, call: MethodCall) -> Event {
@@ -260,9 +293,9 @@ async fn invoke(hub: Hub, device_id: String, call: MethodCall) -> Event {
     let result = match hub.invoke_method(&device_id, &call).await {
         // The device answered, whatever its status: for IoT Hub the device's work is done and
         // its answer is the outcome.
-        Ok(MethodOutcome { status, payload }) => Ok(Some(
-            json!({"deviceMethodResponse": {"status": status, "payload": payload}}),
-        )),
+        Ok(MethodOutcome { status, payload }) => Ok(Some(DeviceJobOutcome::method_response(
+            CloudToDeviceMethodResult { status, payload },
+        ))),
         Err(e) => Err(device_error(&e)),
     };
     Event::Finished {
@@ -279,17 +312,13 @@ async fn run_methods(
     deadline: Instant,
     shutdown: &CancellationToken,
 ) -> Ended {
-    let call = match plan
-        .record
-        .cloud_to_device_method
-        .as_ref()
-        .map(MethodCall::from_request)
-    {
-        Some(Ok(call)) => call,
-        Some(Err(e)) => {
-            return Ended::Fatal(format!("the job's cloudToDeviceMethod is invalid: {e}"));
-        }
-        None => return Ended::Fatal("the job has no cloudToDeviceMethod".into()),
+    let Some(method) = &plan.record.cloud_to_device_method else {
+        return Ended::Fatal(JobRunError::NoMethod);
+    };
+    // The hub validates method calls from their JSON, the same way as `POST /twins/{id}/methods`.
+    let call = match MethodCall::from_request(&json_value(method)) {
+        Ok(call) => call,
+        Err(e) => return Ended::Fatal(JobRunError::InvalidMethod(e)),
     };
     let mut queue = plan.pending.iter();
     let mut in_flight = FuturesUnordered::new();
@@ -348,9 +377,11 @@ async fn run_twins(
     deadline: Instant,
     shutdown: &CancellationToken,
 ) -> Ended {
-    let Some(body) = plan.record.update_twin.clone() else {
-        return Ended::Fatal("the job has no updateTwin".into());
+    let Some(patch) = &plan.record.update_twin else {
+        return Ended::Fatal(JobRunError::NoUpdateTwin);
     };
+    // The hub applies twin updates from their JSON, the same way as `PATCH /twins/{id}`.
+    let body = json_value(patch);
     for chunk in plan.pending.chunks(TWIN_BATCH) {
         if plan.cancel.is_cancelled() {
             return Ended::Cancelled;
@@ -393,7 +424,7 @@ async fn run_twins(
 
 /// Saves a batch of device progress in one transaction, then shows it. Events for a job that
 /// ended meanwhile (cancelled) are dropped: the job's end already decided those rows.
-fn flush(jobs: &Jobs, job_id: &str, events: Vec<Event>) -> Result<(), String> {
+fn flush(jobs: &Jobs, job_id: &str, events: Vec<Event>) -> Result<(), JobRunError> {
     if events.is_empty() {
         return Ok(());
     }
@@ -404,7 +435,7 @@ fn flush(jobs: &Jobs, job_id: &str, events: Vec<Event>) -> Result<(), String> {
     if entry.record.status != JobStatus::Running {
         return Ok(());
     }
-    let mut changed: HashMap<String, DeviceJobRow> = HashMap::with_capacity(events.len());
+    let mut changed: HashMap<String, DeviceJob> = HashMap::with_capacity(events.len());
     for event in events {
         let device_id = match &event {
             Event::Started { device_id, .. } | Event::Finished { device_id, .. } => {
@@ -429,7 +460,7 @@ fn flush(jobs: &Jobs, job_id: &str, events: Vec<Event>) -> Result<(), String> {
                 }
                 row.status = DeviceJobStatus::Running;
                 row.start_time_utc = Some(format_time(at));
-                row.last_updated_date_time_utc = format_time(at);
+                row.last_updated_date_time_utc = Some(format_time(at));
             }
             Event::Finished {
                 started,
@@ -440,7 +471,7 @@ fn flush(jobs: &Jobs, job_id: &str, events: Vec<Event>) -> Result<(), String> {
                 let ended_text = format_time(ended);
                 row.start_time_utc = Some(format_time(started));
                 row.end_time_utc = Some(ended_text.clone());
-                row.last_updated_date_time_utc = ended_text;
+                row.last_updated_date_time_utc = Some(ended_text);
                 match result {
                     Ok(outcome) => {
                         row.status = DeviceJobStatus::Completed;
@@ -471,10 +502,10 @@ fn flush(jobs: &Jobs, job_id: &str, events: Vec<Event>) -> Result<(), String> {
     jobs.hub()
         .store()
         .write(&writes)
-        .map_err(|e| format!("device outcomes could not be saved: {e}"))?;
+        .map_err(JobRunError::OutcomesNotSaved)?;
     for (device_id, row) in changed {
         if let Some(slot) = entry.rows.get_mut(&device_id) {
-            entry.stats.shift(slot.row.status, row.status);
+            entry.stats.shift(&slot.row.status, &row.status);
             *slot = Row::new(row);
         }
     }

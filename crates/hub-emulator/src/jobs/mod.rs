@@ -16,17 +16,21 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use hub_core::job::{
+    DeviceJob, DeviceJobError, DeviceJobStatistics, DeviceJobStatus, JobResponse, JobStatus,
+    JobType,
+};
 use serde_json::Value;
 use time::OffsetDateTime;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use model::{
-    DeviceJobError, DeviceJobRow, DeviceJobStatus, JobRecord, JobStatus, JobType, Statistics,
-    format_time, parse_time,
+pub use engine::JobRunError;
+pub use model::{JobRecord, Tally, format_time, parse_time};
+pub use request::{
+    DEFAULT_MAX_EXECUTION_SECS, InvalidJobRequest, JobSpec, parse_request, validate_job_id,
 };
-pub use request::{DEFAULT_MAX_EXECUTION_SECS, JobSpec, parse_request, validate_job_id};
 pub use routes::routes;
 
 use crate::hub::{Hub, HubError};
@@ -42,8 +46,8 @@ pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
     /// 400 `ArgumentInvalid`.
-    #[error("{0}")]
-    InvalidArgument(String),
+    #[error(transparent)]
+    InvalidArgument(#[from] InvalidJobRequest),
     /// 404 `JobNotFound`.
     #[error("Job {0} not found.")]
     NotFound(String),
@@ -66,13 +70,13 @@ pub enum JobError {
 /// One device's row, with its query document kept ready.
 #[derive(Debug)]
 struct Row {
-    row: DeviceJobRow,
+    row: DeviceJob,
     doc: Arc<Value>,
 }
 
 impl Row {
-    fn new(row: DeviceJobRow) -> Row {
-        let doc = row.document();
+    fn new(row: DeviceJob) -> Row {
+        let doc = model::row_document(&row);
         Row { row, doc }
     }
 }
@@ -80,7 +84,7 @@ impl Row {
 #[derive(Debug)]
 struct Entry {
     record: JobRecord,
-    stats: Statistics,
+    stats: DeviceJobStatistics,
     rows: BTreeMap<String, Row>,
     /// Fired by cancel; the runner stops and finishes the job as `cancelled`.
     cancel: CancellationToken,
@@ -94,7 +98,7 @@ impl Entry {
     fn new(record: JobRecord) -> Entry {
         Entry {
             record,
-            stats: Statistics::default(),
+            stats: DeviceJobStatistics::default(),
             rows: BTreeMap::new(),
             cancel: CancellationToken::new(),
             done: Arc::new(Notify::new()),
@@ -102,7 +106,7 @@ impl Entry {
         }
     }
 
-    fn response(&self) -> Value {
+    fn response(&self) -> JobResponse {
         self.record.response(self.stats)
     }
 
@@ -160,7 +164,7 @@ impl Jobs {
             let Some(entry) = state.jobs.get_mut(&job_id) else {
                 continue;
             };
-            match serde_json::from_str::<DeviceJobRow>(&text) {
+            match serde_json::from_str::<DeviceJob>(&text) {
                 Ok(mut row) => {
                     if row.status == DeviceJobStatus::Running
                         && entry.record.status == JobStatus::Running
@@ -168,7 +172,7 @@ impl Jobs {
                         row.status = DeviceJobStatus::Pending;
                         row.start_time_utc = None;
                     }
-                    entry.stats.add(row.status);
+                    entry.stats.add(&row.status);
                     entry.rows.insert(device_id, Row::new(row));
                 }
                 Err(e) => {
@@ -208,9 +212,9 @@ impl Jobs {
     }
 
     /// `PUT /jobs/v2/{id}`: validates and schedules a job; returns its `JobResponse`.
-    pub fn create(&self, id: &str, body: &Value) -> Result<Value, JobError> {
+    pub fn create(&self, id: &str, body: &Value) -> Result<JobResponse, JobError> {
         let now = OffsetDateTime::now_utc();
-        let spec = parse_request(id, body, now).map_err(JobError::InvalidArgument)?;
+        let spec = parse_request(id, body, now)?;
         let status = if spec.start_time > now {
             JobStatus::Scheduled
         } else {
@@ -226,7 +230,7 @@ impl Jobs {
             max_execution_time_in_seconds: spec.max_execution_secs,
             cloud_to_device_method: spec.method,
             update_twin: spec.update_twin,
-            status,
+            status: status.clone(),
             failure_reason: None,
             status_message: None,
             run_started_time: None,
@@ -254,7 +258,7 @@ impl Jobs {
     }
 
     /// `GET /jobs/v2/{id}`.
-    pub fn get(&self, id: &str) -> Result<Value, JobError> {
+    pub fn get(&self, id: &str) -> Result<JobResponse, JobError> {
         self.lock()
             .jobs
             .get(id)
@@ -264,7 +268,7 @@ impl Jobs {
 
     /// `POST /jobs/v2/{id}/cancel`: stops the job (running work is abandoned, devices not done
     /// become `canceled`) and returns it; a job already finished is returned unchanged.
-    pub async fn cancel(&self, id: &str) -> Result<Value, JobError> {
+    pub async fn cancel(&self, id: &str) -> Result<JobResponse, JobError> {
         let waiting = {
             let mut state = self.lock();
             let entry = state
@@ -315,7 +319,7 @@ impl Jobs {
         status: Option<JobStatus>,
         after: Option<&str>,
         limit: usize,
-    ) -> (Vec<Value>, bool) {
+    ) -> (Vec<JobResponse>, bool) {
         use std::ops::Bound;
         let state = self.lock();
         let range = match after {
@@ -325,10 +329,10 @@ impl Jobs {
             None => state.jobs.range::<str, _>(..),
         };
         let mut matching = range.map(|(_, e)| e).filter(|e| {
-            job_type.is_none_or(|t| e.record.job_type == t)
-                && status.is_none_or(|s| e.record.status == s)
+            job_type.as_ref().is_none_or(|t| e.record.job_type == *t)
+                && status.as_ref().is_none_or(|s| e.record.status == *s)
         });
-        let page: Vec<Value> = matching
+        let page: Vec<JobResponse> = matching
             .by_ref()
             .take(limit.max(1))
             .map(Entry::response)
@@ -406,38 +410,35 @@ impl Jobs {
                 (
                     JobStatus::Failed,
                     DeviceJobStatus::Failed,
-                    Some(DeviceJobError {
-                        code: "JobRunTimeout".into(),
-                        description,
-                    }),
+                    Some(DeviceJobError::new("JobRunTimeout", description)),
                     Some(format!(
                         "The job did not finish within maxExecutionTimeInSeconds ({limit} s)."
                     )),
                 )
             }
-            Finish::Failed(reason) => (
-                JobStatus::Failed,
-                DeviceJobStatus::Failed,
-                Some(DeviceJobError {
-                    code: "JobFailed".into(),
-                    description: reason.clone(),
-                }),
-                Some(reason.clone()),
-            ),
+            Finish::Failed(error) => {
+                let reason = error.to_string();
+                (
+                    JobStatus::Failed,
+                    DeviceJobStatus::Failed,
+                    Some(DeviceJobError::new("JobFailed", reason.clone())),
+                    Some(reason),
+                )
+            }
         };
         let mut record = entry.record.clone();
-        record.status = status;
+        record.status = status.clone();
         record.end_time = Some(now_text.clone());
         record.failure_reason = reason;
-        let changed: Vec<DeviceJobRow> = entry
+        let changed: Vec<DeviceJob> = entry
             .rows
             .values()
             .filter(|r| !r.row.status.is_terminal())
             .map(|r| {
                 let mut row = r.row.clone();
-                row.status = row_status;
+                row.status = row_status.clone();
                 row.end_time_utc = Some(now_text.clone());
-                row.last_updated_date_time_utc = now_text.clone();
+                row.last_updated_date_time_utc = Some(now_text.clone());
                 row.error = row_error.clone();
                 row
             })
@@ -464,7 +465,7 @@ impl Jobs {
         }
         for row in changed {
             if let Some(slot) = entry.rows.get_mut(&row.device_id) {
-                entry.stats.shift(slot.row.status, row.status);
+                entry.stats.shift(&slot.row.status, &row.status);
                 *slot = Row::new(row);
             }
         }
@@ -474,15 +475,15 @@ impl Jobs {
         let stats = entry.stats;
         drop(state);
         tracing::info!(
-            job_id = %id, status = status.as_str(), devices = stats.device_count, succeeded = stats.succeeded,
-            failed = stats.failed, "job ended"
+            job_id = %id, status = status.as_str(), devices = stats.device_count,
+            succeeded = stats.succeeded_count, failed = stats.failed_count, "job ended"
         );
         saved
     }
 }
 
 /// How a job ends.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum Finish {
     /// Every device was processed (no row is left pending; if one is, it failed).
     Completed,
@@ -490,6 +491,6 @@ enum Finish {
     Cancelled,
     /// `maxExecutionTimeInSeconds` ran out.
     TimedOut,
-    /// A fatal error, with its reason.
-    Failed(String),
+    /// A fatal error; its message is the job's `failureReason`.
+    Failed(JobRunError),
 }

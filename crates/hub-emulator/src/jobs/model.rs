@@ -1,12 +1,19 @@
-//! Job records as IoT Hub shows them: the `JobResponse` of `/jobs/v2` and the per-device rows of
-//! `FROM devices.jobs` (reference §4.6, §4.7), with their statuses, statistics and timestamps.
+//! What the hub keeps of a job beside hub-core's wire types: the stored [`JobRecord`] (from
+//! which the `JobResponse` of `/jobs/v2` is built), the tally of device rows into
+//! `deviceJobStatistics`, and IoT Hub's job time format (reference §4.6, §4.7). Device rows are
+//! hub-core's `DeviceJob` as they are, stored and served alike.
 //! Invariant: a job's statistics always equal the tally of its device rows, and
 //! `deviceCount = succeeded + failed + running + pending` (a `canceled` row counts as failed).
 
 use std::sync::Arc;
 
+use hub_core::job::{
+    DeviceJob, DeviceJobStatistics, DeviceJobStatus, JobResponse, JobStatus, JobType,
+};
+use hub_core::method::CloudToDeviceMethod;
+use hub_core::twin::TwinPatch;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use time::format_description::well_known::Rfc3339;
 use time::macros::format_description;
 use time::{OffsetDateTime, PrimitiveDateTime, UtcOffset};
@@ -76,163 +83,43 @@ fn split_offset(text: &str) -> (&str, Option<UtcOffset>) {
     }
 }
 
-/// The job types of the swagger; only the two `schedule*` ones run on Jobs v2.
-pub const SWAGGER_JOB_TYPES: &[&str] = &[
-    "unknown",
-    "export",
-    "import",
-    "backup",
-    "readDeviceProperties",
-    "writeDeviceProperties",
-    "updateDeviceConfiguration",
-    "rebootDevice",
-    "factoryResetDevice",
-    "firmwareUpdate",
-    "scheduleDeviceMethod",
-    "scheduleUpdateTwin",
-    "restoreFromBackup",
-    "failoverDataCopy",
-];
-
-/// What a job does to each device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum JobType {
-    /// Invoke a direct method.
-    ScheduleDeviceMethod,
-    /// Patch tags and desired properties.
-    ScheduleUpdateTwin,
-}
-
-impl JobType {
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobType::ScheduleDeviceMethod => "scheduleDeviceMethod",
-            JobType::ScheduleUpdateTwin => "scheduleUpdateTwin",
-        }
-    }
-}
-
-/// A job's status (`JobResponse.status`; note IoT Hub's double-l `cancelled`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum JobStatus {
-    /// Waiting for its start time.
-    Scheduled,
-    /// Due; about to run.
-    Queued,
-    /// Executing on devices.
-    Running,
-    /// Every device was processed (some may have failed).
-    Completed,
-    /// Stopped by a fatal error or by reaching `maxExecutionTimeInSeconds`.
-    Failed,
-    /// Stopped by `POST /jobs/v2/{id}/cancel`.
-    Cancelled,
-}
-
-impl JobStatus {
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobStatus::Scheduled => "scheduled",
-            JobStatus::Queued => "queued",
-            JobStatus::Running => "running",
-            JobStatus::Completed => "completed",
-            JobStatus::Failed => "failed",
-            JobStatus::Cancelled => "cancelled",
-        }
-    }
-
-    /// Whether the job can no longer change.
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            JobStatus::Completed | JobStatus::Failed | JobStatus::Cancelled
-        )
-    }
-}
-
-/// One device's status within a job (`DeviceJobStatus`; single-l `canceled`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum DeviceJobStatus {
-    /// Not started.
-    Pending,
-    /// The method call or twin update is in progress.
-    Running,
-    /// The device answered the method (any status) or its twin was updated.
-    Completed,
-    /// The device could not be reached, or the update was refused.
-    Failed,
-    /// The job was cancelled before this device finished.
-    Canceled,
-}
-
-impl DeviceJobStatus {
-    /// Whether this device is done.
-    pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            DeviceJobStatus::Completed | DeviceJobStatus::Failed | DeviceJobStatus::Canceled
-        )
-    }
-}
-
-/// `deviceJobStatistics`: the tally of a job's device rows.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Statistics {
-    /// Devices the job targets (fixed when it starts).
-    pub device_count: u64,
-    /// Failed or canceled devices.
-    pub failed: u64,
-    /// Completed devices.
-    pub succeeded: u64,
-    /// Devices in progress.
-    pub running: u64,
-    /// Devices not started.
-    pub pending: u64,
-}
-
-impl Statistics {
-    fn slot(&mut self, status: DeviceJobStatus) -> &mut u64 {
-        match status {
-            DeviceJobStatus::Pending => &mut self.pending,
-            DeviceJobStatus::Running => &mut self.running,
-            DeviceJobStatus::Completed => &mut self.succeeded,
-            // IoT Hub's statistics have no canceled bucket (C# DeviceJobStatistics); a device
-            // the job did not finish did not succeed, so it counts as failed and the sum holds.
-            DeviceJobStatus::Failed | DeviceJobStatus::Canceled => &mut self.failed,
-        }
-    }
-
+/// The tally of a job's device rows kept in hub-core's `deviceJobStatistics`.
+pub trait Tally {
     /// Counts a new row.
-    pub fn add(&mut self, status: DeviceJobStatus) {
-        self.device_count += 1;
-        *self.slot(status) += 1;
-    }
-
+    fn add(&mut self, status: &DeviceJobStatus);
     /// Moves one row from `from` to `to`.
-    pub fn shift(&mut self, from: DeviceJobStatus, to: DeviceJobStatus) {
-        let old = self.slot(from);
-        *old = old.saturating_sub(1);
-        *self.slot(to) += 1;
-    }
+    fn shift(&mut self, from: &DeviceJobStatus, to: &DeviceJobStatus);
+}
 
-    /// The wire form.
-    pub fn to_json(self) -> Value {
-        json!({
-            "deviceCount": self.device_count,
-            "failedCount": self.failed,
-            "succeededCount": self.succeeded,
-            "runningCount": self.running,
-            "pendingCount": self.pending,
-        })
+fn slot<'a>(stats: &'a mut DeviceJobStatistics, status: &DeviceJobStatus) -> &'a mut u64 {
+    match status {
+        DeviceJobStatus::Pending | DeviceJobStatus::Scheduled => &mut stats.pending_count,
+        DeviceJobStatus::Running => &mut stats.running_count,
+        DeviceJobStatus::Completed => &mut stats.succeeded_count,
+        // IoT Hub's statistics have no canceled bucket (C# DeviceJobStatistics); a device the
+        // job did not finish did not succeed, so it counts as failed and the sum holds. A status
+        // this hub never writes (`Other`, from a damaged store) did not succeed either.
+        DeviceJobStatus::Failed | DeviceJobStatus::Canceled | DeviceJobStatus::Other(_) => {
+            &mut stats.failed_count
+        }
     }
 }
 
-/// A job as stored: the `JobResponse` fields plus when it actually began running.
+impl Tally for DeviceJobStatistics {
+    fn add(&mut self, status: &DeviceJobStatus) {
+        self.device_count += 1;
+        *slot(self, status) += 1;
+    }
+
+    fn shift(&mut self, from: &DeviceJobStatus, to: &DeviceJobStatus) {
+        let old = slot(self, from);
+        *old = old.saturating_sub(1);
+        *slot(self, to) += 1;
+    }
+}
+
+/// A job as stored: the `JobResponse` fields the hub always has, plus when it actually began
+/// running. Field names and spellings are those of the wire, so stored jobs stay readable.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct JobRecord {
@@ -254,10 +141,10 @@ pub struct JobRecord {
     pub max_execution_time_in_seconds: u64,
     /// The method (method jobs), normalized.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cloud_to_device_method: Option<Value>,
+    pub cloud_to_device_method: Option<CloudToDeviceMethod>,
     /// The twin patch (twin jobs), as given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub update_twin: Option<Value>,
+    pub update_twin: Option<TwinPatch>,
     /// Status.
     pub status: JobStatus,
     /// Why it failed.
@@ -272,36 +159,25 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
-    /// The `JobResponse` JSON with these statistics.
-    pub fn response(&self, stats: Statistics) -> Value {
-        let mut map = Map::new();
-        map.insert("jobId".into(), json!(self.job_id));
-        map.insert("queryCondition".into(), json!(self.query_condition));
-        map.insert("createdTime".into(), json!(self.created_time));
-        map.insert("startTime".into(), json!(self.start_time));
-        if let Some(end) = &self.end_time {
-            map.insert("endTime".into(), json!(end));
+    /// The `JobResponse` with these statistics. `endTime`, `failureReason` and
+    /// `statusMessage` are left out until they have a value, as IoT Hub does.
+    pub fn response(&self, stats: DeviceJobStatistics) -> JobResponse {
+        JobResponse {
+            job_id: self.job_id.clone(),
+            query_condition: Some(self.query_condition.clone()),
+            created_time: Some(self.created_time.clone()),
+            start_time: Some(self.start_time.clone()),
+            end_time: self.end_time.clone().map(Some),
+            max_execution_time_in_seconds: Some(self.max_execution_time_in_seconds),
+            job_type: Some(self.job_type.clone()),
+            cloud_to_device_method: self.cloud_to_device_method.clone(),
+            update_twin: self.update_twin.clone(),
+            status: Some(self.status.clone()),
+            failure_reason: self.failure_reason.clone().map(Some),
+            status_message: self.status_message.clone().map(Some),
+            device_job_statistics: Some(stats),
+            extra: Map::new(),
         }
-        map.insert(
-            "maxExecutionTimeInSeconds".into(),
-            json!(self.max_execution_time_in_seconds),
-        );
-        map.insert("type".into(), json!(self.job_type.as_str()));
-        if let Some(method) = &self.cloud_to_device_method {
-            map.insert("cloudToDeviceMethod".into(), method.clone());
-        }
-        if let Some(twin) = &self.update_twin {
-            map.insert("updateTwin".into(), twin.clone());
-        }
-        map.insert("status".into(), json!(self.status.as_str()));
-        if let Some(reason) = &self.failure_reason {
-            map.insert("failureReason".into(), json!(reason));
-        }
-        if let Some(message) = &self.status_message {
-            map.insert("statusMessage".into(), json!(message));
-        }
-        map.insert("deviceJobStatistics".into(), stats.to_json());
-        Value::Object(map)
     }
 
     /// When the job is due.
@@ -325,50 +201,10 @@ impl JobRecord {
     }
 }
 
-/// A device's error within a job (`DeviceJobError`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DeviceJobError {
-    /// IoT Hub error code name (`DeviceNotOnline`, `GatewayTimeout`, ...).
-    pub code: String,
-    /// What happened.
-    pub description: String,
-}
-
-/// One device's row in a job, shaped as `FROM devices.jobs` returns it (reference §4.7).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DeviceJobRow {
-    /// The device.
-    pub device_id: String,
-    /// The job.
-    pub job_id: String,
-    /// The job's type.
-    pub job_type: JobType,
-    /// Status.
-    pub status: DeviceJobStatus,
-    /// When the device's work began.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub start_time_utc: Option<String>,
-    /// When it ended.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub end_time_utc: Option<String>,
-    /// When the row was made (the job's start).
-    pub created_date_time_utc: String,
-    /// Last change.
-    pub last_updated_date_time_utc: String,
-    /// `{"deviceMethodResponse": {"status", "payload"}}` for a method the device answered.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outcome: Option<Value>,
-    /// Why the device failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<DeviceJobError>,
-}
-
-impl DeviceJobRow {
-    /// The row's query document.
-    pub fn document(&self) -> Arc<Value> {
-        Arc::new(serde_json::to_value(self).unwrap_or(Value::Null))
-    }
+/// A device-job row's query document: the row as `FROM devices.jobs` returns it.
+pub fn row_document(row: &DeviceJob) -> Arc<Value> {
+    // Strings, enums and JSON values only: serializing cannot fail.
+    Arc::new(serde_json::to_value(row).unwrap_or(Value::Null))
 }
 
 #[cfg(test)]
@@ -414,26 +250,45 @@ mod tests {
 
     #[test]
     fn statistics_keep_the_sum() {
-        let mut stats = Statistics::default();
+        let mut stats = DeviceJobStatistics::default();
         for _ in 0..3 {
-            stats.add(DeviceJobStatus::Pending);
+            stats.add(&DeviceJobStatus::Pending);
         }
-        stats.shift(DeviceJobStatus::Pending, DeviceJobStatus::Running);
-        stats.shift(DeviceJobStatus::Running, DeviceJobStatus::Completed);
-        stats.shift(DeviceJobStatus::Pending, DeviceJobStatus::Canceled);
+        stats.shift(&DeviceJobStatus::Pending, &DeviceJobStatus::Running);
+        stats.shift(&DeviceJobStatus::Running, &DeviceJobStatus::Completed);
+        stats.shift(&DeviceJobStatus::Pending, &DeviceJobStatus::Canceled);
         assert_eq!(
             stats,
-            Statistics {
+            DeviceJobStatistics {
                 device_count: 3,
-                failed: 1,
-                succeeded: 1,
-                running: 0,
-                pending: 1
+                failed_count: 1,
+                succeeded_count: 1,
+                running_count: 0,
+                pending_count: 1
             }
         );
         assert_eq!(
             stats.device_count,
-            stats.failed + stats.succeeded + stats.running + stats.pending
+            stats.failed_count + stats.succeeded_count + stats.running_count + stats.pending_count
+        );
+    }
+
+    #[test]
+    fn stored_records_of_earlier_versions_still_load() {
+        // Written by the hub before it used hub-core's types: same names and spellings.
+        let text = r#"{"jobId":"j","type":"scheduleDeviceMethod","queryCondition":"*","createdTime":"2030-01-02T03:04:05.0000000Z","startTime":"2030-01-02T03:04:05.0000000Z","endTime":"2030-01-02T03:04:06.0000000Z","maxExecutionTimeInSeconds":60,"cloudToDeviceMethod":{"methodName":"m","payload":null,"responseTimeoutInSeconds":30,"connectTimeoutInSeconds":0},"status":"cancelled","runStartedTime":"2030-01-02T03:04:05.0000000Z"}"#;
+        let record: JobRecord = serde_json::from_str(text).expect("record");
+        assert_eq!(record.status, JobStatus::Cancelled);
+        assert_eq!(
+            serde_json::to_value(&record).expect("encode"),
+            serde_json::from_str::<Value>(text).expect("json")
+        );
+        let row = r#"{"deviceId":"d","jobId":"j","jobType":"scheduleUpdateTwin","status":"failed","startTimeUtc":"a","endTimeUtc":"b","createdDateTimeUtc":"c","lastUpdatedDateTimeUtc":"d","error":{"code":"JobFailed","description":"x"}}"#;
+        let parsed: DeviceJob = serde_json::from_str(row).expect("row");
+        assert!(parsed.extra.is_empty());
+        assert_eq!(
+            *row_document(&parsed),
+            serde_json::from_str::<Value>(row).expect("json")
         );
     }
 }

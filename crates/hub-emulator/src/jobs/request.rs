@@ -1,15 +1,24 @@
 //! Validation of a `PUT /jobs/v2/{jobId}` body (`JobRequest`) the way IoT Hub validates it:
 //! every problem is a message for a 400 `ArgumentInvalid`, naming the field and what is allowed.
 
+use hub_core::job::JobType;
+use hub_core::method::CloudToDeviceMethod;
+use hub_core::twin::TwinPatch;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
-use super::model::{JobType, SWAGGER_JOB_TYPES, parse_time};
+use super::model::parse_time;
 use crate::hub::MethodCall;
 use crate::query;
 
 /// `maxExecutionTimeInSeconds` when the request leaves it out (IoT Hub's default: one hour).
 pub const DEFAULT_MAX_EXECUTION_SECS: u64 = 3600;
+
+/// Why a job request was refused: the message of a 400 `ArgumentInvalid`, naming the field and
+/// what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidJobRequest(pub String);
 
 /// A validated job request.
 #[derive(Debug, Clone)]
@@ -23,14 +32,18 @@ pub struct JobSpec {
     /// How long it may run.
     pub max_execution_secs: u64,
     /// The normalized method request (method jobs).
-    pub method: Option<Value>,
+    pub method: Option<CloudToDeviceMethod>,
     /// The twin patch (twin jobs).
-    pub update_twin: Option<Value>,
+    pub update_twin: Option<TwinPatch>,
 }
 
 /// Checks a job id: 1 to 128 printable US-ASCII characters without spaces or the characters
 /// that cannot travel in a URL path segment (`/ \ ? # %`).
-pub fn validate_job_id(id: &str) -> Result<(), String> {
+pub fn validate_job_id(id: &str) -> Result<(), InvalidJobRequest> {
+    check_job_id(id).map_err(InvalidJobRequest)
+}
+
+fn check_job_id(id: &str) -> Result<(), String> {
     const FORBIDDEN: &str = "/\\?#%";
     if id.is_empty() || id.len() > 128 {
         return Err(format!(
@@ -51,8 +64,16 @@ pub fn validate_job_id(id: &str) -> Result<(), String> {
 }
 
 /// Validates a `JobRequest` body for the job `url_id`, at time `now`.
-pub fn parse_request(url_id: &str, body: &Value, now: OffsetDateTime) -> Result<JobSpec, String> {
-    validate_job_id(url_id)?;
+pub fn parse_request(
+    url_id: &str,
+    body: &Value,
+    now: OffsetDateTime,
+) -> Result<JobSpec, InvalidJobRequest> {
+    parse(url_id, body, now).map_err(InvalidJobRequest)
+}
+
+fn parse(url_id: &str, body: &Value, now: OffsetDateTime) -> Result<JobSpec, String> {
+    check_job_id(url_id)?;
     let Value::Object(map) = body else {
         return Err("the job request must be a JSON object with jobId, type, queryCondition and cloudToDeviceMethod or updateTwin".into());
     };
@@ -68,7 +89,7 @@ pub fn parse_request(url_id: &str, body: &Value, now: OffsetDateTime) -> Result<
     let job_type = match map.get("type") {
         Some(Value::String(t)) if t == "scheduleDeviceMethod" => JobType::ScheduleDeviceMethod,
         Some(Value::String(t)) if t == "scheduleUpdateTwin" => JobType::ScheduleUpdateTwin,
-        Some(Value::String(t)) if SWAGGER_JOB_TYPES.contains(&t.as_str()) => {
+        Some(Value::String(t)) if JobType::from_wire(t).is_known() => {
             return Err(format!(
                 "job type `{t}` is not supported by /jobs/v2; use scheduleDeviceMethod or scheduleUpdateTwin"
             ));
@@ -118,9 +139,11 @@ pub fn parse_request(url_id: &str, body: &Value, now: OffsetDateTime) -> Result<
             }
         },
     };
-    let (method, update_twin) = match job_type {
-        JobType::ScheduleDeviceMethod => (Some(parse_method(map)?), None),
-        JobType::ScheduleUpdateTwin => (None, Some(parse_update_twin(map)?)),
+    // The `type` check above lets only the two schedule types through.
+    let (method, update_twin) = if job_type == JobType::ScheduleDeviceMethod {
+        (Some(parse_method(map)?), None)
+    } else {
+        (None, Some(parse_update_twin(map)?))
     };
     Ok(JobSpec {
         job_type,
@@ -132,7 +155,7 @@ pub fn parse_request(url_id: &str, body: &Value, now: OffsetDateTime) -> Result<
     })
 }
 
-fn parse_method(map: &Map<String, Value>) -> Result<Value, String> {
+fn parse_method(map: &Map<String, Value>) -> Result<CloudToDeviceMethod, String> {
     let method = match map.get("cloudToDeviceMethod") {
         Some(method @ Value::Object(_)) => method,
         None | Some(Value::Null) => {
@@ -148,15 +171,16 @@ fn parse_method(map: &Map<String, Value>) -> Result<Value, String> {
     // payload up to 128 KiB. In a job request each of them is a plain argument error.
     let call = MethodCall::from_request(method).map_err(|e| format!("cloudToDeviceMethod: {e}"))?;
     let payload = method.get("payload").cloned().unwrap_or(Value::Null);
-    Ok(serde_json::json!({
-        "methodName": call.name,
-        "payload": payload,
-        "responseTimeoutInSeconds": call.response_timeout.as_secs(),
-        "connectTimeoutInSeconds": call.connect_timeout.as_secs(),
-    }))
+    Ok(CloudToDeviceMethod {
+        method_name: call.name,
+        payload: Some(payload),
+        response_timeout_in_seconds: Some(call.response_timeout.as_secs()),
+        connect_timeout_in_seconds: Some(call.connect_timeout.as_secs()),
+        extra: Map::new(),
+    })
 }
 
-fn parse_update_twin(map: &Map<String, Value>) -> Result<Value, String> {
+fn parse_update_twin(map: &Map<String, Value>) -> Result<TwinPatch, String> {
     let twin = match map.get("updateTwin") {
         Some(Value::Object(twin)) => twin,
         None | Some(Value::Null) => {
@@ -202,7 +226,11 @@ fn parse_update_twin(map: &Map<String, Value>) -> Result<Value, String> {
             ));
         }
     }
-    Ok(Value::Object(twin.clone()))
+    // Every part was checked above, so this only fails on a shape already refused. `null`
+    // tags, properties or etag mean "absent" here as in the twin update, so dropping them is
+    // harmless.
+    serde_json::from_value(Value::Object(twin.clone()))
+        .map_err(|e| format!("updateTwin is not a twin patch: {e}"))
 }
 
 #[cfg(test)]
@@ -231,8 +259,8 @@ mod tests {
         assert_eq!(
             spec.method
                 .as_ref()
-                .map(|m| m["connectTimeoutInSeconds"].clone()),
-            Some(json!(5))
+                .and_then(|m| m.connect_timeout_in_seconds),
+            Some(5)
         );
         let twin = json!({"type": "scheduleUpdateTwin", "queryCondition": "*", "startTime": "2030-01-02T03:04:05.224459Z",
                           "updateTwin": {"etag": "*", "properties": {"desired": {"building": 43, "floor": 3}}}});
@@ -367,7 +395,7 @@ mod tests {
         for (id, body, expected) in cases {
             let err = parse_request(id, &body, now).expect_err(expected);
             assert!(
-                err.contains(expected),
+                err.0.contains(expected),
                 "{id} {body}: `{err}` should mention `{expected}`"
             );
         }

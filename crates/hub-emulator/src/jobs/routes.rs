@@ -14,9 +14,10 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use hub_core::error::ErrorCode;
+use hub_core::job::{JobResponse, JobStatus, JobType};
 use hub_core::policy::Permission;
 
-use super::{JobError, JobStatus, JobType};
+use super::JobError;
 use crate::http::AppState;
 use crate::http::auth::require;
 use crate::http::error::ApiError;
@@ -54,7 +55,7 @@ async fn create_job(
     Path(job_id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<axum::Json<JobResponse>, ApiError> {
     require(&state, &headers, Permission::ServiceConnect)?;
     let body: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::argument(format!("the job request is not valid JSON: {e}")))?;
@@ -65,7 +66,7 @@ async fn get_job(
     State(state): State<AppState>,
     Path(job_id): Path<String>,
     headers: HeaderMap,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<axum::Json<JobResponse>, ApiError> {
     require(&state, &headers, Permission::ServiceConnect)?;
     Ok(axum::Json(state.jobs.get(&job_id)?))
 }
@@ -74,7 +75,7 @@ async fn cancel_job(
     State(state): State<AppState>,
     Path(job_id): Path<String>,
     headers: HeaderMap,
-) -> Result<axum::Json<Value>, ApiError> {
+) -> Result<axum::Json<JobResponse>, ApiError> {
     require(&state, &headers, Permission::ServiceConnect)?;
     Ok(axum::Json(state.jobs.cancel(&job_id).await?))
 }
@@ -179,14 +180,9 @@ async fn query_jobs(
         .jobs
         .query(job_type, job_status, after.as_deref(), limit);
     let next = more
-        .then(|| {
-            page.last()
-                .and_then(|j| j.get("jobId"))
-                .and_then(Value::as_str)
-                .map(|id| URL_SAFE_NO_PAD.encode(id))
-        })
+        .then(|| page.last().map(|j| URL_SAFE_NO_PAD.encode(&j.job_id)))
         .flatten();
-    let mut response = axum::Json(Value::Array(page)).into_response();
+    let mut response = axum::Json(page).into_response();
     let out = response.headers_mut();
     out.insert("x-ms-item-type", HeaderValue::from_static("JobResponse"));
     if let Some(next) = next
