@@ -29,7 +29,7 @@ use hub_core::error::ErrorCode;
 
 pub use error::ApiError;
 pub use extract::{IdPath, JsonBody};
-pub use server::{IN_FLIGHT_DEADLINE, MAX_CONNECTIONS, serve};
+pub use server::{MAX_CONNECTIONS, serve};
 
 use crate::hub::Hub;
 use crate::jobs::Jobs;
