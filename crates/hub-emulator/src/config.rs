@@ -77,6 +77,12 @@ pub struct Config {
     pub hostnames: Vec<String>,
     /// Active job cap.
     pub max_active_jobs: usize,
+    /// Most MQTT-over-TLS connections held at once (default [`crate::mqtt::MAX_CONNECTIONS`]);
+    /// at the cap, new clients wait in the accept backlog. Tests set it small.
+    pub max_mqtt_connections: usize,
+    /// Most HTTPS connections held at once, MQTT-over-WebSocket sessions included (default
+    /// [`crate::http::MAX_CONNECTIONS`]); at the cap, new clients wait in the accept backlog.
+    pub max_https_connections: usize,
 }
 
 impl Config {
@@ -90,6 +96,8 @@ impl Config {
             https_port: 0,
             hostnames: Vec::new(),
             max_active_jobs: DEFAULT_MAX_ACTIVE_JOBS,
+            max_mqtt_connections: crate::mqtt::MAX_CONNECTIONS,
+            max_https_connections: crate::http::MAX_CONNECTIONS,
         }
     }
 }
@@ -121,6 +129,8 @@ impl TryFrom<Args> for Config {
             https_port: args.https_port,
             hostnames: args.hostnames,
             max_active_jobs: args.max_active_jobs.max(1),
+            max_mqtt_connections: crate::mqtt::MAX_CONNECTIONS,
+            max_https_connections: crate::http::MAX_CONNECTIONS,
         })
     }
 }

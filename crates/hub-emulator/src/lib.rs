@@ -4,6 +4,8 @@
 //! Module map:
 //! - [`config`]: command-line flags and data directory.
 //! - [`tls`]: the hub's local CA and server certificate.
+//! - `listener`: the accept loop both ports share (connection cap, TLS handshake in each
+//!   connection's task, accept backoff, shutdown).
 //! - [`store`]: durable state in SQLite.
 //! - [`hub`]: registry, twins, policies and the device-session router (shared state).
 //! - [`twins`]: twin sections, merge patches, `$version` and `$metadata`.
@@ -18,6 +20,7 @@ pub mod config;
 pub mod http;
 pub mod hub;
 pub mod jobs;
+mod listener;
 pub mod mqtt;
 pub mod query;
 pub mod store;
@@ -225,6 +228,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     tracker.spawn(mqtt::serve(
         mqtt_listener,
         acceptor.clone(),
+        config.max_mqtt_connections,
         hub.clone(),
         shutdown.clone(),
         tracker.clone(),
@@ -238,6 +242,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     tracker.spawn(http::serve(
         https_listener,
         acceptor,
+        config.max_https_connections,
         router,
         shutdown.clone(),
         tracker.clone(),

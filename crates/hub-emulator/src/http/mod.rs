@@ -2,7 +2,8 @@
 //! Jobs v2 from [`crate::jobs`], MQTT over WebSocket from [`crate::mqtt`]. Every route accepts
 //! any `api-version` (or none); every failure is an [`ApiError`] in IoT Hub's error form.
 //!
-//! Module map: [`server`] (TLS accept loop, graceful shutdown), [`error`] ([`ApiError`]),
+//! Module map: `server` (the HTTPS port's connection handler: HTTP/1.1 with upgrades, graceful
+//! shutdown), [`error`] ([`ApiError`]),
 //! [`auth`] (SAS checks), `extract` (JSON body / path / `If-Match`), `registry`, `twins`, `query`.
 
 pub mod auth;
@@ -28,7 +29,7 @@ use hub_core::error::ErrorCode;
 
 pub use error::ApiError;
 pub use extract::{IdPath, JsonBody};
-pub use server::serve;
+pub use server::{MAX_CONNECTIONS, serve};
 
 use crate::hub::Hub;
 use crate::jobs::Jobs;

@@ -1,5 +1,6 @@
-//! The device endpoint: MQTT 3.1.1 over TLS (`listener`) and over WebSocket (`websocket`),
-//! both feeding the same per-device `session` through a small byte `transport` abstraction.
+//! The device endpoint: MQTT 3.1.1 over TLS (`listener`, the MQTT port's handler for the hub's shared
+//! `listener`) and over WebSocket (`websocket`, on the HTTPS port), both feeding the same
+//! per-device `session` through a small byte `transport` abstraction.
 //!
 //! Invariants: one task per connection (no task per subscription or per packet); the TLS
 //! handshake and CONNECT happen inside that task under [`CONNECT_TIMEOUT`]; a connection's
@@ -18,25 +19,41 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::hub::Hub;
+use crate::listener::Listener;
 
 /// Largest MQTT packet accepted from a device (remaining length): IoT Hub's 256 KB message limit.
 /// A larger length field, or bytes that are not MQTT, drop the connection.
 pub const MAX_PACKET_SIZE: usize = 256 * 1024;
 /// How long a new connection has for the TLS handshake (or WebSocket upgrade) plus CONNECT.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How many MQTT-over-TLS connections (authenticated or not) the hub holds at once; further
-/// clients wait in the kernel's accept backlog.
+/// How many MQTT-over-TLS connections (authenticated or not) the hub holds at once by default
+/// ([`crate::Config::max_mqtt_connections`]); further clients wait in the kernel's accept
+/// backlog. MQTT over WebSocket counts against the HTTPS port's cap instead.
 pub const MAX_CONNECTIONS: usize = 20_000;
 
-/// Accepts device connections until `shutdown`; each session runs on `tracker`.
+/// Accepts device connections until `shutdown`, at most `max_connections` at once; each session
+/// runs on `tracker`.
 pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
+    max_connections: usize,
     hub: Hub,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    listener::Listener::new(listener, acceptor, hub, shutdown, tracker)
-        .run()
-        .await;
+    let handler = listener::Mqtt {
+        hub,
+        shutdown: shutdown.clone(),
+    };
+    let acceptor = listener::without_alpn(&acceptor);
+    Listener::new(
+        listener,
+        acceptor,
+        max_connections,
+        handler,
+        shutdown,
+        tracker,
+    )
+    .run()
+    .await;
 }

@@ -2,11 +2,13 @@
 //! as the Azure device SDKs use it (port 443 on IoT Hub). Binary frames carry the same MQTT
 //! byte stream the TLS listener sees, served by the same session code.
 //!
-//! Invariant: frame boundaries mean nothing to MQTT here: a frame may hold part of a packet or
-//! several packets.
+//! Invariants: frame boundaries mean nothing to MQTT here: a frame may hold part of a packet or
+//! several packets. A session holds its HTTPS connection's permit until it ends, so it counts
+//! against the HTTPS port's connection cap although hyper has let go of the connection.
 
 use std::io;
 
+use axum::Extension;
 use axum::Router;
 use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -20,6 +22,7 @@ use tracing::{Instrument as _, debug, info_span};
 use super::transport::Transport;
 use super::{CONNECT_TIMEOUT, MAX_PACKET_SIZE, session};
 use crate::http::AppState;
+use crate::listener::ConnectionPermit;
 
 /// The path IoT Hub serves MQTT over WebSocket on.
 pub const WEBSOCKET_PATH: &str = "/$iothub/websocket";
@@ -34,7 +37,11 @@ pub fn routes() -> Router<AppState> {
     Router::new().route(WEBSOCKET_PATH, get(upgrade))
 }
 
-async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Response {
+async fn upgrade(
+    State(state): State<AppState>,
+    Extension(permit): Extension<ConnectionPermit>,
+    ws: WebSocketUpgrade,
+) -> Response {
     // The connect deadline starts at the upgrade request (TLS is already done by then).
     let deadline = Instant::now() + CONNECT_TIMEOUT;
     let AppState {
@@ -53,7 +60,11 @@ async fn upgrade(State(state): State<AppState>, ws: WebSocketUpgrade) -> Respons
         .on_failed_upgrade(|e| debug!(error = %e, "MQTT WebSocket upgrade failed"))
         .on_upgrade(move |socket| {
             tracker.track_future(
-                session::run(WsTransport { socket }, hub, shutdown, deadline).instrument(span),
+                async move {
+                    session::run(WsTransport { socket }, hub, shutdown, deadline).await;
+                    drop(permit);
+                }
+                .instrument(span),
             )
         })
 }
