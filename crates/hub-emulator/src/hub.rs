@@ -1055,16 +1055,15 @@ impl Hub {
         replace: bool,
         job_id: Option<&str>,
     ) -> Vec<Result<Value, HubError>> {
-        let parsed = parse_twin_update(body);
+        let parsed = twins::parse_service_update(body);
         let now = self.now();
         let mut state = lock(&self.inner.state);
         let mut staged: Vec<(DeviceRecord, Option<Map<String, Value>>)> = Vec::new();
         let mut results: Vec<Result<Staged, HubError>> = Vec::with_capacity(ids.len());
         for id in ids {
             let outcome = (|| {
-                let (tags, desired) = parsed
-                    .as_ref()
-                    .map_err(|e| HubError::InvalidArgument(e.clone()))?;
+                let twins::ServiceUpdate { tags, desired } =
+                    parsed.as_ref().map_err(|e| HubError::Twin(e.clone()))?;
                 let current = state
                     .devices
                     .get(*id)
@@ -1464,36 +1463,6 @@ fn mark_disconnected(state: &mut State, device_id: &str, now: String) {
     }
 }
 
-type TwinUpdateParts<'a> = (Option<&'a Value>, Option<&'a Value>);
-
-fn parse_twin_update(body: &Value) -> Result<TwinUpdateParts<'_>, String> {
-    let Value::Object(map) = body else {
-        return Err(
-            "the twin update must be a JSON object with tags and/or properties.desired".into(),
-        );
-    };
-    let tags = map.get("tags").filter(|v| !v.is_null());
-    let properties = map.get("properties").filter(|v| !v.is_null());
-    if let Some(props) = properties {
-        let Value::Object(props) = props else {
-            return Err("properties must be an object with desired".into());
-        };
-        if props
-            .get("reported")
-            .is_some_and(|r| !r.is_null() && r.as_object().is_none_or(|o| !o.is_empty()))
-        {
-            return Err(
-                "properties.reported is written by the device and cannot be updated by the service"
-                    .into(),
-            );
-        }
-    }
-    let desired = properties
-        .and_then(|p| p.get("desired"))
-        .filter(|v| !v.is_null());
-    Ok((tags, desired))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1588,7 +1557,7 @@ mod tests {
                 None,
                 false
             ),
-            Err(HubError::InvalidArgument(_))
+            Err(HubError::Twin(TwinError::ReportedByService))
         ));
     }
 
