@@ -16,6 +16,14 @@ pub const MAX_STRING_BYTES: usize = 4 * 1024;
 /// Largest integer IoT Hub stores exactly.
 pub const MAX_SAFE_INT: i64 = 4_503_599_627_370_495;
 
+/// How error texts name the twin's parts: one spelling for REST updates, jobs and devices, so a
+/// client sees the same words whichever way its update arrived.
+pub const TAGS: &str = "tags";
+/// See [`TAGS`].
+pub const DESIRED: &str = "properties.desired";
+/// See [`TAGS`].
+pub const REPORTED: &str = "properties.reported";
+
 /// A patch or document IoT Hub would refuse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TwinError {
@@ -47,6 +55,15 @@ pub enum TwinError {
         name: String,
         reason: &'static str,
     },
+    /// A service update tried to write what only the device writes.
+    #[error(
+        "{REPORTED} is written by the device; a service update may set only {TAGS} and {DESIRED}"
+    )]
+    ReportedByService,
+    /// A service update with neither tags nor desired properties (refused where a change is
+    /// required, e.g. a twin job).
+    #[error("the twin update must set {TAGS} and/or {DESIRED}")]
+    NothingToUpdate,
 }
 
 fn kind(value: &Value) -> &'static str {
@@ -241,8 +258,8 @@ pub enum Section {
 impl Section {
     fn name(self) -> &'static str {
         match self {
-            Section::Desired => "properties.desired",
-            Section::Reported => "properties.reported",
+            Section::Desired => DESIRED,
+            Section::Reported => REPORTED,
         }
     }
 }
@@ -334,10 +351,10 @@ pub fn replace_section(
 
 /// Merges a tags patch, checking names and the 8 KB limit. On error tags are unchanged.
 pub fn apply_tags(tags: &mut Map<String, Value>, patch: &Value) -> Result<(), TwinError> {
-    validate_patch("tags", patch)?;
+    validate_patch(TAGS, patch)?;
     let Value::Object(patch) = patch else {
         return Err(TwinError::NotAnObject {
-            section: "tags",
+            section: TAGS,
             found: kind(patch),
         });
     };
@@ -346,12 +363,101 @@ pub fn apply_tags(tags: &mut Map<String, Value>, patch: &Value) -> Result<(), Tw
     let size = section_size(&next);
     if size > MAX_TAGS_BYTES {
         return Err(TwinError::TooLarge {
-            section: "tags",
+            section: TAGS,
             size,
             limit: MAX_TAGS_BYTES,
         });
     }
     *tags = next;
+    Ok(())
+}
+
+/// The parts of a service twin update (`PATCH`/`PUT /twins/{id}`, a job's `updateTwin`) that
+/// change the twin; `null` or absent parts are `None`. Both are JSON objects when present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceUpdate<'a> {
+    /// The `tags` patch or replacement.
+    pub tags: Option<&'a Value>,
+    /// The `properties.desired` patch or replacement.
+    pub desired: Option<&'a Value>,
+}
+
+impl ServiceUpdate<'_> {
+    /// Whether the update sets neither tags nor desired properties.
+    pub fn is_empty(&self) -> bool {
+        self.tags.is_none() && self.desired.is_none()
+    }
+}
+
+/// Validates a service twin update: the one check behind REST twin updates, twin job requests
+/// and twin job execution, so all three accept and refuse the same bodies with the same words.
+/// Other members (`deviceId`, `etag`, `version`, ...) are ignored, as a full twin document is a
+/// valid update. Size limits are checked on the parts alone here (a merge can only keep or add
+/// to what the patch sets); the size after merging is checked when the update is applied.
+pub fn parse_service_update(body: &Value) -> Result<ServiceUpdate<'_>, TwinError> {
+    let Value::Object(map) = body else {
+        return Err(TwinError::NotAnObject {
+            section: "the twin update",
+            found: kind(body),
+        });
+    };
+    let tags = map.get("tags").filter(|v| !v.is_null());
+    let desired = match map.get("properties").filter(|v| !v.is_null()) {
+        None => None,
+        Some(Value::Object(props)) => {
+            // `reported: {}` is accepted, anything more is refused. Source: the official C#
+            // service SDK (Azure/azure-iot-sdk-csharp shared/src/TwinProperties.cs creates
+            // `Reported` as an empty collection and TwinJsonConverter.WriteJson writes it
+            // whenever it is not null), so `RegistryManager.UpdateTwinAsync(id, new Twin{..})`
+            // and `JobClient.ScheduleTwinUpdateAsync(.., twin, ..)` send `"reported": {}` in
+            // every update; the SDK's e2e tests (e2e/test/iothub/twin/TwinE2ETests.cs) and
+            // JobsSample do exactly that against IoT Hub. Python azure-iot-hub (msrest drops a
+            // `reported` left as None) and Node azure-iothub (sends the caller's patch as is)
+            // send it only if the caller does. Non-empty reported properties are refused: the
+            // device owns them (reference iothub-protocol.md §4.3).
+            if props
+                .get("reported")
+                .is_some_and(|r| !r.is_null() && r.as_object().is_none_or(|o| !o.is_empty()))
+            {
+                return Err(TwinError::ReportedByService);
+            }
+            props.get("desired").filter(|v| !v.is_null())
+        }
+        Some(other) => {
+            return Err(TwinError::NotAnObject {
+                section: "properties",
+                found: kind(other),
+            });
+        }
+    };
+    for (section, part, limit) in [
+        (TAGS, tags, MAX_TAGS_BYTES),
+        (DESIRED, desired, MAX_SECTION_BYTES),
+    ] {
+        if let Some(part) = part {
+            validate_patch(section, part)?;
+            check_patch_size(section, part, limit)?;
+        }
+    }
+    Ok(ServiceUpdate { tags, desired })
+}
+
+/// Refuses a patch whose own non-null content is over `limit`: merging keeps all of it, so the
+/// section would be over the limit whatever it holds now.
+fn check_patch_size(section: &'static str, patch: &Value, limit: usize) -> Result<(), TwinError> {
+    let Value::Object(patch) = patch else {
+        return Ok(());
+    };
+    let mut kept = Map::new();
+    merge(&mut kept, patch);
+    let size = section_size(&kept);
+    if size > limit {
+        return Err(TwinError::TooLarge {
+            section,
+            size,
+            limit,
+        });
+    }
     Ok(())
 }
 
@@ -476,6 +582,106 @@ mod tests {
         assert_eq!(
             Value::Object(without_metadata(&desired)),
             json!({"b": 3, "c": 4, "$version": 3})
+        );
+    }
+
+    #[test]
+    fn service_update_returns_tags_and_desired_and_ignores_other_members() {
+        // What the C# SDK's `new Twin(id)` with one tag serializes to.
+        let body = json!({"deviceId": "d1", "etag": null, "version": null,
+                          "tags": {"building": "43"},
+                          "properties": {"desired": {}, "reported": {}}});
+        let update = parse_service_update(&body).expect("C# twin update");
+        assert_eq!(update.tags, Some(&json!({"building": "43"})));
+        assert_eq!(update.desired, Some(&json!({})));
+        let nulls = json!({"tags": null, "properties": {"desired": null, "reported": null}});
+        let update = parse_service_update(&nulls).expect("nulls mean absent");
+        assert!(update.is_empty());
+        assert!(parse_service_update(&json!({})).expect("empty").is_empty());
+    }
+
+    #[test]
+    fn service_update_refuses_with_one_wording() {
+        let cases = [
+            (
+                json!([1]),
+                "the twin update must be a JSON object, got an array",
+            ),
+            (
+                json!({"properties": 1}),
+                "properties must be a JSON object, got a number",
+            ),
+            (
+                json!({"tags": "x"}),
+                "tags must be a JSON object, got a string",
+            ),
+            (
+                json!({"properties": {"desired": [1]}}),
+                "properties.desired must be a JSON object, got an array",
+            ),
+            (
+                json!({"properties": {"reported": {"x": 1}}}),
+                "properties.reported is written by the device; a service update may set only tags and properties.desired",
+            ),
+            (
+                json!({"properties": {"reported": 1}}),
+                "properties.reported is written by the device; a service update may set only tags and properties.desired",
+            ),
+            (
+                json!({"properties": {"desired": {"$version": 3}}}),
+                "property name `$version` in properties.desired is not allowed: names may not be empty or contain `.`, `$`, spaces or control characters",
+            ),
+            (
+                json!({"tags": {"a.b": 1}}),
+                "property name `a.b` in tags is not allowed: names may not be empty or contain `.`, `$`, spaces or control characters",
+            ),
+            (
+                json!({"tags": {"a":{"b":{"c":{"d":{"e":{"f":{"g":{"h":{"i":{"j":{"k":1}}}}}}}}}}}}),
+                "tags nests deeper than 10 levels",
+            ),
+        ];
+        for (body, expected) in cases {
+            let err = parse_service_update(&body).expect_err(expected);
+            assert_eq!(err.to_string(), expected, "{body}");
+        }
+        let big =
+            json!({"tags": {"a": "x".repeat(4000), "b": "x".repeat(4000), "c": "x".repeat(500)}});
+        assert!(matches!(
+            parse_service_update(&big),
+            Err(TwinError::TooLarge { section: TAGS, .. })
+        ));
+        // Deletes cost nothing: a patch of nulls is within any limit.
+        let mut deletes = Map::new();
+        for i in 0..10_000 {
+            deletes.insert(format!("k{i}"), Value::Null);
+        }
+        let body = json!({"properties": {"desired": Value::Object(deletes)}});
+        parse_service_update(&body).expect("deletes only");
+    }
+
+    #[test]
+    fn device_reported_patches_follow_the_same_property_rules() {
+        let mut reported = new_section("t0", Section::Reported);
+        for (patch, expected) in [
+            (
+                json!({"$x": 1}),
+                "property name `$x` in properties.reported is not allowed: names may not be empty or contain `.`, `$`, spaces or control characters",
+            ),
+            (
+                json!(1),
+                "properties.reported must be a JSON object, got a number",
+            ),
+        ] {
+            let err =
+                apply_patch(&mut reported, &patch, Section::Reported, "t1").expect_err("refused");
+            assert_eq!(err.to_string(), expected);
+        }
+        // The desired twin of the same patch fails with the same text but its own section.
+        let err = parse_service_update(&json!({"properties": {"desired": {"$x": 1}}}))
+            .expect_err("refused");
+        assert_eq!(
+            err.to_string(),
+            "property name `$x` in properties.desired is not allowed: names may not be empty or contain `.`, `$`, spaces or control characters"
         );
     }
 

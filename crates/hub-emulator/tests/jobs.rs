@@ -886,3 +886,66 @@ async fn scheduled_job_waits_for_its_start_time() {
     assert_eq!(device.methods().len(), 1);
     hub.running.shutdown().await;
 }
+
+/// The error text after IoT Hub's `ErrorCode:<code>;` prefix.
+fn error_text(message: &str) -> &str {
+    message.split_once(';').map_or(message, |(_, text)| text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twin_patch_and_twin_job_treat_reported_alike() {
+    let hub = TestHub::start().await;
+    hub.register("d1", None).await;
+    let twin_job = |id: &str, update: &Value| {
+        let mut update = update.clone();
+        update["etag"] = json!("*");
+        json!({
+            "jobId": id, "type": "scheduleUpdateTwin", "updateTwin": update,
+            "queryCondition": "deviceId IN ['d1']", "startTime": iso_in(0),
+            "maxExecutionTimeInSeconds": 300,
+        })
+    };
+
+    // `reported: {}` as the C# service SDK sends it with every twin update: accepted by both.
+    let empty = json!({"properties": {"desired": {"x": 1}, "reported": {}}});
+    let patched = hub
+        .call(Method::PATCH, "/twins/d1", Some(&empty))
+        .await
+        .ok();
+    assert_eq!(patched["properties"]["desired"]["x"], 1);
+    let mut by_job = empty.clone();
+    by_job["properties"]["desired"]["x"] = json!(2);
+    hub.put_job("empty-reported", &twin_job("empty-reported", &by_job))
+        .await
+        .ok();
+    let done = hub
+        .wait_status("empty-reported", "completed", Duration::from_secs(20))
+        .await;
+    assert_eq!(stats(&done), (1, 1, 0, 0, 0));
+    let twin = hub.call(Method::GET, "/twins/d1", None).await.ok();
+    assert_eq!(twin["properties"]["desired"]["x"], 2);
+
+    // Non-empty reported properties: refused by both, in the same words (the job's prefixed
+    // with the field they are about).
+    let written = json!({"properties": {"desired": {"x": 3}, "reported": {"x": 1}}});
+    let rest = hub
+        .call(Method::PATCH, "/twins/d1", Some(&written))
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "ArgumentInvalid");
+    let job = hub
+        .put_job("set-reported", &twin_job("set-reported", &written))
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "ArgumentInvalid");
+    assert!(
+        error_text(&rest).starts_with("properties.reported is written by the device"),
+        "{rest}"
+    );
+    assert_eq!(
+        error_text(&job),
+        format!("updateTwin: {}", error_text(&rest)),
+        "job and twin PATCH disagree"
+    );
+    let twin = hub.call(Method::GET, "/twins/d1", None).await.ok();
+    assert_eq!(twin["properties"]["desired"]["x"], 2, "nothing was written");
+    hub.running.shutdown().await;
+}

@@ -101,7 +101,7 @@ async fn twin_patch_versions_and_etag() {
             false
         )
         .await,
-        Err(HubError::InvalidArgument(_))
+        Err(HubError::Twin(crate::twins::TwinError::ReportedByService))
     ));
 }
 

@@ -26,7 +26,7 @@ enum Staged {
 /// applied once.
 fn stage_twin_update(
     mut record: DeviceRecord,
-    (tags, desired): TwinUpdateParts<'_>,
+    twins::ServiceUpdate { tags, desired }: twins::ServiceUpdate<'_>,
     if_match: Option<&str>,
     replace: bool,
     job_id: Option<&str>,
@@ -142,7 +142,7 @@ impl Hub {
         let hub = self.clone();
         let count = ids.len();
         let batch = async move {
-            let parsed = parse_twin_update(&body).map_err(HubError::InvalidArgument);
+            let parsed = twins::parse_service_update(&body);
             let _writing = hub.inner.writes.lock(ids.iter().map(String::as_str)).await;
             // Copies of the committed records: staging (merges, documents) runs without the
             // state lock; the write locks keep these records from changing meanwhile.
@@ -157,7 +157,7 @@ impl Hub {
             let mut results: Vec<Result<Arc<Value>, HubError>> = Vec::with_capacity(ids.len());
             for (id, current) in ids.iter().zip(current) {
                 let staged = match (&parsed, current) {
-                    (Err(e), _) => Err(HubError::InvalidArgument(e.to_string())),
+                    (Err(e), _) => Err(HubError::Twin(e.clone())),
                     (Ok(_), None) => Err(HubError::DeviceNotFound(id.clone())),
                     (Ok(parts), Some(record)) => stage_twin_update(
                         record,
@@ -231,34 +231,4 @@ impl Hub {
         })
         .await
     }
-}
-
-type TwinUpdateParts<'a> = (Option<&'a Value>, Option<&'a Value>);
-
-fn parse_twin_update(body: &Value) -> Result<TwinUpdateParts<'_>, String> {
-    let Value::Object(map) = body else {
-        return Err(
-            "the twin update must be a JSON object with tags and/or properties.desired".into(),
-        );
-    };
-    let tags = map.get("tags").filter(|v| !v.is_null());
-    let properties = map.get("properties").filter(|v| !v.is_null());
-    if let Some(props) = properties {
-        let Value::Object(props) = props else {
-            return Err("properties must be an object with desired".into());
-        };
-        if props
-            .get("reported")
-            .is_some_and(|r| !r.is_null() && r.as_object().is_none_or(|o| !o.is_empty()))
-        {
-            return Err(
-                "properties.reported is written by the device and cannot be updated by the service"
-                    .into(),
-            );
-        }
-    }
-    let desired = properties
-        .and_then(|p| p.get("desired"))
-        .filter(|v| !v.is_null());
-    Ok((tags, desired))
 }

@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 use super::model::parse_time;
 use crate::hub::MethodCall;
 use crate::query;
+use crate::twins;
 
 /// `maxExecutionTimeInSeconds` when the request leaves it out (IoT Hub's default: one hour).
 pub const DEFAULT_MAX_EXECUTION_SECS: u64 = 3600;
@@ -182,40 +183,19 @@ fn parse_method(map: &Map<String, Value>) -> Result<CloudToDeviceMethod, String>
 
 fn parse_update_twin(map: &Map<String, Value>) -> Result<TwinPatch, String> {
     let twin = match map.get("updateTwin") {
-        Some(Value::Object(twin)) => twin,
+        Some(twin @ Value::Object(_)) => twin,
         None | Some(Value::Null) => {
             return Err("updateTwin is required for a scheduleUpdateTwin job".into());
         }
         Some(other) => return Err(format!("updateTwin must be an object, got {other}")),
     };
-    let tags = twin.get("tags").filter(|v| !v.is_null());
-    let desired = match twin.get("properties").filter(|v| !v.is_null()) {
-        None => None,
-        Some(Value::Object(props)) => {
-            if props.get("reported").is_some_and(|r| !r.is_null()) {
-                return Err("updateTwin.properties.reported is written by devices; a job can set only tags and properties.desired".into());
-            }
-            props.get("desired").filter(|v| !v.is_null())
-        }
-        Some(other) => {
-            return Err(format!(
-                "updateTwin.properties must be an object, got {other}"
-            ));
-        }
-    };
-    if tags.is_none() && desired.is_none() {
-        return Err("updateTwin must set tags and/or properties.desired".into());
-    }
-    for (name, section) in [("tags", tags), ("properties.desired", desired)] {
-        if let Some(section) = section {
-            if !section.is_object() {
-                return Err(format!(
-                    "updateTwin.{name} must be an object, got {section}"
-                ));
-            }
-            crate::twins::validate_patch(if name == "tags" { "tags" } else { "desired" }, section)
-                .map_err(|e| format!("updateTwin.{name}: {e}"))?;
-        }
+    // The validator `PATCH /twins/{id}` and the job's execution use, so a job is refused up
+    // front exactly when each of its device updates would be, in the same words; the
+    // `updateTwin: ` prefix says which field of the request they are about.
+    let update = twins::parse_service_update(twin).map_err(|e| format!("updateTwin: {e}"))?;
+    // A job must change something; a REST twin update of `{}` stays accepted, as before.
+    if update.is_empty() {
+        return Err(format!("updateTwin: {}", twins::TwinError::NothingToUpdate));
     }
     match twin.get("etag") {
         None | Some(Value::Null) => {}
@@ -229,8 +209,7 @@ fn parse_update_twin(map: &Map<String, Value>) -> Result<TwinPatch, String> {
     // Every part was checked above, so this only fails on a shape already refused. `null`
     // tags, properties or etag mean "absent" here as in the twin update, so dropping them is
     // harmless.
-    serde_json::from_value(Value::Object(twin.clone()))
-        .map_err(|e| format!("updateTwin is not a twin patch: {e}"))
+    serde_json::from_value(twin.clone()).map_err(|e| format!("updateTwin is not a twin patch: {e}"))
 }
 
 #[cfg(test)]
