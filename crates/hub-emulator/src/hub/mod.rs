@@ -2,17 +2,17 @@
 //! device's twin, the access policies, the sessions of connected devices and pending direct
 //! methods. This file owns the handle, the locks and the order they are taken in; the rooms:
 //!
-//! - [`auth`]: policies and their keys, service and device authentication.
-//! - [`registry`]: device identities (create, update, delete, read, list).
-//! - [`twins`]: service twin updates (one device or a job's batch) and device reported patches.
-//! - [`router`]: device sessions, presence, the outbound queue, desired-patch delivery.
-//! - [`methods`]: direct-method calls waiting for a device's answer.
+//! - `auth`: policies and their keys, service and device authentication.
+//! - `registry`: device identities (create, update, delete, read, list).
+//! - `twins`: service twin updates (one device or a job's batch) and device reported patches.
+//! - `router`: device sessions, presence, the outbound queue, desired-patch delivery.
+//! - `methods`: direct-method calls waiting for a device's answer.
 //! - `record`: one device as stored, and the device and twin documents made from it.
 //!
 //! # Locks, in the order they are taken
 //!
-//! 1. **Device write locks** ([`WriteLocks`], async, one per device id, taken in id order by
-//!    [`WriteLocks::lock`]): held by a change to device records from staging to applying, so
+//! 1. **Device write locks** (`WriteLocks`, async, one per device id, taken in id order by
+//!    `WriteLocks::lock`): held by a change to device records from staging to applying, so
 //!    two changes of one device never interleave, while other devices' changes and every read
 //!    go on. Never taken while holding 2 or 3.
 //! 2. **`state`** (std mutex): the registry as committed. Held only to read, stage or apply, never
@@ -23,11 +23,11 @@
 //!
 //! - Every change a caller is told about is committed to the [`Store`] first: a change is staged
 //!   (under its device write locks, reading `state`), committed without any std lock held, then
-//!   applied to `state` ([`Hub::commit_devices`]); readers only ever see committed records.
+//!   applied to `state` (`Hub::commit_devices`); readers only ever see committed records.
 //! - Desired patches reach a session in version order: they are queued by
-//!   [`router::queue_desired_patch`] while the device's write lock and `state` are held, in the
+//!   `router::queue_desired_patch` while the device's write lock and `state` are held, in the
 //!   order the versions were committed.
-//! - A change, once staged, runs to its end on its own task ([`Hub::detached`]): a caller that
+//! - A change, once staged, runs to its end on its own task (`Hub::detached`): a caller that
 //!   goes away (a closed connection) cannot leave a commit on disk that `state` never saw.
 
 mod auth;

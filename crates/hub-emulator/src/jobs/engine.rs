@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::model::{JobRecord, Tally as _, format_time};
-use super::{Finish, Jobs, Row, json_text};
+use super::{Finish, JobError, Jobs, Row};
 use crate::hub::{Hub, HubError, MethodCall, MethodOutcome};
 use crate::query::{self, QueryError};
 use crate::store::{StoreError, Write};
@@ -47,6 +47,9 @@ pub enum JobRunError {
     /// A twin job without `updateTwin`.
     #[error("the job has no updateTwin")]
     NoUpdateTwin,
+    /// A record could not be encoded for the store (a bug).
+    #[error("{0}")]
+    Encode(String),
     /// A job type this hub does not run (from a damaged store; requests are validated).
     #[error("job type `{0}` cannot run on /jobs/v2")]
     UnsupportedType(JobType),
@@ -57,7 +60,7 @@ pub enum JobRunError {
 /// 256 keeps 10,000 devices moving in a few round trips without flooding session queues.
 pub const MAX_IN_FLIGHT: usize = 256;
 /// Devices per twin-update transaction: large enough that 10,000 devices take 20 commits,
-/// small enough that one batch holds the hub's state lock for milliseconds only.
+/// small enough that one batch holds its devices' write locks for milliseconds only.
 pub const TWIN_BATCH: usize = 500;
 /// Device outcomes saved per transaction at most.
 const FLUSH_ROWS: usize = 500;
@@ -65,6 +68,14 @@ const FLUSH_ROWS: usize = 500;
 const FLUSH_AFTER: Duration = Duration::from_millis(25);
 /// Longest wait the engine computes (guards `Instant` arithmetic against huge deadlines).
 const FAR: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// A record's stored JSON text.
+fn encode<T: serde::Serialize>(value: &T) -> Result<String, JobRunError> {
+    super::encode(value).map_err(|e| match e {
+        JobError::Internal(message) => JobRunError::Encode(message),
+        other => JobRunError::Encode(other.to_string()),
+    })
+}
 
 fn json_value<T: serde::Serialize>(value: &T) -> Value {
     // Hub-core wire types hold strings, numbers and JSON values only: this cannot fail.
@@ -91,7 +102,7 @@ pub(super) async fn schedule(jobs: Jobs, shutdown: CancellationToken, tracker: T
             tracker.spawn(run(jobs.clone(), id, shutdown.clone()));
         }
         if Instant::now() >= next_prune {
-            if let Err(e) = jobs.prune(OffsetDateTime::now_utc()) {
+            if let Err(e) = jobs.prune(OffsetDateTime::now_utc()).await {
                 tracing::warn!(error = %e, "could not prune old jobs");
             }
             next_prune = Instant::now() + super::PRUNE_EVERY;
@@ -137,11 +148,11 @@ struct Plan {
 
 /// One job's run, from start (or resume) to its end or the hub's shutdown.
 async fn run(jobs: Jobs, id: String, shutdown: CancellationToken) {
-    let plan = match begin(&jobs, &id) {
+    let plan = match begin(&jobs, &id).await {
         Ok(Some(plan)) => plan,
         Ok(None) => return,
         Err(reason) => {
-            let _ = jobs.finish(&id, Finish::Failed(reason));
+            let _ = jobs.finish(&id, Finish::Failed(reason)).await;
             return;
         }
     };
@@ -159,13 +170,16 @@ async fn run(jobs: Jobs, id: String, shutdown: CancellationToken) {
         Ended::TimedOut => Finish::TimedOut,
         Ended::Fatal(reason) => Finish::Failed(reason),
     };
-    let _ = jobs.finish(&id, how);
+    let _ = jobs.finish(&id, how).await;
 }
 
 /// Moves a due job to `running`: evaluates its condition over the twins now and saves one
 /// `pending` row per matching device, with the job, in one transaction. A resumed job keeps its
 /// rows. Returns `None` if the job ended meanwhile (cancelled).
-fn begin(jobs: &Jobs, id: &str) -> Result<Option<Plan>, JobRunError> {
+async fn begin(jobs: &Jobs, id: &str) -> Result<Option<Plan>, JobRunError> {
+    let Some(_writing) = jobs.write_lock(id).await else {
+        return Ok(None);
+    };
     let (record, cancel) = {
         let state = jobs.lock();
         let Some(entry) = state.jobs.get(id) else {
@@ -222,34 +236,34 @@ fn begin(jobs: &Jobs, id: &str) -> Result<Option<Plan>, JobRunError> {
             extra: Map::new(),
         })
         .collect();
+    if !matches!(record.status, JobStatus::Scheduled | JobStatus::Queued) {
+        return Ok(None);
+    }
+    let mut running = record;
+    running.status = JobStatus::Running;
+    running.run_started_time = Some(now);
+    let mut writes = Vec::with_capacity(rows.len() + 1);
+    writes.push(Write::PutJob {
+        id: id.to_owned(),
+        doc: encode(&running)?,
+    });
+    for row in &rows {
+        writes.push(Write::PutDeviceJob {
+            job_id: id.to_owned(),
+            device_id: row.device_id.clone(),
+            doc: encode(row)?,
+        });
+    }
+    jobs.hub()
+        .store()
+        .commit(writes)
+        .await
+        .map_err(JobRunError::NotSaved)?;
+    // The job's write lock kept every other change of it out since its record was read.
     let mut state = jobs.lock();
     let Some(entry) = state.jobs.get_mut(id) else {
         return Ok(None);
     };
-    if !matches!(
-        entry.record.status,
-        JobStatus::Scheduled | JobStatus::Queued
-    ) {
-        return Ok(None);
-    }
-    let mut running = entry.record.clone();
-    running.status = JobStatus::Running;
-    running.run_started_time = Some(now);
-    let record_doc = json_text(&running);
-    let docs: Vec<String> = rows.iter().map(json_text).collect();
-    let mut writes = vec![Write::PutJob {
-        id: id.to_owned(),
-        doc: record_doc,
-    }];
-    writes.extend(rows.iter().zip(docs).map(|(r, doc)| Write::PutDeviceJob {
-        job_id: id.to_owned(),
-        device_id: r.device_id.clone(),
-        doc,
-    }));
-    jobs.hub()
-        .store()
-        .write(&writes)
-        .map_err(JobRunError::NotSaved)?;
     for row in rows {
         entry.stats.add(&row.status);
         entry.rows.insert(row.device_id.clone(), Row::new(row));
@@ -340,7 +354,7 @@ async fn run_methods(
             break Ended::Done;
         }
         if batch.len() >= FLUSH_ROWS
-            && let Err(reason) = flush(jobs, &plan.record.job_id, std::mem::take(&mut batch))
+            && let Err(reason) = flush(jobs, &plan.record.job_id, std::mem::take(&mut batch)).await
         {
             break Ended::Fatal(reason);
         }
@@ -356,7 +370,7 @@ async fn run_methods(
                 batch.push(event);
             }
             _ = tokio::time::sleep_until(flush_at), if !batch.is_empty() => {
-                if let Err(reason) = flush(jobs, &plan.record.job_id, std::mem::take(&mut batch)) {
+                if let Err(reason) = flush(jobs, &plan.record.job_id, std::mem::take(&mut batch)).await {
                     break Ended::Fatal(reason);
                 }
             }
@@ -365,7 +379,7 @@ async fn run_methods(
     // What devices answered is real, whatever ended the run: save it before ending the job.
     // Calls still in flight are abandoned; their rows stay running (resumed) or end with the job.
     drop(in_flight);
-    match flush(jobs, &plan.record.job_id, batch) {
+    match flush(jobs, &plan.record.job_id, batch).await {
         Err(reason) if !matches!(ended, Ended::Fatal(_)) => Ended::Fatal(reason),
         _ => ended,
     }
@@ -415,7 +429,7 @@ async fn run_twins(
                 result: result.map(|_| None).map_err(|e| device_error(&e)),
             })
             .collect();
-        if let Err(reason) = flush(jobs, &plan.record.job_id, events) {
+        if let Err(reason) = flush(jobs, &plan.record.job_id, events).await {
             return Ended::Fatal(reason);
         }
     }
@@ -424,85 +438,93 @@ async fn run_twins(
 
 /// Saves a batch of device progress in one transaction, then shows it. Events for a job that
 /// ended meanwhile (cancelled) are dropped: the job's end already decided those rows.
-fn flush(jobs: &Jobs, job_id: &str, events: Vec<Event>) -> Result<(), JobRunError> {
+async fn flush(jobs: &Jobs, job_id: &str, events: Vec<Event>) -> Result<(), JobRunError> {
     if events.is_empty() {
         return Ok(());
     }
-    let mut state = jobs.lock();
-    let Some(entry) = state.jobs.get_mut(job_id) else {
+    let Some(_writing) = jobs.write_lock(job_id).await else {
         return Ok(());
     };
-    if entry.record.status != JobStatus::Running {
-        return Ok(());
-    }
-    let mut changed: HashMap<String, DeviceJob> = HashMap::with_capacity(events.len());
-    for event in events {
-        let device_id = match &event {
-            Event::Started { device_id, .. } | Event::Finished { device_id, .. } => {
-                device_id.clone()
-            }
+    let changed = {
+        let state = jobs.lock();
+        let Some(entry) = state.jobs.get(job_id) else {
+            return Ok(());
         };
-        let row = match changed.get_mut(&device_id) {
-            Some(row) => row,
-            None => {
-                let Some(current) = entry.rows.get(&device_id) else {
-                    continue;
-                };
-                changed
-                    .entry(device_id)
-                    .or_insert_with(|| current.row.clone())
-            }
-        };
-        match event {
-            Event::Started { at, .. } => {
-                if row.status.is_terminal() {
-                    continue;
+        if entry.record.status != JobStatus::Running {
+            return Ok(());
+        }
+        let mut changed: HashMap<String, DeviceJob> = HashMap::with_capacity(events.len());
+        for event in events {
+            let device_id = match &event {
+                Event::Started { device_id, .. } | Event::Finished { device_id, .. } => {
+                    device_id.clone()
                 }
-                row.status = DeviceJobStatus::Running;
-                row.start_time_utc = Some(format_time(at));
-                row.last_updated_date_time_utc = Some(format_time(at));
-            }
-            Event::Finished {
-                started,
-                ended,
-                result,
-                ..
-            } => {
-                let ended_text = format_time(ended);
-                row.start_time_utc = Some(format_time(started));
-                row.end_time_utc = Some(ended_text.clone());
-                row.last_updated_date_time_utc = Some(ended_text);
-                match result {
-                    Ok(outcome) => {
-                        row.status = DeviceJobStatus::Completed;
-                        row.outcome = outcome;
-                        row.error = None;
+            };
+            let row = match changed.get_mut(&device_id) {
+                Some(row) => row,
+                None => {
+                    let Some(current) = entry.rows.get(&device_id) else {
+                        continue;
+                    };
+                    changed
+                        .entry(device_id)
+                        .or_insert_with(|| current.row.clone())
+                }
+            };
+            match event {
+                Event::Started { at, .. } => {
+                    if row.status.is_terminal() {
+                        continue;
                     }
-                    Err(error) => {
-                        row.status = DeviceJobStatus::Failed;
-                        row.outcome = None;
-                        row.error = Some(error);
+                    row.status = DeviceJobStatus::Running;
+                    row.start_time_utc = Some(format_time(at));
+                    row.last_updated_date_time_utc = Some(format_time(at));
+                }
+                Event::Finished {
+                    started,
+                    ended,
+                    result,
+                    ..
+                } => {
+                    let ended_text = format_time(ended);
+                    row.start_time_utc = Some(format_time(started));
+                    row.end_time_utc = Some(ended_text.clone());
+                    row.last_updated_date_time_utc = Some(ended_text);
+                    match result {
+                        Ok(outcome) => {
+                            row.status = DeviceJobStatus::Completed;
+                            row.outcome = outcome;
+                            row.error = None;
+                        }
+                        Err(error) => {
+                            row.status = DeviceJobStatus::Failed;
+                            row.outcome = None;
+                            row.error = Some(error);
+                        }
                     }
                 }
             }
         }
-    }
-    let docs: Vec<(String, String)> = changed
-        .values()
-        .map(|r| (r.device_id.clone(), json_text(r)))
-        .collect();
-    let writes: Vec<Write> = docs
-        .into_iter()
-        .map(|(device_id, doc)| Write::PutDeviceJob {
+        changed
+    };
+    let mut writes = Vec::with_capacity(changed.len());
+    for row in changed.values() {
+        writes.push(Write::PutDeviceJob {
             job_id: job_id.to_owned(),
-            device_id,
-            doc,
-        })
-        .collect();
+            device_id: row.device_id.clone(),
+            doc: encode(row)?,
+        });
+    }
     jobs.hub()
         .store()
-        .write(&writes)
+        .commit(writes)
+        .await
         .map_err(JobRunError::OutcomesNotSaved)?;
+    // The job's write lock kept every other change of it out since the rows were read.
+    let mut state = jobs.lock();
+    let Some(entry) = state.jobs.get_mut(job_id) else {
+        return Ok(());
+    };
     for (device_id, row) in changed {
         if let Some(slot) = entry.rows.get_mut(&device_id) {
             entry.stats.shift(&slot.row.status, &row.status);

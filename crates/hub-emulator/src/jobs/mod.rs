@@ -1,18 +1,22 @@
 //! IoT Hub Jobs v2: scheduled direct methods and twin updates over a query (reference §4.6, §4.7).
 //!
-//! [`Jobs`] holds every job with its per-device rows; [`routes`] serves `/jobs/v2/...`; the engine
-//! (`engine.rs`) starts due jobs and executes them. Invariants: a job or row change is committed
-//! to the [`Store`](crate::store::Store) before anyone can read it here (rows in batches, one
-//! transaction each); every job that leaves `running` gets an `endTime`; statistics always equal
-//! the tally of the rows. The `state` lock is a std mutex never held across an `.await`; it is
-//! taken before the hub's locks, never after.
+//! [`Jobs`] holds every job with its per-device rows; [`routes()`] serves `/jobs/v2/...`; the
+//! engine (`engine.rs`) starts due jobs and executes them.
+//!
+//! Invariants: a job or row change is committed to the [`Store`](crate::store::Store) before
+//! anyone can read it here (rows in batches, one transaction each): it is staged under the
+//! job's write lock (`Entry::writing`, async, held from staging to applying, so two changes of
+//! one job never interleave), committed with no std lock held, then applied. Every job that
+//! leaves `running` gets an `endTime`; statistics always equal the tally of the rows. The
+//! `state` lock is a std mutex held only to read, stage or apply, never across an `.await`, a
+//! commit or the hub's calls.
 
 mod engine;
 mod model;
 mod request;
 mod routes;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -65,6 +69,9 @@ pub enum JobError {
     /// The store could not be written; nothing changed.
     #[error("the jobs store failed: {0}")]
     Store(#[from] StoreError),
+    /// The hub could not encode or finish its own work (a bug, reported as 500); nothing changed.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// One device's row, with its query document kept ready.
@@ -92,6 +99,9 @@ struct Entry {
     done: Arc<Notify>,
     /// Whether a runner task owns this job in this process.
     runner: bool,
+    /// Held by every change of this job from staging to applying (see the module's
+    /// invariants), so two changes of one job never interleave.
+    writing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Entry {
@@ -103,6 +113,7 @@ impl Entry {
             cancel: CancellationToken::new(),
             done: Arc::new(Notify::new()),
             runner: false,
+            writing: Arc::default(),
         }
     }
 
@@ -118,6 +129,9 @@ impl Entry {
 #[derive(Debug, Default)]
 struct State {
     jobs: BTreeMap<String, Entry>,
+    /// Jobs being created (their record is being committed): they count as existing and
+    /// active, so neither a second create of the same id nor the active-job cap can race them.
+    creating: BTreeSet<String>,
 }
 
 #[derive(Debug)]
@@ -135,8 +149,10 @@ pub struct Jobs {
     inner: Arc<Inner>,
 }
 
-fn json_text<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
+/// A record's stored JSON text.
+fn encode<T: serde::Serialize>(value: &T) -> Result<String, JobError> {
+    serde_json::to_string(value)
+        .map_err(|e| JobError::Internal(format!("cannot encode a job: {e}")))
 }
 
 impl Jobs {
@@ -188,7 +204,11 @@ impl Jobs {
                 wake: Notify::new(),
             }),
         };
-        jobs.prune(OffsetDateTime::now_utc())?;
+        let expired = jobs.expired(OffsetDateTime::now_utc());
+        if !expired.is_empty() {
+            jobs.hub().store().write(&delete_jobs(&expired))?;
+            jobs.forget(&expired);
+        }
         Ok(jobs)
     }
 
@@ -212,7 +232,7 @@ impl Jobs {
     }
 
     /// `PUT /jobs/v2/{id}`: validates and schedules a job; returns its `JobResponse`.
-    pub fn create(&self, id: &str, body: &Value) -> Result<JobResponse, JobError> {
+    pub async fn create(&self, id: &str, body: &Value) -> Result<JobResponse, JobError> {
         let now = OffsetDateTime::now_utc();
         let spec = parse_request(id, body, now)?;
         let status = if spec.start_time > now {
@@ -235,26 +255,45 @@ impl Jobs {
             status_message: None,
             run_started_time: None,
         };
-        let mut state = self.lock();
-        if state.jobs.contains_key(id) {
-            return Err(JobError::AlreadyExists(id.to_owned()));
+        let doc = encode(&record)?;
+        {
+            let mut state = self.lock();
+            if state.jobs.contains_key(id) || state.creating.contains(id) {
+                return Err(JobError::AlreadyExists(id.to_owned()));
+            }
+            let active = state.jobs.values().filter(|e| e.is_active()).count();
+            if active + state.creating.len() >= self.inner.max_active {
+                return Err(JobError::TooManyActive {
+                    max: self.inner.max_active,
+                });
+            }
+            state.creating.insert(id.to_owned());
         }
-        if state.jobs.values().filter(|e| e.is_active()).count() >= self.inner.max_active {
-            return Err(JobError::TooManyActive {
-                max: self.inner.max_active,
-            });
-        }
-        self.hub().store().write(&[Write::PutJob {
-            id: id.to_owned(),
-            doc: json_text(&record),
-        }])?;
-        let entry = Entry::new(record);
-        let response = entry.response();
-        state.jobs.insert(id.to_owned(), entry);
-        drop(state);
-        tracing::info!(job_id = %id, status = status.as_str(), "job created");
-        self.inner.wake.notify_one();
-        Ok(response)
+        // Committed and applied on its own task: a caller that goes away must not leave the id
+        // reserved, nor a stored job the engine never saw.
+        let (jobs, id) = (self.clone(), id.to_owned());
+        tokio::spawn(async move {
+            let saved = jobs
+                .hub()
+                .store()
+                .commit(vec![Write::PutJob {
+                    id: id.clone(),
+                    doc,
+                }])
+                .await;
+            let mut state = jobs.lock();
+            state.creating.remove(&id);
+            saved?;
+            let entry = Entry::new(record);
+            let response = entry.response();
+            state.jobs.insert(id.clone(), entry);
+            drop(state);
+            tracing::info!(job_id = %id, status = status.as_str(), "job created");
+            jobs.inner.wake.notify_one();
+            Ok(response)
+        })
+        .await
+        .map_err(|e| JobError::Internal(format!("the job's creation did not finish: {e}")))?
     }
 
     /// `GET /jobs/v2/{id}`.
@@ -299,7 +338,7 @@ impl Jobs {
             }
         }
         if !self.is_terminal(id) {
-            self.finish(id, Finish::Cancelled)?;
+            self.finish(id, Finish::Cancelled).await?;
         }
         self.get(id)
     }
@@ -351,11 +390,10 @@ impl Jobs {
             .collect()
     }
 
-    /// Deletes finished jobs whose `endTime` is older than [`RETENTION`] (IoT Hub's 30 days).
-    pub fn prune(&self, now: OffsetDateTime) -> Result<usize, StoreError> {
+    /// Finished jobs whose `endTime` is older than [`RETENTION`] (IoT Hub's 30 days).
+    fn expired(&self, now: OffsetDateTime) -> Vec<String> {
         let cutoff = now - RETENTION;
-        let mut state = self.lock();
-        let old: Vec<String> = state
+        self.lock()
             .jobs
             .values()
             .filter(|e| {
@@ -367,102 +405,122 @@ impl Jobs {
                         .is_some_and(|end| end < cutoff)
             })
             .map(|e| e.record.job_id.clone())
-            .collect();
-        if old.is_empty() {
-            return Ok(0);
-        }
-        let writes: Vec<Write> = old
-            .iter()
-            .map(|id| Write::DeleteJob { id: id.clone() })
-            .collect();
-        self.hub().store().write(&writes)?;
-        for id in &old {
+            .collect()
+    }
+
+    /// Drops deleted jobs from memory.
+    fn forget(&self, ids: &[String]) {
+        let mut state = self.lock();
+        for id in ids {
             state.jobs.remove(id);
         }
+        drop(state);
         tracing::info!(
-            count = old.len(),
+            count = ids.len(),
             "pruned jobs past IoT Hub's 30-day retention"
         );
-        Ok(old.len())
+    }
+
+    /// Deletes finished jobs past [`RETENTION`]; returns how many. Finished jobs are never
+    /// written again, so nothing else changes them meanwhile.
+    pub async fn prune(&self, now: OffsetDateTime) -> Result<usize, StoreError> {
+        let expired = self.expired(now);
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        self.hub().store().commit(delete_jobs(&expired)).await?;
+        self.forget(&expired);
+        Ok(expired.len())
+    }
+
+    /// Takes the write lock of job `id` (`None` if there is no such job).
+    async fn write_lock(&self, id: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        let writing = Arc::clone(&self.lock().jobs.get(id)?.writing);
+        Some(writing.lock_owned().await)
     }
 
     /// Ends a job: rows not done get the status `how` implies, the job its terminal status and
     /// `endTime`; saved in one transaction, then applied. A store failure is logged and the job
     /// still ends in memory, so it is never left `running`.
-    fn finish(&self, id: &str, how: Finish) -> Result<(), StoreError> {
+    async fn finish(&self, id: &str, how: Finish) -> Result<(), JobError> {
+        let Some(_writing) = self.write_lock(id).await else {
+            return Ok(());
+        };
         let now = OffsetDateTime::now_utc();
         let now_text = format_time(now);
+        let (record, changed, status) = {
+            let state = self.lock();
+            let Some(entry) = state.jobs.get(id) else {
+                return Ok(());
+            };
+            if entry.record.status.is_terminal() {
+                return Ok(());
+            }
+            let (status, row_status, row_error, reason) = match &how {
+                Finish::Completed => (JobStatus::Completed, DeviceJobStatus::Failed, None, None),
+                Finish::Cancelled => (JobStatus::Cancelled, DeviceJobStatus::Canceled, None, None),
+                Finish::TimedOut => {
+                    let limit = entry.record.max_execution_time_in_seconds;
+                    let description = format!(
+                        "The job reached its maxExecutionTimeInSeconds ({limit} s) before this device was processed."
+                    );
+                    (
+                        JobStatus::Failed,
+                        DeviceJobStatus::Failed,
+                        Some(DeviceJobError::new("JobRunTimeout", description)),
+                        Some(format!(
+                            "The job did not finish within maxExecutionTimeInSeconds ({limit} s)."
+                        )),
+                    )
+                }
+                Finish::Failed(error) => {
+                    let reason = error.to_string();
+                    (
+                        JobStatus::Failed,
+                        DeviceJobStatus::Failed,
+                        Some(DeviceJobError::new("JobFailed", reason.clone())),
+                        Some(reason),
+                    )
+                }
+            };
+            let mut record = entry.record.clone();
+            record.status = status.clone();
+            record.end_time = Some(now_text.clone());
+            record.failure_reason = reason;
+            let changed: Vec<DeviceJob> = entry
+                .rows
+                .values()
+                .filter(|r| !r.row.status.is_terminal())
+                .map(|r| {
+                    let mut row = r.row.clone();
+                    row.status = row_status.clone();
+                    row.end_time_utc = Some(now_text.clone());
+                    row.last_updated_date_time_utc = Some(now_text.clone());
+                    row.error = row_error.clone();
+                    row
+                })
+                .collect();
+            (record, changed, status)
+        };
+        let mut writes: Vec<Write> = vec![Write::PutJob {
+            id: id.to_owned(),
+            doc: encode(&record)?,
+        }];
+        for row in &changed {
+            writes.push(Write::PutDeviceJob {
+                job_id: id.to_owned(),
+                device_id: row.device_id.clone(),
+                doc: encode(row)?,
+            });
+        }
+        let saved = self.hub().store().commit(writes).await;
+        if let Err(e) = &saved {
+            tracing::error!(job_id = %id, error = %e, "could not save the end of the job; ending it in memory only");
+        }
         let mut state = self.lock();
         let Some(entry) = state.jobs.get_mut(id) else {
             return Ok(());
         };
-        if entry.record.status.is_terminal() {
-            return Ok(());
-        }
-        let (status, row_status, row_error, reason) = match &how {
-            Finish::Completed => (JobStatus::Completed, DeviceJobStatus::Failed, None, None),
-            Finish::Cancelled => (JobStatus::Cancelled, DeviceJobStatus::Canceled, None, None),
-            Finish::TimedOut => {
-                let limit = entry.record.max_execution_time_in_seconds;
-                let description = format!(
-                    "The job reached its maxExecutionTimeInSeconds ({limit} s) before this device was processed."
-                );
-                (
-                    JobStatus::Failed,
-                    DeviceJobStatus::Failed,
-                    Some(DeviceJobError::new("JobRunTimeout", description)),
-                    Some(format!(
-                        "The job did not finish within maxExecutionTimeInSeconds ({limit} s)."
-                    )),
-                )
-            }
-            Finish::Failed(error) => {
-                let reason = error.to_string();
-                (
-                    JobStatus::Failed,
-                    DeviceJobStatus::Failed,
-                    Some(DeviceJobError::new("JobFailed", reason.clone())),
-                    Some(reason),
-                )
-            }
-        };
-        let mut record = entry.record.clone();
-        record.status = status.clone();
-        record.end_time = Some(now_text.clone());
-        record.failure_reason = reason;
-        let changed: Vec<DeviceJob> = entry
-            .rows
-            .values()
-            .filter(|r| !r.row.status.is_terminal())
-            .map(|r| {
-                let mut row = r.row.clone();
-                row.status = row_status.clone();
-                row.end_time_utc = Some(now_text.clone());
-                row.last_updated_date_time_utc = Some(now_text.clone());
-                row.error = row_error.clone();
-                row
-            })
-            .collect();
-        let docs: Vec<String> = changed.iter().map(json_text).collect();
-        let record_doc = json_text(&record);
-        let mut writes: Vec<Write> = vec![Write::PutJob {
-            id: id.to_owned(),
-            doc: record_doc,
-        }];
-        writes.extend(
-            changed
-                .iter()
-                .zip(docs)
-                .map(|(row, doc)| Write::PutDeviceJob {
-                    job_id: id.to_owned(),
-                    device_id: row.device_id.clone(),
-                    doc,
-                }),
-        );
-        let saved = self.hub().store().write(&writes);
-        if let Err(e) = &saved {
-            tracing::error!(job_id = %id, error = %e, "could not save the end of the job; ending it in memory only");
-        }
         for row in changed {
             if let Some(slot) = entry.rows.get_mut(&row.device_id) {
                 entry.stats.shift(&slot.row.status, &row.status);
@@ -478,8 +536,15 @@ impl Jobs {
             job_id = %id, status = status.as_str(), devices = stats.device_count,
             succeeded = stats.succeeded_count, failed = stats.failed_count, "job ended"
         );
-        saved
+        saved.map_err(JobError::from)
     }
+}
+
+/// The writes that delete `ids` with their device rows.
+fn delete_jobs(ids: &[String]) -> Vec<Write> {
+    ids.iter()
+        .map(|id| Write::DeleteJob { id: id.clone() })
+        .collect()
 }
 
 /// How a job ends.

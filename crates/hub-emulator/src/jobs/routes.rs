@@ -46,6 +46,7 @@ impl From<JobError> for ApiError {
                 ApiError::new(ErrorCode::ThrottlingMaxActiveJobCountExceeded, message)
             }
             JobError::Store(e) => ApiError::internal(format!("the jobs store failed: {e}")),
+            JobError::Internal(detail) => ApiError::internal(detail),
         }
     }
 }
@@ -59,7 +60,7 @@ async fn create_job(
     require(&state, &headers, Permission::ServiceConnect)?;
     let body: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::argument(format!("the job request is not valid JSON: {e}")))?;
-    Ok(axum::Json(state.jobs.create(&job_id, &body)?))
+    Ok(axum::Json(state.jobs.create(&job_id, &body).await?))
 }
 
 async fn get_job(
