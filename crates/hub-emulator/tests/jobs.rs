@@ -949,3 +949,64 @@ async fn twin_patch_and_twin_job_treat_reported_alike() {
     assert_eq!(twin["properties"]["desired"]["x"], 2, "nothing was written");
     hub.running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creates_respect_the_job_id_and_the_active_job_cap() {
+    // A durable hub: creates commit through the store, so they really overlap.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hub = Arc::new(
+        TestHub::start_with(Config {
+            data_dir: Some(dir.path().to_path_buf()),
+            durable: true,
+            max_active_jobs: 2,
+            ..Config::ephemeral()
+        })
+        .await,
+    );
+    let later = iso_in(3600);
+    let body = |id: &str| {
+        json!({"jobId": id, "type": "scheduleUpdateTwin", "queryCondition": "*",
+               "updateTwin": {"etag": "*", "tags": {"building": 43}}, "startTime": later})
+    };
+    // Eight creates of one id: exactly one wins, the others are told it exists.
+    let same: Vec<_> = (0..8)
+        .map(|_| {
+            let (hub, body) = (Arc::clone(&hub), body("same-id"));
+            tokio::spawn(async move { hub.put_job("same-id", &body).await })
+        })
+        .collect();
+    let mut created = 0;
+    for task in same {
+        let answer = task.await.expect("task");
+        if answer.status == StatusCode::OK {
+            created += 1;
+        } else {
+            answer.assert_error(StatusCode::CONFLICT, "JobAlreadyExists");
+        }
+    }
+    assert_eq!(created, 1, "one create of an id wins");
+    // Eight creates of new ids with one slot left under the cap of 2: exactly one fits.
+    let others: Vec<_> = (0..8)
+        .map(|i| {
+            let id = format!("other-{i}");
+            let (hub, body) = (Arc::clone(&hub), body(&id));
+            tokio::spawn(async move { hub.put_job(&id, &body).await })
+        })
+        .collect();
+    let mut created = 0;
+    for task in others {
+        let answer = task.await.expect("task");
+        if answer.status == StatusCode::OK {
+            created += 1;
+        } else {
+            answer.assert_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "ThrottlingMaxActiveJobCountExceeded",
+            );
+        }
+    }
+    assert_eq!(
+        created, 1,
+        "the active-job cap holds under concurrent creates"
+    );
+}
