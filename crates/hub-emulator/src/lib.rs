@@ -64,13 +64,13 @@ pub enum StartError {
     },
     /// The certificates could not be prepared.
     #[error(transparent)]
-    Tls(#[from] tls::TlsError),
+    Tls(#[from] tls::CertificateError),
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] store::StoreError),
     /// The stored state could not be loaded.
     #[error("cannot load the hub's state: {0}")]
-    State(#[from] hub::HubError),
+    State(#[from] hub::OperationError),
     /// hub.env could not be written.
     #[error("cannot write {}: {source}", path.display())]
     Env {
@@ -82,7 +82,7 @@ pub enum StartError {
 
 /// What clients need to reach this hub (also written to `DATA_DIR/hub.env`).
 #[derive(Clone)]
-pub struct HubEnv {
+pub struct ConnectionInfo {
     /// `IOTHUB_CONNECTION_STRING`: the iothubowner policy.
     pub service_connection_string: String,
     /// `IOTHUB_DEVICE_CONNECTION_STRING`: the tutorial device `myDeviceId`.
@@ -93,15 +93,15 @@ pub struct HubEnv {
     pub ca_pem: String,
 }
 
-impl std::fmt::Debug for HubEnv {
+impl std::fmt::Debug for ConnectionInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HubEnv")
+        f.debug_struct("ConnectionInfo")
             .field("ca_file", &self.ca_file)
             .finish_non_exhaustive()
     }
 }
 
-impl HubEnv {
+impl ConnectionInfo {
     /// The `KEY=value` lines of hub.env.
     pub fn to_env_lines(&self) -> String {
         hub_core::hub_env::HubEnv {
@@ -121,7 +121,7 @@ pub struct RunningHub {
     /// Where HTTPS (REST and MQTT over WebSocket) listens.
     pub https_addr: SocketAddr,
     /// Connection strings and CA.
-    pub env: HubEnv,
+    pub env: ConnectionInfo,
     hub: Hub,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -255,7 +255,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     let device_key = hub
         .device_primary_key(hub::TUTORIAL_DEVICE_ID)
         .unwrap_or_default();
-    let env = HubEnv {
+    let env = ConnectionInfo {
         service_connection_string: format!(
             "HostName={};SharedAccessKeyName=iothubowner;SharedAccessKey={owner}",
             host_with_port("localhost", https_addr.port(), 443)

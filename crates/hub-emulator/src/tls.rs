@@ -22,7 +22,7 @@ pub const CA_COMMON_NAME: &str = "IoT Hub Emulator Local CA";
 
 /// What went wrong while preparing the hub's certificates.
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub enum CertificateError {
     /// A certificate or key file could not be read or written.
     #[error("cannot {action} {}: {source}", path.display())]
     File {
@@ -103,8 +103,8 @@ fn server_params(hostnames: &[String]) -> Result<CertificateParams, rcgen::Error
     Ok(params)
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<(), TlsError> {
-    let err = |source| TlsError::File {
+fn write_private(path: &Path, contents: &str) -> Result<(), CertificateError> {
+    let err = |source| CertificateError::File {
         action: "write",
         path: path.to_path_buf(),
         source,
@@ -130,16 +130,21 @@ fn write_private(path: &Path, contents: &str) -> Result<(), TlsError> {
 
 /// Loads the CA from `dir` (creating it on first start) and issues a fresh server certificate
 /// for localhost, 127.0.0.1, ::1 and `hostnames`. With no directory, everything is in memory.
-pub fn load_or_create(dir: Option<&Path>, hostnames: &[String]) -> Result<TlsMaterial, TlsError> {
+pub fn load_or_create(
+    dir: Option<&Path>,
+    hostnames: &[String],
+) -> Result<TlsMaterial, CertificateError> {
     let mut new_ca = false;
     let (ca_key, ca_file) = match dir {
         Some(dir) => {
             let key_path = dir.join("ca-key.pem");
             let key = match fs::read_to_string(&key_path) {
-                Ok(pem) => KeyPair::from_pem(&pem).map_err(|source| TlsError::BadCaKey {
-                    path: key_path.clone(),
-                    source,
-                })?,
+                Ok(pem) => {
+                    KeyPair::from_pem(&pem).map_err(|source| CertificateError::BadCaKey {
+                        path: key_path.clone(),
+                        source,
+                    })?
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     let key = KeyPair::generate()?;
                     write_private(&key_path, &key.serialize_pem())?;
@@ -147,7 +152,7 @@ pub fn load_or_create(dir: Option<&Path>, hostnames: &[String]) -> Result<TlsMat
                     key
                 }
                 Err(source) => {
-                    return Err(TlsError::File {
+                    return Err(CertificateError::File {
                         action: "read",
                         path: key_path,
                         source,
@@ -169,7 +174,7 @@ pub fn load_or_create(dir: Option<&Path>, hostnames: &[String]) -> Result<TlsMat
             // (first start, or the old key was moved away) needs a new ca.pem: an old one would
             // not verify the server certificate this start issues.
             Ok(existing) if !new_ca && existing.contains("BEGIN CERTIFICATE") => ca_pem = existing,
-            _ => fs::write(path, &ca_pem).map_err(|source| TlsError::File {
+            _ => fs::write(path, &ca_pem).map_err(|source| CertificateError::File {
                 action: "write",
                 path: path.clone(),
                 source,
@@ -182,7 +187,7 @@ pub fn load_or_create(dir: Option<&Path>, hostnames: &[String]) -> Result<TlsMat
     if let Some(dir) = dir {
         write_private(&dir.join("server-key.pem"), &server_key.serialize_pem())?;
         let path = dir.join("server.pem");
-        fs::write(&path, server_cert.pem()).map_err(|source| TlsError::File {
+        fs::write(&path, server_cert.pem()).map_err(|source| CertificateError::File {
             action: "write",
             path,
             source,

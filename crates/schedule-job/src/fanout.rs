@@ -16,7 +16,7 @@ use crate::cli::MethodArgs;
 use crate::error::Error;
 use crate::jobs;
 use crate::output::{Output, note};
-use crate::report::{DeviceOutcome, Summary, table};
+use crate::report::{DeviceOutcome, OutcomeSummary, table};
 
 /// What a fan-out did.
 #[derive(Debug)]
@@ -130,7 +130,7 @@ pub async fn run(
     )
     .await;
     bar.finish_and_clear();
-    let summary = Summary::of(&report.outcomes);
+    let summary = OutcomeSummary::of(&report.outcomes);
     out.document(&json!({
         "method": args.name,
         "clientSide": true,

@@ -20,7 +20,7 @@ use crate::Outcome;
 use crate::cli::{JobKind, ListArgs, MethodArgs, ScheduleArgs, TargetArgs, TwinArgs};
 use crate::error::Error;
 use crate::output::{Output, note};
-use crate::report::{DeviceOutcome, Summary, describe_job, table};
+use crate::report::{DeviceOutcome, OutcomeSummary, describe_job, table};
 
 /// How often a waiting command polls the job.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -360,11 +360,11 @@ pub async fn wait(
     };
     bar.finish_and_clear();
     let outcomes = device_outcomes(client, job_id).await?;
-    let summary = Summary::of(&outcomes);
+    let summary = OutcomeSummary::of(&outcomes);
     finish(&job, &summary, out)
 }
 
-fn finish(job: &JobResponse, summary: &Summary, out: Output) -> Result<Outcome, Error> {
+fn finish(job: &JobResponse, summary: &OutcomeSummary, out: Output) -> Result<Outcome, Error> {
     let status = job.status.clone().unwrap_or(JobStatus::Unknown);
     let failed = job
         .device_job_statistics
@@ -469,7 +469,7 @@ pub async fn cancel(client: &ServiceClient, job_id: &str, out: Output) -> Result
 pub async fn results(client: &ServiceClient, job_id: &str, out: Output) -> Result<Outcome, Error> {
     let job = client.get_job(job_id).await?;
     let outcomes = device_outcomes(client, job_id).await?;
-    let summary = Summary::of(&outcomes);
+    let summary = OutcomeSummary::of(&outcomes);
     out.document(&json!({ "job": job, "summary": summary, "devices": outcomes }));
     if !out.json() {
         out.line(describe_job(&job));

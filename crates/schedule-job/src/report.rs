@@ -108,7 +108,7 @@ impl DeviceOutcome {
 
 /// Counts by outcome and the first failures.
 #[derive(Debug, Clone, Serialize)]
-pub struct Summary {
+pub struct OutcomeSummary {
     /// Devices in the job.
     pub total: usize,
     /// Completed devices.
@@ -123,7 +123,7 @@ pub struct Summary {
     pub first_failures: Vec<DeviceOutcome>,
 }
 
-impl Summary {
+impl OutcomeSummary {
     /// Summarises outcomes (sorted by device id for stable output).
     pub fn of(outcomes: &[DeviceOutcome]) -> Self {
         let mut by_outcome = BTreeMap::new();

@@ -120,7 +120,7 @@ impl SimError {
 
 /// What a run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Summary {
+pub struct FleetSummary {
     /// Devices run.
     pub devices: usize,
     /// Devices connected when the run ended.
@@ -133,7 +133,7 @@ pub struct Summary {
     pub report_errors: u64,
 }
 
-impl std::fmt::Display for Summary {
+impl std::fmt::Display for FleetSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
@@ -163,7 +163,7 @@ fn protocol_name(transport: Transport) -> &'static str {
 }
 
 /// Runs the device (or fleet) until `shutdown` is cancelled, then disconnects and returns totals.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary, SimError> {
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<FleetSummary, SimError> {
     if let Some(note) = &config.source_note {
         say!(config, "{note}");
     }
@@ -189,7 +189,7 @@ async fn run_single(
     config: &Config,
     options: &DeviceClientOptions,
     shutdown: CancellationToken,
-) -> Result<Summary, SimError> {
+) -> Result<FleetSummary, SimError> {
     let cs = &config.connection_string;
     say!(
         config,
@@ -206,7 +206,7 @@ async fn run_single(
         None => say!(config, "    Hub {}, device {}", cs.host_name, cs.device_id),
     }
     let connected = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(Summary { devices: 1, ..Summary::default() }),
+        _ = shutdown.cancelled() => return Ok(FleetSummary { devices: 1, ..FleetSummary::default() }),
         connected = DeviceClient::connect(cs, options) => connected?,
     };
     say!(config, "Direct method initialized.");
@@ -234,7 +234,7 @@ async fn run_single(
             connected
         }
     };
-    Ok(Summary {
+    Ok(FleetSummary {
         devices: 1,
         connected: usize::from(connected_at_exit),
         methods_answered: stats.methods_answered.load(Ordering::Relaxed),
@@ -336,7 +336,7 @@ async fn run_fleet(
     fleet: &Fleet,
     options: &DeviceClientOptions,
     shutdown: CancellationToken,
-) -> Result<Summary, SimError> {
+) -> Result<FleetSummary, SimError> {
     say!(
         config,
         "Starting the IoT Hub Rust jobs sample (simulated device fleet)..."
@@ -354,9 +354,9 @@ async fn run_fleet(
     let started = Instant::now();
     let devices = fleet_connection_strings(config, fleet, &shutdown).await?;
     if shutdown.is_cancelled() {
-        return Ok(Summary {
+        return Ok(FleetSummary {
             devices: fleet.count,
-            ..Summary::default()
+            ..FleetSummary::default()
         });
     }
     say!(
@@ -463,7 +463,7 @@ async fn run_fleet(
     if let Some(error) = lock(&fatal).take() {
         return Err(error);
     }
-    Ok(Summary {
+    Ok(FleetSummary {
         devices: fleet.count,
         connected,
         methods_answered: stats.methods_answered.load(Ordering::Relaxed),

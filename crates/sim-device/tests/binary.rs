@@ -121,7 +121,7 @@ async fn reads_hub_env_answers_lock_door_and_exits_0_with_totals_on_sigterm() {
     read_until(&mut lines, &mut seen, "Locking Door!").await;
     assert!(seen.last().is_some_and(|l| l.contains("10m")), "{seen:?}");
 
-    set_desired(running.hub(), DEVICE, json!({"building": 43, "floor": 3}));
+    set_desired(running.hub(), DEVICE, json!({"building": 43, "floor": 3})).await;
     read_until(&mut lines, &mut seen, "Twin callback called with:").await;
     read_until(&mut lines, &mut seen, "\"building\":43").await;
 

@@ -64,8 +64,8 @@ async fn twin_get_patch_and_desired_notifications_in_order() {
     assert_eq!(twin.reported_version(), reported_version);
     assert_eq!(twin.reported["fw"], "1.1");
 
-    set_desired(running.hub(), DEVICE, json!({"building": 43}));
-    set_desired(running.hub(), DEVICE, json!({"floor": 3}));
+    set_desired(running.hub(), DEVICE, json!({"building": 43})).await;
+    set_desired(running.hub(), DEVICE, json!({"floor": 3})).await;
     let first = tokio::time::timeout(Duration::from_secs(10), connected.desired.recv())
         .await
         .expect("patch 1")

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::*;
 use hub_core::device_client::DeviceClient;
 use serde_json::{Value, json};
-use sim_device::{Config, Fleet, Summary};
+use sim_device::{Config, Fleet, FleetSummary};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -23,7 +23,7 @@ fn spawn_sim(
     config: Config,
 ) -> (
     CancellationToken,
-    JoinHandle<Result<Summary, sim_device::SimError>>,
+    JoinHandle<Result<FleetSummary, sim_device::SimError>>,
 ) {
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(sim_device::run(config, shutdown.clone()));
@@ -32,8 +32,8 @@ fn spawn_sim(
 
 async fn stop(
     shutdown: CancellationToken,
-    task: JoinHandle<Result<Summary, sim_device::SimError>>,
-) -> Summary {
+    task: JoinHandle<Result<FleetSummary, sim_device::SimError>>,
+) -> FleetSummary {
     shutdown.cancel();
     match tokio::time::timeout(Duration::from_secs(10), task).await {
         Ok(Ok(Ok(summary))) => summary,
@@ -109,7 +109,7 @@ fn acked(twin: &Value) -> Option<u64> {
 async fn desired_patches_are_applied_and_acknowledged_and_state_on_connect_once() {
     let running = start_hub().await;
     // Desired state set before the device starts: applied once on connect.
-    set_desired(running.hub(), DEVICE, json!({"building": 42}));
+    set_desired(running.hub(), DEVICE, json!({"building": 42})).await;
     let (shutdown, task) = spawn_sim(sim_config(&running));
     eventually(
         "the desired state read on connect to be acknowledged",
@@ -123,7 +123,7 @@ async fn desired_patches_are_applied_and_acknowledged_and_state_on_connect_once(
     )
     .await;
     // The tutorial's update: {"building":43,"floor":3}.
-    let updated = set_desired(running.hub(), DEVICE, json!({"building": 43, "floor": 3}));
+    let updated = set_desired(running.hub(), DEVICE, json!({"building": 43, "floor": 3})).await;
     let version = desired_version(&updated);
     eventually(
         "the patch to be acknowledged",
@@ -169,8 +169,8 @@ async fn reconnects_after_a_hub_restart_and_catches_up_on_desired_changes() {
     let elsewhere = hub_emulator::start(durable(0, 0))
         .await
         .expect("hub, other ports");
-    set_desired(elsewhere.hub(), DEVICE, json!({"building": 43}));
-    set_desired(elsewhere.hub(), DEVICE, json!({"floor": 3}));
+    set_desired(elsewhere.hub(), DEVICE, json!({"building": 43})).await;
+    set_desired(elsewhere.hub(), DEVICE, json!({"floor": 3})).await;
     elsewhere.shutdown().await;
 
     // Back on the original ports: the device reconnects, re-reads the twin, and gets one full patch.
@@ -193,7 +193,7 @@ async fn reconnects_after_a_hub_restart_and_catches_up_on_desired_changes() {
     wait_method_ready(again.hub(), DEVICE).await;
 
     // Live again: the next change arrives as a normal patch, once.
-    set_desired(again.hub(), DEVICE, json!({"floor": 4}));
+    set_desired(again.hub(), DEVICE, json!({"floor": 4})).await;
     let next = tokio::time::timeout(Duration::from_secs(10), connected.desired.recv())
         .await
         .expect("next")

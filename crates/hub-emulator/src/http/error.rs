@@ -12,7 +12,7 @@ use time::macros::format_description;
 
 use hub_core::error::{ErrorBody, ErrorCode, HEADER_ERROR_CODE};
 
-use crate::hub::HubError;
+use crate::hub::OperationError;
 
 /// Which of IoT Hub's two error bodies to send.
 #[derive(Debug, Clone, PartialEq)]
@@ -183,24 +183,24 @@ impl std::fmt::Display for ApiError {
 
 impl std::error::Error for ApiError {}
 
-impl From<HubError> for ApiError {
-    fn from(error: HubError) -> Self {
+impl From<OperationError> for ApiError {
+    fn from(error: OperationError) -> Self {
         let code = error.code();
         match error {
-            HubError::DeviceNotOnline { timeout_secs } => ApiError::method(
+            OperationError::DeviceNotOnline { timeout_secs } => ApiError::method(
                 code,
                 error.to_string(),
                 json!({"timeout": hh_mm_ss(timeout_secs)}),
             ),
-            HubError::GatewayTimeout => ApiError::method(code, error.to_string(), json!({})),
-            HubError::MessageTooLarge(message) => ApiError::too_large(message),
-            HubError::Store(source) => {
+            OperationError::GatewayTimeout => ApiError::method(code, error.to_string(), json!({})),
+            OperationError::MessageTooLarge(message) => ApiError::too_large(message),
+            OperationError::Store(source) => {
                 ApiError::internal(format!("the hub store failed: {source}"))
             }
-            HubError::NotSaved(message) => {
+            OperationError::NotSaved(message) => {
                 ApiError::internal(format!("the hub store failed: {message}"))
             }
-            HubError::Internal(message) | HubError::Unreadable(message) => {
+            OperationError::Internal(message) | OperationError::Unreadable(message) => {
                 ApiError::internal(message)
             }
             other => ApiError::new(code, other.to_string()),
@@ -264,7 +264,7 @@ mod tests {
 
     #[test]
     fn method_timeout_uses_json_in_message() {
-        let error = ApiError::from(HubError::DeviceNotOnline { timeout_secs: 10 });
+        let error = ApiError::from(OperationError::DeviceNotOnline { timeout_secs: 10 });
         assert_eq!(error.status(), StatusCode::NOT_FOUND);
         let body = error.body("abc", OffsetDateTime::UNIX_EPOCH);
         let inner: Value = serde_json::from_str(&body.message).unwrap_or_default();
@@ -278,7 +278,7 @@ mod tests {
 
     #[test]
     fn unsaved_changes_are_server_errors() {
-        let error = ApiError::from(HubError::NotSaved("disk I/O error".into()));
+        let error = ApiError::from(OperationError::NotSaved("disk I/O error".into()));
         assert_eq!(error.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(error.code(), ErrorCode::ServerError);
         assert!(!error.message().contains("disk"));

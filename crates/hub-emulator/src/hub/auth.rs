@@ -8,7 +8,7 @@ use hub_core::policy::{Permission, Permissions, Policy};
 use hub_core::sas::SasToken;
 
 use super::record::random_key;
-use super::{AuthError, Hub, HubError, lock};
+use super::{AuthError, Hub, OperationError, lock};
 
 /// Clock skew tolerated on SAS expiry.
 pub const SAS_SKEW_SECS: u64 = 300;
@@ -36,10 +36,10 @@ impl std::fmt::Debug for PolicyKeys {
 /// a new hub (and saved).
 pub(super) fn load_policies(
     store: &crate::store::Store,
-) -> Result<Vec<(PolicyKeys, Permissions)>, HubError> {
+) -> Result<Vec<(PolicyKeys, Permissions)>, OperationError> {
     let policies: Vec<PolicyKeys> = match store.meta("policies")? {
         Some(text) => serde_json::from_str(&text).map_err(|e| {
-            HubError::Unreadable(format!("the hub store's policy record is unreadable: {e}"))
+            OperationError::Unreadable(format!("the hub store's policy record is unreadable: {e}"))
         })?,
         None => {
             let fresh: Vec<PolicyKeys> = Policy::defaults()
@@ -50,8 +50,8 @@ pub(super) fn load_policies(
                     secondary_key: random_key(),
                 })
                 .collect();
-            let text =
-                serde_json::to_string(&fresh).map_err(|e| HubError::Internal(e.to_string()))?;
+            let text = serde_json::to_string(&fresh)
+                .map_err(|e| OperationError::Internal(e.to_string()))?;
             store.write(&[crate::store::Write::PutMeta {
                 key: "policies".into(),
                 value: text,

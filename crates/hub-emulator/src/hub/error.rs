@@ -1,4 +1,4 @@
-//! The hub's failures: [`HubError`] for service and device operations, each with the IoT Hub
+//! The hub's failures: [`OperationError`] for service and device operations, each with the IoT Hub
 //! error code it is reported with, and [`AuthError`] for refused credentials.
 
 use hub_core::error::ErrorCode;
@@ -9,7 +9,7 @@ use crate::twins::TwinError;
 
 /// A failure the service API reports with an IoT Hub error code.
 #[derive(Debug, thiserror::Error)]
-pub enum HubError {
+pub enum OperationError {
     /// No device with this id.
     #[error("Device {0} not registered")]
     DeviceNotFound(String),
@@ -52,22 +52,24 @@ pub enum HubError {
     NotSaved(String),
 }
 
-impl HubError {
+impl OperationError {
     /// The IoT Hub error code this failure is reported with.
     pub fn code(&self) -> ErrorCode {
         match self {
-            HubError::DeviceNotFound(_) => ErrorCode::DeviceNotFound,
-            HubError::DeviceAlreadyExists(_) => ErrorCode::DeviceAlreadyExists,
-            HubError::PreconditionFailed { .. } => ErrorCode::PreconditionFailed,
-            HubError::InvalidArgument(_) | HubError::Twin(_) => ErrorCode::ArgumentInvalid,
-            HubError::DeviceNotOnline { .. } => ErrorCode::DeviceNotOnline,
-            HubError::GatewayTimeout => ErrorCode::GatewayTimeout,
-            HubError::MessageTooLarge(_) => ErrorCode::MessageTooLarge,
-            HubError::Throttled => ErrorCode::ThrottlingException,
-            HubError::Store(_)
-            | HubError::NotSaved(_)
-            | HubError::Internal(_)
-            | HubError::Unreadable(_) => ErrorCode::ServerError,
+            OperationError::DeviceNotFound(_) => ErrorCode::DeviceNotFound,
+            OperationError::DeviceAlreadyExists(_) => ErrorCode::DeviceAlreadyExists,
+            OperationError::PreconditionFailed { .. } => ErrorCode::PreconditionFailed,
+            OperationError::InvalidArgument(_) | OperationError::Twin(_) => {
+                ErrorCode::ArgumentInvalid
+            }
+            OperationError::DeviceNotOnline { .. } => ErrorCode::DeviceNotOnline,
+            OperationError::GatewayTimeout => ErrorCode::GatewayTimeout,
+            OperationError::MessageTooLarge(_) => ErrorCode::MessageTooLarge,
+            OperationError::Throttled => ErrorCode::ThrottlingException,
+            OperationError::Store(_)
+            | OperationError::NotSaved(_)
+            | OperationError::Internal(_)
+            | OperationError::Unreadable(_) => ErrorCode::ServerError,
         }
     }
 }

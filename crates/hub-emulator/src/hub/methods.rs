@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use hub_core::topic::Topic;
 
 use super::router::Outbound;
-use super::{Hub, HubError, lock};
+use super::{Hub, OperationError, lock};
 
 /// Largest direct-method payload, each way.
 pub const MAX_METHOD_PAYLOAD: usize = 128 * 1024;
@@ -49,33 +49,38 @@ pub struct MethodCall {
 
 impl MethodCall {
     /// Validates a `POST /twins/{id}/methods` body (IoT Hub's ranges and limits).
-    pub fn from_request(body: &Value) -> Result<MethodCall, HubError> {
+    pub fn from_request(body: &Value) -> Result<MethodCall, OperationError> {
         let Value::Object(map) = body else {
-            return Err(HubError::InvalidArgument(
+            return Err(OperationError::InvalidArgument(
                 "the method request must be a JSON object with methodName, payload, responseTimeoutInSeconds and connectTimeoutInSeconds".into(),
             ));
         };
         let name = match map.get("methodName") {
             Some(Value::String(name)) => name.clone(),
             Some(_) => {
-                return Err(HubError::InvalidArgument(
+                return Err(OperationError::InvalidArgument(
                     "methodName must be a string".into(),
                 ));
             }
-            None => return Err(HubError::InvalidArgument("methodName is required".into())),
-        };
-        validate_method_name(&name)?;
-        let seconds = |field: &str, default: u64, min: u64, max: u64| -> Result<u64, HubError> {
-            match map.get(field) {
-                None | Some(Value::Null) => Ok(default),
-                Some(v) => match v.as_u64() {
-                    Some(n) if (min..=max).contains(&n) => Ok(n),
-                    _ => Err(HubError::InvalidArgument(format!(
-                        "{field} must be a whole number of seconds from {min} to {max}, got {v}"
-                    ))),
-                },
+            None => {
+                return Err(OperationError::InvalidArgument(
+                    "methodName is required".into(),
+                ));
             }
         };
+        validate_method_name(&name)?;
+        let seconds =
+            |field: &str, default: u64, min: u64, max: u64| -> Result<u64, OperationError> {
+                match map.get(field) {
+                    None | Some(Value::Null) => Ok(default),
+                    Some(v) => match v.as_u64() {
+                        Some(n) if (min..=max).contains(&n) => Ok(n),
+                        _ => Err(OperationError::InvalidArgument(format!(
+                            "{field} must be a whole number of seconds from {min} to {max}, got {v}"
+                        ))),
+                    },
+                }
+            };
         let response = seconds(
             "responseTimeoutInSeconds",
             DEFAULT_METHOD_RESPONSE_TIMEOUT,
@@ -88,7 +93,7 @@ impl MethodCall {
             Some(value) => Bytes::from(value.to_string()),
         };
         if payload.len() > MAX_METHOD_PAYLOAD {
-            return Err(HubError::MessageTooLarge(format!(
+            return Err(OperationError::MessageTooLarge(format!(
                 "the method payload is {} bytes; IoT Hub allows at most {MAX_METHOD_PAYLOAD}",
                 payload.len()
             )));
@@ -103,10 +108,10 @@ impl MethodCall {
 }
 
 /// Checks a method name against IoT Hub's rules (printable ASCII without separators).
-pub fn validate_method_name(name: &str) -> Result<(), HubError> {
+pub fn validate_method_name(name: &str) -> Result<(), OperationError> {
     const FORBIDDEN: &str = "$()<>@,;:\\\"/[]?={} \t";
     if name.is_empty() || name.len() > 128 {
-        return Err(HubError::InvalidArgument(format!(
+        return Err(OperationError::InvalidArgument(format!(
             "method name must be 1 to 128 characters, got {}",
             name.len()
         )));
@@ -115,7 +120,7 @@ pub fn validate_method_name(name: &str) -> Result<(), HubError> {
         .chars()
         .find(|c| !c.is_ascii_graphic() || FORBIDDEN.contains(*c))
     {
-        return Err(HubError::InvalidArgument(format!(
+        return Err(OperationError::InvalidArgument(format!(
             "method name `{name}` contains `{c}`; use printable ASCII without $()<>@,;:\\\"/[]?={{}} or spaces"
         )));
     }
@@ -128,9 +133,9 @@ impl Hub {
         &self,
         device_id: &str,
         call: &MethodCall,
-    ) -> Result<MethodOutcome, HubError> {
+    ) -> Result<MethodOutcome, OperationError> {
         if !self.device_exists(device_id) {
-            return Err(HubError::DeviceNotFound(device_id.to_owned()));
+            return Err(OperationError::DeviceNotFound(device_id.to_owned()));
         }
         let deadline = tokio::time::Instant::now() + call.connect_timeout;
         // Fast path: a connected, subscribed device needs no presence wait. (Registering with
@@ -148,10 +153,10 @@ impl Hub {
             // No answer in time. A request outlives its session on purpose: a device that
             // reconnects may still answer it (the SDKs keep unanswered requests), so a dropped
             // connection is not a failure until the response timeout says so.
-            Ok(Err(_)) | Err(_) => return Err(HubError::GatewayTimeout),
+            Ok(Err(_)) | Err(_) => return Err(OperationError::GatewayTimeout),
         };
         if body.len() > MAX_METHOD_PAYLOAD {
-            return Err(HubError::MessageTooLarge(format!(
+            return Err(OperationError::MessageTooLarge(format!(
                 "the device answered with {} bytes; IoT Hub allows at most {MAX_METHOD_PAYLOAD}",
                 body.len()
             )));
@@ -171,7 +176,7 @@ impl Hub {
         device_id: &str,
         call: &MethodCall,
         deadline: tokio::time::Instant,
-    ) -> Result<(u64, MethodReply), HubError> {
+    ) -> Result<(u64, MethodReply), OperationError> {
         loop {
             // Registered before the check, so a subscription between the check and the wait
             // still wakes this call.
@@ -182,10 +187,10 @@ impl Hub {
                 return Ok(sent);
             }
             if !self.device_exists(device_id) {
-                return Err(HubError::DeviceNotFound(device_id.to_owned()));
+                return Err(OperationError::DeviceNotFound(device_id.to_owned()));
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(HubError::DeviceNotOnline {
+                return Err(OperationError::DeviceNotOnline {
                     timeout_secs: call.connect_timeout.as_secs(),
                 });
             }
@@ -196,7 +201,7 @@ impl Hub {
         &self,
         device_id: &str,
         call: &MethodCall,
-    ) -> Result<Option<(u64, MethodReply)>, HubError> {
+    ) -> Result<Option<(u64, MethodReply)>, OperationError> {
         let sessions = lock(&self.inner.sessions);
         let Some(session) = sessions.get(device_id).filter(|s| s.subscriptions.methods) else {
             return Ok(None);
@@ -222,7 +227,7 @@ impl Hub {
             Ok(()) => Ok(Some((rid, reply_rx))),
             Err(_) => {
                 lock(&self.inner.pending).remove(&rid);
-                Err(HubError::Throttled)
+                Err(OperationError::Throttled)
             }
         }
     }

@@ -48,7 +48,7 @@ use time::OffsetDateTime;
 use tokio::sync::{Notify, OwnedMutexGuard};
 
 pub use auth::{PolicyKeys, SAS_SKEW_SECS};
-pub use error::{AuthError, HubError};
+pub use error::{AuthError, OperationError};
 pub use methods::{MAX_METHOD_PAYLOAD, MethodCall, MethodOutcome, validate_method_name};
 pub use record::{NEVER, timestamp};
 pub use registry::{TUTORIAL_DEVICE_ID, validate_device_id};
@@ -168,7 +168,7 @@ impl Hub {
     /// Opens the hub over `store`: loads its policies (creating keys on first start), its devices,
     /// and creates the tutorial device on a new hub. `host_names` are the names clients may use
     /// in SAS audiences (the first is the primary one). Blocking: call it before serving.
-    pub fn open(store: Store, host_names: Vec<String>) -> Result<Hub, HubError> {
+    pub fn open(store: Store, host_names: Vec<String>) -> Result<Hub, OperationError> {
         let policies = auth::load_policies(&store)?;
         let devices = registry::load_devices(&store)?;
         let hub = Hub {
@@ -220,22 +220,23 @@ impl Hub {
     /// if the caller stops waiting (see the module's invariants).
     async fn detached<T: Send + 'static>(
         &self,
-        change: impl Future<Output = Result<T, HubError>> + Send + 'static,
-    ) -> Result<T, HubError> {
-        tokio::spawn(change)
-            .await
-            .map_err(|e| HubError::Internal(format!("a registry change did not finish: {e}")))?
+        change: impl Future<Output = Result<T, OperationError>> + Send + 'static,
+    ) -> Result<T, OperationError> {
+        tokio::spawn(change).await.map_err(|e| {
+            OperationError::Internal(format!("a registry change did not finish: {e}"))
+        })?
     }
 
     /// Commits a staged change, then applies it to `state` and queues its desired patches. The
     /// caller holds the write locks of every device in `change`; no std lock is held here while
     /// records are serialized or committed.
-    async fn commit_devices(&self, change: DeviceChange) -> Result<(), HubError> {
+    async fn commit_devices(&self, change: DeviceChange) -> Result<(), OperationError> {
         if self.inner.store.is_durable() {
             let mut writes = Vec::with_capacity(change.put.len() + change.delete.len());
             for (record, _) in &change.put {
-                let doc = serde_json::to_string(record)
-                    .map_err(|e| HubError::Internal(format!("cannot encode a device: {e}")))?;
+                let doc = serde_json::to_string(record).map_err(|e| {
+                    OperationError::Internal(format!("cannot encode a device: {e}"))
+                })?;
                 writes.push(Write::PutDevice {
                     id: record.device_id.clone(),
                     doc,

@@ -8,7 +8,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Map, Value};
 
 use super::record::{DeviceRecord, NEVER, empty_doc, generation_id, matches_etag, random_key};
-use super::{DeviceChange, Hub, HubError, lock};
+use super::{DeviceChange, Hub, OperationError, lock};
 use crate::store::{Store, Write};
 use crate::twins::{self, Section};
 
@@ -16,9 +16,9 @@ use crate::twins::{self, Section};
 pub const TUTORIAL_DEVICE_ID: &str = "myDeviceId";
 
 /// Checks a device id against IoT Hub's rules (shared with the clients in hub-core).
-pub fn validate_device_id(id: &str) -> Result<(), HubError> {
+pub fn validate_device_id(id: &str) -> Result<(), OperationError> {
     hub_core::connection_string::validate_device_id(id)
-        .map_err(|e| HubError::InvalidArgument(e.to_string()))
+        .map_err(|e| OperationError::InvalidArgument(e.to_string()))
 }
 
 /// A `PUT /devices/{id}` body, validated: what a create or an update sets.
@@ -35,12 +35,12 @@ struct DeviceUpdate {
 }
 
 /// Validates a `PUT /devices/{id}` body for device `id`.
-fn parse_device_update(id: &str, body: &Value) -> Result<DeviceUpdate, HubError> {
+fn parse_device_update(id: &str, body: &Value) -> Result<DeviceUpdate, OperationError> {
     validate_device_id(id)?;
     if let Some(body_id) = body.get("deviceId").and_then(Value::as_str)
         && body_id != id
     {
-        return Err(HubError::InvalidArgument(format!(
+        return Err(OperationError::InvalidArgument(format!(
             "the body's deviceId `{body_id}` does not match the URL's `{id}`"
         )));
     }
@@ -48,7 +48,7 @@ fn parse_device_update(id: &str, body: &Value) -> Result<DeviceUpdate, HubError>
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s == "enabled" || s == "disabled" => Some(s.clone()),
         Some(other) => {
-            return Err(HubError::InvalidArgument(format!(
+            return Err(OperationError::InvalidArgument(format!(
                 "status must be \"enabled\" or \"disabled\", got {other}"
             )));
         }
@@ -64,11 +64,11 @@ fn parse_device_update(id: &str, body: &Value) -> Result<DeviceUpdate, HubError>
         .unwrap_or("sas")
         .to_owned();
     if !["sas", "selfSigned", "certificateAuthority", "none"].contains(&auth_type.as_str()) {
-        return Err(HubError::InvalidArgument(format!(
+        return Err(OperationError::InvalidArgument(format!(
             "authentication.type must be sas, selfSigned, certificateAuthority or none, got `{auth_type}`"
         )));
     }
-    let key = |name: &str| -> Result<Option<String>, HubError> {
+    let key = |name: &str| -> Result<Option<String>, OperationError> {
         match auth
             .and_then(|a| a.get("symmetricKey"))
             .and_then(|k| k.get(name))
@@ -77,19 +77,19 @@ fn parse_device_update(id: &str, body: &Value) -> Result<DeviceUpdate, HubError>
             Some(Value::String(s)) if s.is_empty() => Ok(None),
             Some(Value::String(s)) => {
                 let decoded = BASE64.decode(s).map_err(|_| {
-                    HubError::InvalidArgument(format!(
+                    OperationError::InvalidArgument(format!(
                         "authentication.symmetricKey.{name} is not valid base64"
                     ))
                 })?;
                 if !(16..=64).contains(&decoded.len()) {
-                    return Err(HubError::InvalidArgument(format!(
+                    return Err(OperationError::InvalidArgument(format!(
                         "authentication.symmetricKey.{name} must decode to 16 to 64 bytes, got {}",
                         decoded.len()
                     )));
                 }
                 Ok(Some(s.clone()))
             }
-            Some(other) => Err(HubError::InvalidArgument(format!(
+            Some(other) => Err(OperationError::InvalidArgument(format!(
                 "authentication.symmetricKey.{name} must be a base64 string, got {other}"
             ))),
         }
@@ -125,7 +125,7 @@ fn stage_device(
     update: DeviceUpdate,
     if_match: Option<&str>,
     now: &str,
-) -> Result<DeviceRecord, HubError> {
+) -> Result<DeviceRecord, OperationError> {
     let DeviceUpdate {
         status,
         status_reason,
@@ -141,7 +141,7 @@ fn stage_device(
             if if_match.is_some_and(|m| m.trim() != "*") {
                 // Python sends `If-Match: "*"`-less creates; an etag on a missing device
                 // can only be a stale update.
-                return Err(HubError::DeviceNotFound(id.to_owned()));
+                return Err(OperationError::DeviceNotFound(id.to_owned()));
             }
             let (primary, secondary) = if auth_type == "sas" {
                 (
@@ -181,10 +181,10 @@ fn stage_device(
         }
         Some(existing) => {
             if if_match.is_none() {
-                return Err(HubError::DeviceAlreadyExists(id.to_owned()));
+                return Err(OperationError::DeviceAlreadyExists(id.to_owned()));
             }
             if !matches_etag(if_match, &existing.etag()) {
-                return Err(HubError::PreconditionFailed {
+                return Err(OperationError::PreconditionFailed {
                     what: "device",
                     id: id.to_owned(),
                 });
@@ -225,11 +225,13 @@ fn stage_device(
 }
 
 /// Every stored device record, with its twin document built.
-pub(super) fn load_devices(store: &Store) -> Result<BTreeMap<String, DeviceRecord>, HubError> {
+pub(super) fn load_devices(
+    store: &Store,
+) -> Result<BTreeMap<String, DeviceRecord>, OperationError> {
     let mut devices = BTreeMap::new();
     for (id, text) in store.load_devices()? {
         let mut record: DeviceRecord = serde_json::from_str(&text).map_err(|e| {
-            HubError::Unreadable(format!(
+            OperationError::Unreadable(format!(
                 "the hub store's record of device {id} is unreadable: {e}"
             ))
         })?;
@@ -241,7 +243,7 @@ pub(super) fn load_devices(store: &Store) -> Result<BTreeMap<String, DeviceRecor
 
 impl Hub {
     /// Creates the tutorial device on a new hub (blocking: only while the hub opens).
-    pub(super) fn create_tutorial_device(&self) -> Result<(), HubError> {
+    pub(super) fn create_tutorial_device(&self) -> Result<(), OperationError> {
         let mut state = lock(&self.inner.state);
         if state.devices.contains_key(TUTORIAL_DEVICE_ID) {
             return Ok(());
@@ -250,7 +252,7 @@ impl Hub {
         let record = stage_device(None, TUTORIAL_DEVICE_ID, update, None, &self.now())?;
         if self.inner.store.is_durable() {
             let doc = serde_json::to_string(&record)
-                .map_err(|e| HubError::Internal(format!("cannot encode a device: {e}")))?;
+                .map_err(|e| OperationError::Internal(format!("cannot encode a device: {e}")))?;
             self.inner.store.write(&[Write::PutDevice {
                 id: TUTORIAL_DEVICE_ID.into(),
                 doc,
@@ -267,7 +269,7 @@ impl Hub {
         id: &str,
         body: &Value,
         if_match: Option<&str>,
-    ) -> Result<Value, HubError> {
+    ) -> Result<Value, OperationError> {
         let update = parse_device_update(id, body)?;
         let (hub, id, if_match) = (self.clone(), id.to_owned(), if_match.map(str::to_owned));
         self.detached(async move {
@@ -296,12 +298,12 @@ impl Hub {
     }
 
     /// `GET /devices/{id}`.
-    pub fn get_device(&self, id: &str) -> Result<Value, HubError> {
+    pub fn get_device(&self, id: &str) -> Result<Value, OperationError> {
         lock(&self.inner.state)
             .devices
             .get(id)
             .map(DeviceRecord::device_json)
-            .ok_or_else(|| HubError::DeviceNotFound(id.to_owned()))
+            .ok_or_else(|| OperationError::DeviceNotFound(id.to_owned()))
     }
 
     /// Whether a device is registered.
@@ -320,17 +322,21 @@ impl Hub {
     }
 
     /// `DELETE /devices/{id}`: removes the device and closes its session.
-    pub async fn delete_device(&self, id: &str, if_match: Option<&str>) -> Result<(), HubError> {
+    pub async fn delete_device(
+        &self,
+        id: &str,
+        if_match: Option<&str>,
+    ) -> Result<(), OperationError> {
         let (hub, id, if_match) = (self.clone(), id.to_owned(), if_match.map(str::to_owned));
         self.detached(async move {
             let _writing = hub.inner.writes.lock([id.as_str()]).await;
             {
                 let state = lock(&hub.inner.state);
                 let Some(existing) = state.devices.get(&id) else {
-                    return Err(HubError::DeviceNotFound(id));
+                    return Err(OperationError::DeviceNotFound(id));
                 };
                 if !matches_etag(if_match.as_deref(), &existing.etag()) {
-                    return Err(HubError::PreconditionFailed { what: "device", id });
+                    return Err(OperationError::PreconditionFailed { what: "device", id });
                 }
             }
             hub.commit_devices(DeviceChange {

@@ -38,12 +38,12 @@ async fn create_update_delete_follow_etags() {
     assert!(matches!(
         hub.create_or_update_device("dev2", &json!({"deviceId": "dev2"}), None)
             .await,
-        Err(HubError::DeviceAlreadyExists(_))
+        Err(OperationError::DeviceAlreadyExists(_))
     ));
     assert!(matches!(
         hub.create_or_update_device("dev2", &json!({"status": "disabled"}), Some("\"bogus\""))
             .await,
-        Err(HubError::PreconditionFailed { .. })
+        Err(OperationError::PreconditionFailed { .. })
     ));
     let updated = hub
         .create_or_update_device(
@@ -62,7 +62,7 @@ async fn create_update_delete_follow_etags() {
     hub.delete_device("dev2", Some("*")).await.expect("delete");
     assert!(matches!(
         hub.get_device("dev2"),
-        Err(HubError::DeviceNotFound(_))
+        Err(OperationError::DeviceNotFound(_))
     ));
 }
 
@@ -91,7 +91,7 @@ async fn twin_patch_versions_and_etag() {
             false
         )
         .await,
-        Err(HubError::PreconditionFailed { .. })
+        Err(OperationError::PreconditionFailed { .. })
     ));
     assert!(matches!(
         hub.update_twin(
@@ -101,7 +101,9 @@ async fn twin_patch_versions_and_etag() {
             false
         )
         .await,
-        Err(HubError::Twin(crate::twins::TwinError::ReportedByService))
+        Err(OperationError::Twin(
+            crate::twins::TwinError::ReportedByService
+        ))
     ));
 }
 
@@ -171,7 +173,7 @@ fn method_call_validation() {
     let big = json!({"methodName": "x", "payload": "y".repeat(MAX_METHOD_PAYLOAD)});
     assert!(matches!(
         MethodCall::from_request(&big),
-        Err(HubError::MessageTooLarge(_))
+        Err(OperationError::MessageTooLarge(_))
     ));
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value, json};
 
 use super::record::{DeviceRecord, matches_etag};
-use super::{DeviceChange, Hub, HubError, lock};
+use super::{DeviceChange, Hub, OperationError, lock};
 use crate::twins::{self, Section, TwinError};
 
 /// How many twin-job ids a twin remembers: more than the active-job cap (the default is 10), so
@@ -31,9 +31,9 @@ fn stage_twin_update(
     replace: bool,
     job_id: Option<&str>,
     now: &str,
-) -> Result<Staged, HubError> {
+) -> Result<Staged, OperationError> {
     if !matches_etag(if_match, &record.twin_etag()) {
-        return Err(HubError::PreconditionFailed {
+        return Err(OperationError::PreconditionFailed {
             what: "twin",
             id: record.device_id,
         });
@@ -82,12 +82,12 @@ fn stage_twin_update(
 
 impl Hub {
     /// `GET /twins/{id}`.
-    pub fn get_twin(&self, id: &str) -> Result<Value, HubError> {
+    pub fn get_twin(&self, id: &str) -> Result<Value, OperationError> {
         lock(&self.inner.state)
             .devices
             .get(id)
             .map(|d| (*d.doc).clone())
-            .ok_or_else(|| HubError::DeviceNotFound(id.to_owned()))
+            .ok_or_else(|| OperationError::DeviceNotFound(id.to_owned()))
     }
 
     /// Twin documents in device-id order, starting after `after`: a consistent snapshot for
@@ -111,7 +111,7 @@ impl Hub {
         body: &Value,
         if_match: Option<&str>,
         replace: bool,
-    ) -> Result<Value, HubError> {
+    ) -> Result<Value, OperationError> {
         let mut results = self
             .update_twins_for_job(
                 vec![id.to_owned()],
@@ -123,7 +123,7 @@ impl Hub {
             .await;
         results
             .pop()
-            .unwrap_or_else(|| Err(HubError::DeviceNotFound(id.to_owned())))
+            .unwrap_or_else(|| Err(OperationError::DeviceNotFound(id.to_owned())))
             .map(|doc| (*doc).clone())
     }
 
@@ -138,7 +138,7 @@ impl Hub {
         if_match: Option<String>,
         replace: bool,
         job_id: Option<String>,
-    ) -> Vec<Result<Arc<Value>, HubError>> {
+    ) -> Vec<Result<Arc<Value>, OperationError>> {
         let hub = self.clone();
         let count = ids.len();
         let batch = async move {
@@ -154,11 +154,12 @@ impl Hub {
             };
             let now = hub.now();
             let mut change = DeviceChange::default();
-            let mut results: Vec<Result<Arc<Value>, HubError>> = Vec::with_capacity(ids.len());
+            let mut results: Vec<Result<Arc<Value>, OperationError>> =
+                Vec::with_capacity(ids.len());
             for (id, current) in ids.iter().zip(current) {
                 let staged = match (&parsed, current) {
-                    (Err(e), _) => Err(HubError::Twin(e.clone())),
-                    (Ok(_), None) => Err(HubError::DeviceNotFound(id.clone())),
+                    (Err(e), _) => Err(OperationError::Twin(e.clone())),
+                    (Ok(_), None) => Err(OperationError::DeviceNotFound(id.clone())),
                     (Ok(parts), Some(record)) => stage_twin_update(
                         record,
                         *parts,
@@ -183,7 +184,7 @@ impl Hub {
                 let message = e.to_string();
                 return Ok(ids
                     .iter()
-                    .map(|_| Err(HubError::NotSaved(message.clone())))
+                    .map(|_| Err(OperationError::NotSaved(message.clone())))
                     .collect());
             }
             Ok(results)
@@ -193,7 +194,7 @@ impl Hub {
             Err(e) => {
                 let message = e.to_string();
                 (0..count)
-                    .map(|_| Err(HubError::NotSaved(message.clone())))
+                    .map(|_| Err(OperationError::NotSaved(message.clone())))
                     .collect()
             }
         }
@@ -210,12 +211,12 @@ impl Hub {
     }
 
     /// A device's reported-properties patch. Returns the new reported `$version`.
-    pub async fn patch_reported(&self, id: &str, patch: Value) -> Result<u64, HubError> {
+    pub async fn patch_reported(&self, id: &str, patch: Value) -> Result<u64, OperationError> {
         let (hub, id) = (self.clone(), id.to_owned());
         self.detached(async move {
             let _writing = hub.inner.writes.lock([id.as_str()]).await;
             let current = lock(&hub.inner.state).devices.get(&id).cloned();
-            let mut record = current.ok_or_else(|| HubError::DeviceNotFound(id.clone()))?;
+            let mut record = current.ok_or_else(|| OperationError::DeviceNotFound(id.clone()))?;
             let now = hub.now();
             let version =
                 twins::apply_patch(&mut record.reported, &patch, Section::Reported, &now)?;

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 
 use super::model::{JobRecord, Tally as _, format_time};
 use super::{Finish, JobError, Jobs, Row};
-use crate::hub::{Hub, HubError, MethodCall, MethodOutcome};
+use crate::hub::{Hub, MethodCall, MethodOutcome, OperationError};
 use crate::query::{self, QueryError};
 use crate::store::{StoreError, Write};
 
@@ -40,7 +40,7 @@ pub enum JobRunError {
     OutcomesNotSaved(StoreError),
     /// The stored `cloudToDeviceMethod` is not a valid method call.
     #[error("the job's cloudToDeviceMethod is invalid: {0}")]
-    InvalidMethod(HubError),
+    InvalidMethod(OperationError),
     /// A method job without `cloudToDeviceMethod`.
     #[error("the job has no cloudToDeviceMethod")]
     NoMethod,
@@ -298,7 +298,7 @@ enum Event {
     },
 }
 
-fn device_error(error: &HubError) -> DeviceJobError {
+fn device_error(error: &OperationError) -> DeviceJobError {
     DeviceJobError::new(error.code().name(), error.to_string())
 }
 

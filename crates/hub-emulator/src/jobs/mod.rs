@@ -37,7 +37,7 @@ pub use request::{
 };
 pub use routes::routes;
 
-use crate::hub::{Hub, HubError};
+use crate::hub::{Hub, OperationError};
 use crate::store::{StoreError, Write};
 
 /// How long IoT Hub keeps finished jobs (reference §6.3): older ones are deleted at startup
@@ -163,7 +163,7 @@ impl Jobs {
     /// `running` at the crash (the device may or may not have acted) go back to `pending` and
     /// are executed again, as IoT Hub retries work it cannot confirm (at-least-once).
     /// Unreadable records are skipped with a warning rather than refusing to start.
-    pub fn open(hub: Hub, max_active: usize) -> Result<Jobs, HubError> {
+    pub fn open(hub: Hub, max_active: usize) -> Result<Jobs, OperationError> {
         let store = hub.store();
         let mut state = State::default();
         for (id, text) in store.load_jobs()? {

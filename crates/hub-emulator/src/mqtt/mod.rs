@@ -23,7 +23,7 @@ use crate::listener::Listener;
 
 /// Largest MQTT packet accepted from a device (remaining length): IoT Hub's 256 KB message limit.
 /// A larger length field, or bytes that are not MQTT, drop the connection.
-pub const MAX_PACKET_SIZE: usize = 256 * 1024;
+pub const MAX_INBOUND_PACKET: usize = 256 * 1024;
 /// How long a new connection has for the TLS handshake (or WebSocket upgrade) plus CONNECT.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many MQTT-over-TLS connections (authenticated or not) the hub holds at once by default

@@ -25,9 +25,11 @@ use tracing::{debug, info, warn};
 
 use hub_core::topic::{Topic, TopicFilter};
 
-use super::MAX_PACKET_SIZE;
-use super::transport::Transport;
-use crate::hub::{AuthError, Hub, HubError, Outbound, SAS_SKEW_SECS, SessionTicket, Subscriptions};
+use super::MAX_INBOUND_PACKET;
+use super::transport::MqttIo;
+use crate::hub::{
+    AuthError, Hub, OperationError, Outbound, SAS_SKEW_SECS, SessionTicket, Subscriptions,
+};
 
 /// Size of a fresh read or write buffer, and how much a read buffer grows by at least.
 const READ_CHUNK: usize = 512;
@@ -60,7 +62,7 @@ const DESIRED_PREFIX: &str = "$iothub/twin/PATCH/properties/desired/";
 
 /// Serves one connection from its first byte to its close. `connect_deadline` bounds the time
 /// until CONNECT has been read (the TLS handshake or WebSocket upgrade already used part of it).
-pub(crate) async fn run<T: Transport>(
+pub(crate) async fn run<T: MqttIo>(
     mut transport: T,
     hub: Hub,
     shutdown: CancellationToken,
@@ -174,7 +176,7 @@ impl Refusal {
     }
 }
 
-async fn refuse<T: Transport>(transport: &mut T, code: ConnectReturnCode) {
+async fn refuse<T: MqttIo>(transport: &mut T, code: ConnectReturnCode) {
     let mut wbuf = BytesMut::with_capacity(4);
     encode(&mut wbuf, &Packet::ConnAck(ConnAck::new(code, false)));
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
@@ -186,7 +188,7 @@ async fn refuse<T: Transport>(transport: &mut T, code: ConnectReturnCode) {
     .await;
 }
 
-async fn read_connect<T: Transport>(
+async fn read_connect<T: MqttIo>(
     transport: &mut T,
     rbuf: &mut BytesMut,
 ) -> Result<Connect, Refusal> {
@@ -387,7 +389,7 @@ struct Session<'h> {
 
 /// The session loop: socket reads, the hub's outbound queue, keep-alive, token expiry, the
 /// session's kill switch and shutdown.
-async fn serve<T: Transport>(
+async fn serve<T: MqttIo>(
     transport: &mut T,
     session: &mut Session<'_>,
     rbuf: &mut BytesMut,
@@ -487,7 +489,7 @@ fn encode(wbuf: &mut BytesMut, packet: &Packet) {
 
 /// The `$iothub/twin/res/{status}` status and body for a failed twin request: the HTTP status
 /// of the IoT Hub error code, and IoT Hub's classic error JSON.
-fn twin_error(error: &HubError) -> (u16, Bytes) {
+fn twin_error(error: &OperationError) -> (u16, Bytes) {
     let code = error.code();
     let body = json!({
         "Message": format!("ErrorCode:{};{error}", code.name()),
@@ -504,7 +506,7 @@ impl Session<'_> {
     /// Handles every complete packet in `rbuf`; returns how many more bytes the next one needs.
     async fn process(&mut self, rbuf: &mut BytesMut) -> Result<usize, End> {
         loop {
-            match Packet::read(rbuf, MAX_PACKET_SIZE) {
+            match Packet::read(rbuf, MAX_INBOUND_PACKET) {
                 Ok(packet) => self.handle(packet).await?,
                 Err(CodecError::InsufficientBytes(needed)) => return Ok(needed),
                 Err(e) => return Err(End::Malformed(e)),
@@ -619,7 +621,7 @@ impl Session<'_> {
         };
         let (status, body) = match self.attached.hub.device_twin(self.device_id()) {
             Some(twin) => (200, Bytes::from(twin.to_string())),
-            None => twin_error(&HubError::DeviceNotFound(self.device_id().to_owned())),
+            None => twin_error(&OperationError::DeviceNotFound(self.device_id().to_owned())),
         };
         let topic = Topic::TwinResponse {
             status,
@@ -638,7 +640,7 @@ impl Session<'_> {
                     .patch_reported(self.device_id(), patch)
                     .await
             }
-            Err(e) => Err(HubError::InvalidArgument(format!(
+            Err(e) => Err(OperationError::InvalidArgument(format!(
                 "the reported properties patch is not valid JSON: {e}"
             ))),
         };

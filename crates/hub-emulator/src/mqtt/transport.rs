@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// A device connection as the session sees it.
-pub(crate) trait Transport: Send {
+pub(crate) trait MqttIo: Send {
     /// Appends bytes from the peer to `buf` (using its spare capacity); `Ok(0)` means the peer
     /// closed. Cancel-safe.
     fn read_into(&mut self, buf: &mut BytesMut) -> impl Future<Output = io::Result<usize>> + Send;
@@ -27,7 +27,7 @@ pub(crate) trait Transport: Send {
 #[derive(Debug)]
 pub(crate) struct ByteStream<S>(pub S);
 
-impl<S> Transport for ByteStream<S>
+impl<S> MqttIo for ByteStream<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {

@@ -19,18 +19,18 @@ use futures_util::StreamExt as _;
 use tokio::time::Instant;
 use tracing::{Instrument as _, debug, info_span};
 
-use super::transport::Transport;
-use super::{CONNECT_TIMEOUT, MAX_PACKET_SIZE, session};
+use super::transport::MqttIo;
+use super::{CONNECT_TIMEOUT, MAX_INBOUND_PACKET, session};
 use crate::http::AppState;
 use crate::listener::ConnectionPermit;
 
-/// The path IoT Hub serves MQTT over WebSocket on.
-pub const WEBSOCKET_PATH: &str = "/$iothub/websocket";
+/// The path IoT Hub serves MQTT over WebSocket on (hub-core's, which its clients dial).
+pub use hub_core::device_client::WEBSOCKET_PATH;
 
 /// WebSocket read chunk size: small, since most device packets are small.
 const WS_READ_BUFFER: usize = 4 * 1024;
 /// Largest WebSocket message or frame: one maximal MQTT packet plus its fixed header.
-const WS_MAX_MESSAGE: usize = MAX_PACKET_SIZE + 5;
+const WS_MAX_MESSAGE: usize = MAX_INBOUND_PACKET + 5;
 
 /// The MQTT-over-WebSocket route, merged into the HTTPS router.
 pub fn routes() -> Router<AppState> {
@@ -75,7 +75,7 @@ struct WsTransport {
     socket: WebSocket,
 }
 
-impl Transport for WsTransport {
+impl MqttIo for WsTransport {
     async fn read_into(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
         // Cancel-safe: the only await is `next()`, and a message it returns is consumed at once.
         loop {

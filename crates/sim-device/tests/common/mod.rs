@@ -103,13 +103,16 @@ pub async fn invoke(hub: &Hub, device: &str, name: &str, payload: Option<Value>)
     }
 }
 
-pub fn set_desired(hub: &Hub, device: &str, desired: Value) -> Value {
-    match hub.update_twin(
-        device,
-        &json!({ "properties": { "desired": desired } }),
-        None,
-        false,
-    ) {
+pub async fn set_desired(hub: &Hub, device: &str, desired: Value) -> Value {
+    match hub
+        .update_twin(
+            device,
+            &json!({ "properties": { "desired": desired } }),
+            None,
+            false,
+        )
+        .await
+    {
         Ok(twin) => twin,
         Err(e) => panic!("update twin of {device}: {e}"),
     }
