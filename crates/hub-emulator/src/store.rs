@@ -4,12 +4,12 @@
 //! operation (or per batch, for jobs). WAL mode with `synchronous=NORMAL` survives a killed
 //! process; a power cut may lose the last transactions.
 //!
-//! Commits from the running hub go through [`Store::commit`] to one writer thread that owns the
-//! connection's write path: callers never block an async worker on SQLite, and the writer
-//! group-commits whatever is queued into one transaction (each caller still learns its own
-//! outcome: if the group's transaction fails, its commits are retried one by one). Commits are
-//! applied in the order they were queued, so a caller that queues under a lock keeps that lock's
-//! order on disk. A store written by a newer emulator, or
+//! Commits from the running hub go through [`Store::commit`] / [`Store::commit_then`] to one
+//! writer thread that owns the connection's write path: callers never block an async worker on
+//! SQLite, and the writer group-commits whatever is queued into one transaction (each caller
+//! still learns its own outcome: if the group's transaction fails, its commits are retried one
+//! by one). Commits are applied in the order they were queued, and `commit_then`'s steps run
+//! on the writer, in that order, after their commit, whether or not the caller still waits. A store written by a newer emulator, or
 //! one that is not a database or fails SQLite's integrity check, is refused before anything is
 //! written to it. One hub at a time: the file stays exclusively locked while a hub has it open
 //! (two hubs on one store would each overwrite the other's changes). The file holds every key,
@@ -93,10 +93,13 @@ pub enum Write {
     PutMeta { key: String, value: String },
 }
 
-/// One queued commit and where its outcome goes.
+/// What runs with a commit's outcome, on the writer thread, in commit order.
+type AfterCommit = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// One queued commit and what runs with its outcome.
 struct Queued {
     writes: Vec<Write>,
-    done: oneshot::Sender<Result<(), StoreError>>,
+    then: AfterCommit,
 }
 
 /// Most commits the writer joins into one transaction: bounds the work one failed group repeats.
@@ -265,25 +268,35 @@ impl Store {
     /// called, whether or not the futures are awaited in that order; a dropped future does not
     /// cancel its commit.
     pub fn commit(&self, writes: Vec<Write>) -> impl Future<Output = Result<(), StoreError>> {
-        let receiver = match &self.durable {
-            None => None,
-            Some(durable) => {
-                let (done, receiver) = oneshot::channel();
-                match &durable.queue {
-                    Some(queue) if queue.send(Queued { writes, done }).is_ok() => Some(receiver),
-                    _ => {
-                        let (closed, receiver) = oneshot::channel();
-                        let _ = closed.send(Err(StoreError::Closed));
-                        Some(receiver)
-                    }
-                }
-            }
+        let (done, outcome) = oneshot::channel();
+        self.commit_then(writes, move |result| {
+            let _ = done.send(result);
+        });
+        async move { outcome.await.unwrap_or(Err(StoreError::Closed)) }
+    }
+
+    /// Queues `writes` for the writer thread and runs `then` with the outcome once they are
+    /// committed in one transaction: on the writer thread, in the order commits were queued, and
+    /// whatever happens to the caller meanwhile (for an in-memory store, at once, here). `then`
+    /// must be short and must not wait for the store.
+    pub fn commit_then(
+        &self,
+        writes: Vec<Write>,
+        then: impl FnOnce(Result<(), StoreError>) + Send + 'static,
+    ) {
+        let Some(durable) = &self.durable else {
+            return then(Ok(()));
         };
-        async move {
-            match receiver {
-                None => Ok(()),
-                Some(receiver) => receiver.await.unwrap_or(Err(StoreError::Closed)),
-            }
+        let queued = Queued {
+            writes,
+            then: Box::new(then),
+        };
+        let refused = match &durable.queue {
+            Some(queue) => queue.send(queued).err().map(|e| e.0),
+            None => Some(queued),
+        };
+        if let Some(queued) = refused {
+            (queued.then)(Err(StoreError::Closed));
         }
     }
 
@@ -347,7 +360,7 @@ fn lock_conn(conn: &Mutex<Connection>) -> std::sync::MutexGuard<'_, Connection> 
 /// The writer thread: takes the first queued commit, joins whatever else is queued behind it
 /// (up to [`GROUP_MAX`]) into one transaction, and answers each. Ends when the queue closes.
 fn write_loop(conn: &Mutex<Connection>, queued: &mpsc::Receiver<Queued>) {
-    while let Ok(first) = queued.recv() {
+    while let Some(first) = next_commit(queued) {
         let mut group = vec![first];
         while group.len() < GROUP_MAX {
             match queued.try_recv() {
@@ -355,19 +368,52 @@ fn write_loop(conn: &Mutex<Connection>, queued: &mpsc::Receiver<Queued>) {
                 Err(_) => break,
             }
         }
-        let mut conn = lock_conn(conn);
-        let all: Vec<&Write> = group.iter().flat_map(|q| &q.writes).collect();
-        if group.len() == 1 || apply_refs(&mut conn, &all).is_err() {
-            // Alone, or one bad commit must not fail the others: each in its own transaction.
-            for queued in group {
-                let outcome =
-                    apply(&mut conn, &queued.writes).map_err(|e| StoreError::Commit(e.to_string()));
-                let _ = queued.done.send(outcome);
+        let outcomes: Vec<Result<(), StoreError>> = {
+            let mut conn = lock_conn(conn);
+            let all: Vec<&Write> = group.iter().flat_map(|q| &q.writes).collect();
+            if group.len() > 1 && apply_refs(&mut conn, &all).is_ok() {
+                group.iter().map(|_| Ok(())).collect()
+            } else {
+                // Alone, or one bad commit must not fail the others: each in its own transaction.
+                group
+                    .iter()
+                    .map(|queued| {
+                        apply(&mut conn, &queued.writes)
+                            .map_err(|e| StoreError::Commit(e.to_string()))
+                    })
+                    .collect()
             }
-        } else {
-            for queued in group {
-                let _ = queued.done.send(Ok(()));
+        };
+        // With the connection released: what runs next may take the hub's locks.
+        for (queued, outcome) in group.into_iter().zip(outcomes) {
+            let then = queued.then;
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| then(outcome))).is_err() {
+                // A bug in the caller's step, already reported by the panic hook; the writer
+                // must live on for every other commit.
+                tracing::error!("a step after a store commit panicked");
             }
+        }
+    }
+}
+
+/// How long the writer keeps looking for the next commit before it sleeps: a caller that writes
+/// one change after another (a registration loop, a device pipelining reported patches) sends
+/// its next commit within tens of microseconds, and waking a sleeping thread costs about as much
+/// again on each side. Bounded, so an idle writer sleeps.
+const LINGER: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// The next queued commit: looked for briefly (yielding the core), then waited for; `None` once
+/// the queue is closed and empty.
+fn next_commit(queued: &mpsc::Receiver<Queued>) -> Option<Queued> {
+    let until = std::time::Instant::now() + LINGER;
+    loop {
+        match queued.try_recv() {
+            Ok(next) => return Some(next),
+            Err(mpsc::TryRecvError::Disconnected) => return None,
+            Err(mpsc::TryRecvError::Empty) if std::time::Instant::now() < until => {
+                std::thread::yield_now();
+            }
+            Err(mpsc::TryRecvError::Empty) => return queued.recv().ok(),
         }
     }
 }

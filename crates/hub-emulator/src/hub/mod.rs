@@ -12,7 +12,7 @@
 //! # Locks, in the order they are taken
 //!
 //! 1. **Device write locks** (`WriteLocks`, async, one per device id, taken in id order by
-//!    `WriteLocks::lock`): held by a change to device records from staging to applying, so
+//!    `Hub::write_locks`): held by a change to device records from staging to applying, so
 //!    two changes of one device never interleave, while other devices' changes and every read
 //!    go on. Never taken while holding 2 or 3.
 //! 2. **`state`** (std mutex): the registry as committed. Held only to read, stage or apply, never
@@ -27,8 +27,9 @@
 //! - Desired patches reach a session in version order: they are queued by
 //!   `router::queue_desired_patch` while the device's write lock and `state` are held, in the
 //!   order the versions were committed.
-//! - A change, once staged, runs to its end on its own task (`Hub::detached`): a caller that
-//!   goes away (a closed connection) cannot leave a commit on disk that `state` never saw.
+//! - A change, once queued for commit, is applied by the store's writer right after its commit
+//!   (`Hub::commit_devices`), in commit order: a caller that goes away (a closed connection)
+//!   cannot leave a commit on disk that `state` never saw.
 
 mod auth;
 mod error;
@@ -39,13 +40,12 @@ mod router;
 mod twins;
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
-use tokio::sync::{Notify, OwnedMutexGuard};
+use tokio::sync::{Notify, OwnedMutexGuard, oneshot};
 
 pub use auth::{PolicyKeys, SAS_SKEW_SECS};
 pub use error::{AuthError, OperationError};
@@ -106,22 +106,22 @@ struct WriteLocks {
 }
 
 /// The write locks of a set of devices; released (and forgotten when unused) on drop.
-struct WriteGuard<'a> {
-    locks: &'a WriteLocks,
+struct WriteGuard {
+    hub: Hub,
     ids: Vec<String>,
     waiting: Vec<Arc<tokio::sync::Mutex<()>>>,
     guards: Vec<OwnedMutexGuard<()>>,
 }
 
-impl WriteLocks {
+impl Hub {
     /// Takes the write locks of `ids` in id order (so two batches never deadlock); tokio's mutex
     /// is fair, so a device's changes are applied in the order they asked.
-    async fn lock<'a>(&'a self, ids: impl IntoIterator<Item = &str>) -> WriteGuard<'a> {
+    async fn write_locks(&self, ids: impl IntoIterator<Item = &str>) -> WriteGuard {
         let mut ids: Vec<String> = ids.into_iter().map(str::to_owned).collect();
         ids.sort_unstable();
         ids.dedup();
         let waiting: Vec<_> = {
-            let mut held = lock(&self.held);
+            let mut held = lock(&self.inner.writes.held);
             ids.iter()
                 .map(|id| Arc::clone(held.entry(id.clone()).or_default()))
                 .collect()
@@ -129,7 +129,7 @@ impl WriteLocks {
         // The guard owns everything before the first await: if this future is dropped midway,
         // its drop still releases and forgets what it took.
         let mut guard = WriteGuard {
-            locks: self,
+            hub: self.clone(),
             guards: Vec::with_capacity(ids.len()),
             ids,
             waiting,
@@ -143,11 +143,11 @@ impl WriteLocks {
     }
 }
 
-impl Drop for WriteGuard<'_> {
+impl Drop for WriteGuard {
     fn drop(&mut self) {
         self.guards.clear();
         self.waiting.clear();
-        let mut held = lock(&self.locks.held);
+        let mut held = lock(&self.hub.inner.writes.held);
         for id in &self.ids {
             if held.get(id).is_some_and(|m| Arc::strong_count(m) == 1) {
                 held.remove(id);
@@ -157,11 +157,13 @@ impl Drop for WriteGuard<'_> {
 }
 
 /// A staged change of device records: what to put (with the desired patch its device should
-/// receive) and what to delete. Made under the devices' write locks from committed records.
+/// receive), what to delete, and whose sessions to close once it is applied. Made under the
+/// devices' write locks from committed records.
 #[derive(Default)]
 struct DeviceChange {
     put: Vec<(DeviceRecord, Option<Map<String, Value>>)>,
     delete: Vec<String>,
+    close_sessions: Vec<String>,
 }
 
 impl Hub {
@@ -216,23 +218,18 @@ impl Hub {
         self.inner.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Runs a change on its own task and waits for it: once started, it commits and applies even
-    /// if the caller stops waiting (see the module's invariants).
-    async fn detached<T: Send + 'static>(
+    /// Commits a staged change, then (on the store's writer, in commit order, even if the caller
+    /// stops waiting) applies it to `state`, queues its desired patches, closes the sessions it
+    /// names and releases `writing`, the write locks of every device in it. No std lock is held
+    /// here while records are serialized or committed.
+    async fn commit_devices(
         &self,
-        change: impl Future<Output = Result<T, OperationError>> + Send + 'static,
-    ) -> Result<T, OperationError> {
-        tokio::spawn(change).await.map_err(|e| {
-            OperationError::Internal(format!("a registry change did not finish: {e}"))
-        })?
-    }
-
-    /// Commits a staged change, then applies it to `state` and queues its desired patches. The
-    /// caller holds the write locks of every device in `change`; no std lock is held here while
-    /// records are serialized or committed.
-    async fn commit_devices(&self, change: DeviceChange) -> Result<(), OperationError> {
+        writing: WriteGuard,
+        change: DeviceChange,
+    ) -> Result<(), OperationError> {
+        let mut writes = Vec::new();
         if self.inner.store.is_durable() {
-            let mut writes = Vec::with_capacity(change.put.len() + change.delete.len());
+            writes.reserve(change.put.len() + change.delete.len());
             for (record, _) in &change.put {
                 let doc = serde_json::to_string(record).map_err(|e| {
                     OperationError::Internal(format!("cannot encode a device: {e}"))
@@ -248,23 +245,46 @@ impl Hub {
                     .iter()
                     .map(|id| Write::DeleteDevice { id: id.clone() }),
             );
-            self.inner.store.commit(writes).await?;
         }
+        let (done, outcome) = oneshot::channel();
+        let hub = self.clone();
+        self.inner.store.commit_then(writes, move |committed| {
+            if committed.is_ok() {
+                hub.apply_devices(change);
+            }
+            drop(writing);
+            let _ = done.send(committed);
+        });
+        match outcome.await {
+            Ok(committed) => Ok(committed?),
+            Err(_) => Err(OperationError::Internal(
+                "the store dropped a commit without answering".into(),
+            )),
+        }
+    }
+
+    /// Applies a committed change (see [`Hub::commit_devices`]).
+    fn apply_devices(&self, change: DeviceChange) {
         let mut state = lock(&self.inner.state);
-        let sessions = lock(&self.inner.sessions);
-        for (mut record, desired_patch) in change.put {
-            if let Some(current) = state.devices.get(&record.device_id) {
-                record.keep_presence_of(current);
+        {
+            let sessions = lock(&self.inner.sessions);
+            for (mut record, desired_patch) in change.put {
+                if let Some(current) = state.devices.get(&record.device_id) {
+                    record.keep_presence_of(current);
+                }
+                if let Some(patch) = desired_patch {
+                    router::queue_desired_patch(&sessions, &record.device_id, patch);
+                }
+                state.devices.insert(record.device_id.clone(), record);
             }
-            if let Some(patch) = desired_patch {
-                router::queue_desired_patch(&sessions, &record.device_id, patch);
-            }
-            state.devices.insert(record.device_id.clone(), record);
         }
         for id in &change.delete {
             state.devices.remove(id);
         }
-        Ok(())
+        drop(state);
+        for id in &change.close_sessions {
+            self.kill_session(id);
+        }
     }
 }
 

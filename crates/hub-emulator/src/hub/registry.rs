@@ -271,30 +271,25 @@ impl Hub {
         if_match: Option<&str>,
     ) -> Result<Value, OperationError> {
         let update = parse_device_update(id, body)?;
-        let (hub, id, if_match) = (self.clone(), id.to_owned(), if_match.map(str::to_owned));
-        self.detached(async move {
-            let _writing = hub.inner.writes.lock([id.as_str()]).await;
-            let existing = lock(&hub.inner.state).devices.get(&id).cloned();
-            let record = stage_device(
-                existing.as_ref(),
-                &id,
-                update,
-                if_match.as_deref(),
-                &hub.now(),
-            )?;
-            let disabled = record.status != "enabled";
-            let out = record.device_json();
-            hub.commit_devices(DeviceChange {
+        let writing = self.write_locks([id]).await;
+        let existing = lock(&self.inner.state).devices.get(id).cloned();
+        let record = stage_device(existing.as_ref(), id, update, if_match, &self.now())?;
+        let close_sessions = if record.status == "enabled" {
+            Vec::new()
+        } else {
+            vec![id.to_owned()]
+        };
+        let out = record.device_json();
+        self.commit_devices(
+            writing,
+            DeviceChange {
                 put: vec![(record, None)],
-                delete: Vec::new(),
-            })
-            .await?;
-            if disabled {
-                hub.kill_session(&id);
-            }
-            Ok(out)
-        })
-        .await
+                close_sessions,
+                ..DeviceChange::default()
+            },
+        )
+        .await?;
+        Ok(out)
     }
 
     /// `GET /devices/{id}`.
@@ -327,26 +322,27 @@ impl Hub {
         id: &str,
         if_match: Option<&str>,
     ) -> Result<(), OperationError> {
-        let (hub, id, if_match) = (self.clone(), id.to_owned(), if_match.map(str::to_owned));
-        self.detached(async move {
-            let _writing = hub.inner.writes.lock([id.as_str()]).await;
-            {
-                let state = lock(&hub.inner.state);
-                let Some(existing) = state.devices.get(&id) else {
-                    return Err(OperationError::DeviceNotFound(id));
-                };
-                if !matches_etag(if_match.as_deref(), &existing.etag()) {
-                    return Err(OperationError::PreconditionFailed { what: "device", id });
-                }
+        let writing = self.write_locks([id]).await;
+        {
+            let state = lock(&self.inner.state);
+            let Some(existing) = state.devices.get(id) else {
+                return Err(OperationError::DeviceNotFound(id.to_owned()));
+            };
+            if !matches_etag(if_match, &existing.etag()) {
+                return Err(OperationError::PreconditionFailed {
+                    what: "device",
+                    id: id.to_owned(),
+                });
             }
-            hub.commit_devices(DeviceChange {
-                put: Vec::new(),
-                delete: vec![id.clone()],
-            })
-            .await?;
-            hub.kill_session(&id);
-            Ok(())
-        })
+        }
+        self.commit_devices(
+            writing,
+            DeviceChange {
+                delete: vec![id.to_owned()],
+                close_sessions: vec![id.to_owned()],
+                ..DeviceChange::default()
+            },
+        )
         .await
     }
 }

@@ -111,26 +111,14 @@ async fn twin_patch_versions_and_etag() {
 async fn a_twin_job_patch_is_applied_once_per_device() {
     let hub = hub();
     let patch = json!({"properties": {"desired": {"building": 43}}});
-    let ids = || vec![TUTORIAL_DEVICE_ID.to_owned()];
+    let ids = [TUTORIAL_DEVICE_ID];
     let first = hub
-        .update_twins_for_job(
-            ids(),
-            patch.clone(),
-            Some("*".into()),
-            false,
-            Some("job-1".into()),
-        )
+        .update_twins_for_job(&ids, &patch, Some("*"), false, Some("job-1"))
         .await;
     let first = first[0].as_ref().expect("first apply");
     // A resumed job repeats the batch: the twin must not change again.
     let again = hub
-        .update_twins_for_job(
-            ids(),
-            patch.clone(),
-            Some("*".into()),
-            false,
-            Some("job-1".into()),
-        )
+        .update_twins_for_job(&ids, &patch, Some("*"), false, Some("job-1"))
         .await;
     let again = again[0].as_ref().expect("repeat");
     assert_eq!(again["version"], first["version"]);
@@ -140,13 +128,7 @@ async fn a_twin_job_patch_is_applied_once_per_device() {
     );
     // Another job, or a plain update, still applies.
     let other = hub
-        .update_twins_for_job(
-            ids(),
-            patch.clone(),
-            Some("*".into()),
-            false,
-            Some("job-2".into()),
-        )
+        .update_twins_for_job(&ids, &patch, Some("*"), false, Some("job-2"))
         .await;
     let other = other[0].as_ref().expect("other job");
     assert_ne!(other["version"], first["version"]);
@@ -249,7 +231,7 @@ async fn a_change_whose_caller_goes_away_is_still_applied_after_its_commit() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     };
-    // Let the detached task release the device's write lock before the store closes.
+    // A later change of the same device waits for the abandoned one's write lock.
     hub.update_twin(TUTORIAL_DEVICE_ID, &json!({"tags": {}}), None, false)
         .await
         .expect("a later update");

@@ -113,13 +113,7 @@ impl Hub {
         replace: bool,
     ) -> Result<Value, OperationError> {
         let mut results = self
-            .update_twins_for_job(
-                vec![id.to_owned()],
-                body.clone(),
-                if_match.map(str::to_owned),
-                replace,
-                None,
-            )
+            .update_twins_for_job(&[id], body, if_match, replace, None)
             .await;
         results
             .pop()
@@ -133,71 +127,51 @@ impl Hub {
     /// device. Returns one result per id, in order.
     pub async fn update_twins_for_job(
         &self,
-        ids: Vec<String>,
-        body: Value,
-        if_match: Option<String>,
+        ids: &[&str],
+        body: &Value,
+        if_match: Option<&str>,
         replace: bool,
-        job_id: Option<String>,
+        job_id: Option<&str>,
     ) -> Vec<Result<Arc<Value>, OperationError>> {
-        let hub = self.clone();
-        let count = ids.len();
-        let batch = async move {
-            let parsed = twins::parse_service_update(&body);
-            let _writing = hub.inner.writes.lock(ids.iter().map(String::as_str)).await;
-            // Copies of the committed records: staging (merges, documents) runs without the
-            // state lock; the write locks keep these records from changing meanwhile.
-            let current: Vec<Option<DeviceRecord>> = {
-                let state = lock(&hub.inner.state);
-                ids.iter()
-                    .map(|id| state.devices.get(id).cloned())
-                    .collect()
-            };
-            let now = hub.now();
-            let mut change = DeviceChange::default();
-            let mut results: Vec<Result<Arc<Value>, OperationError>> =
-                Vec::with_capacity(ids.len());
-            for (id, current) in ids.iter().zip(current) {
-                let staged = match (&parsed, current) {
-                    (Err(e), _) => Err(OperationError::Twin(e.clone())),
-                    (Ok(_), None) => Err(OperationError::DeviceNotFound(id.clone())),
-                    (Ok(parts), Some(record)) => stage_twin_update(
-                        record,
-                        *parts,
-                        if_match.as_deref(),
-                        replace,
-                        job_id.as_deref(),
-                        &now,
-                    ),
-                };
-                results.push(staged.map(|staged| match staged {
-                    Staged::Changed(record, notify) => {
-                        let doc = Arc::clone(&record.doc);
-                        change.put.push((*record, notify));
-                        doc
-                    }
-                    Staged::AlreadyApplied(doc) => doc,
-                }));
-            }
-            // One transaction for the whole batch: either every staged change is durable or
-            // none is.
-            if let Err(e) = hub.commit_devices(change).await {
-                let message = e.to_string();
-                return Ok(ids
-                    .iter()
-                    .map(|_| Err(OperationError::NotSaved(message.clone())))
-                    .collect());
-            }
-            Ok(results)
+        let parsed = twins::parse_service_update(body);
+        let writing = self.write_locks(ids.iter().copied()).await;
+        // Copies of the committed records: staging (merges, documents) runs without the state
+        // lock; the write locks keep these records from changing meanwhile.
+        let current: Vec<Option<DeviceRecord>> = {
+            let state = lock(&self.inner.state);
+            ids.iter()
+                .map(|id| state.devices.get(*id).cloned())
+                .collect()
         };
-        match self.detached(batch).await {
-            Ok(results) => results,
-            Err(e) => {
-                let message = e.to_string();
-                (0..count)
-                    .map(|_| Err(OperationError::NotSaved(message.clone())))
-                    .collect()
-            }
+        let now = self.now();
+        let mut change = DeviceChange::default();
+        let mut results: Vec<Result<Arc<Value>, OperationError>> = Vec::with_capacity(ids.len());
+        for (id, current) in ids.iter().zip(current) {
+            let staged = match (&parsed, current) {
+                (Err(e), _) => Err(OperationError::Twin(e.clone())),
+                (Ok(_), None) => Err(OperationError::DeviceNotFound((*id).to_owned())),
+                (Ok(parts), Some(record)) => {
+                    stage_twin_update(record, *parts, if_match, replace, job_id, &now)
+                }
+            };
+            results.push(staged.map(|staged| match staged {
+                Staged::Changed(record, notify) => {
+                    let doc = Arc::clone(&record.doc);
+                    change.put.push((*record, notify));
+                    doc
+                }
+                Staged::AlreadyApplied(doc) => doc,
+            }));
         }
+        // One transaction for the whole batch: either every staged change is durable or none is.
+        if let Err(e) = self.commit_devices(writing, change).await {
+            let message = e.to_string();
+            return ids
+                .iter()
+                .map(|_| Err(OperationError::NotSaved(message.clone())))
+                .collect();
+        }
+        results
     }
 
     /// The device's twin GET answer: `{"desired": {...}, "reported": {...}}` without metadata.
@@ -212,24 +186,22 @@ impl Hub {
 
     /// A device's reported-properties patch. Returns the new reported `$version`.
     pub async fn patch_reported(&self, id: &str, patch: Value) -> Result<u64, OperationError> {
-        let (hub, id) = (self.clone(), id.to_owned());
-        self.detached(async move {
-            let _writing = hub.inner.writes.lock([id.as_str()]).await;
-            let current = lock(&hub.inner.state).devices.get(&id).cloned();
-            let mut record = current.ok_or_else(|| OperationError::DeviceNotFound(id.clone()))?;
-            let now = hub.now();
-            let version =
-                twins::apply_patch(&mut record.reported, &patch, Section::Reported, &now)?;
-            record.twin_version += 1;
-            record.last_activity_time = now;
-            record.refresh();
-            hub.commit_devices(DeviceChange {
+        let writing = self.write_locks([id]).await;
+        let current = lock(&self.inner.state).devices.get(id).cloned();
+        let mut record = current.ok_or_else(|| OperationError::DeviceNotFound(id.to_owned()))?;
+        let now = self.now();
+        let version = twins::apply_patch(&mut record.reported, &patch, Section::Reported, &now)?;
+        record.twin_version += 1;
+        record.last_activity_time = now;
+        record.refresh();
+        self.commit_devices(
+            writing,
+            DeviceChange {
                 put: vec![(record, None)],
-                delete: Vec::new(),
-            })
-            .await?;
-            Ok(version)
-        })
-        .await
+                ..DeviceChange::default()
+            },
+        )
+        .await?;
+        Ok(version)
     }
 }

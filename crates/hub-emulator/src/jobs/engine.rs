@@ -408,15 +408,10 @@ async fn run_twins(
         }
         let started = OffsetDateTime::now_utc();
         // One durable transaction per batch, committed off the async workers by the store.
+        let ids: Vec<&str> = chunk.iter().map(String::as_str).collect();
         let results = jobs
             .hub()
-            .update_twins_for_job(
-                chunk.to_vec(),
-                body.clone(),
-                Some("*".into()),
-                false,
-                Some(plan.record.job_id.clone()),
-            )
+            .update_twins_for_job(&ids, &body, Some("*"), false, Some(&plan.record.job_id))
             .await;
         let ended = OffsetDateTime::now_utc();
         let events = chunk
