@@ -450,6 +450,20 @@ pub struct Capabilities {
     pub extra: Map<String, Value>,
 }
 
+/// The answer to `DELETE /devices/{id}/commands` (purge the device's cloud-to-device queue),
+/// as the REST reference's `PurgeMessageQueueResult` describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PurgeMessageQueueResult {
+    /// How many queued messages were deleted.
+    pub total_messages_purged: u64,
+    /// The device whose queue was purged.
+    pub device_id: String,
+    /// The module, for a module's queue (`null` for a device).
+    #[serde(default)]
+    pub module_id: Option<String>,
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -37,11 +37,23 @@ struct Fixture {
 
 impl Fixture {
     async fn start() -> Fixture {
-        let running = hub_emulator::start(Config::ephemeral())
-            .await
-            .expect("the hub starts");
+        Fixture::start_with(Config::ephemeral()).await
+    }
+
+    async fn start_with(config: Config) -> Fixture {
+        let running = hub_emulator::start(config).await.expect("the hub starts");
         let tls = client_config(&running.env.ca_pem, None);
         Fixture { running, tls }
+    }
+
+    /// A hub keeping its state in `dir` (a restart on the same `dir` finds it again).
+    async fn durable(dir: &Path) -> Fixture {
+        Fixture::start_with(Config {
+            data_dir: Some(dir.to_path_buf()),
+            durable: true,
+            ..Config::ephemeral()
+        })
+        .await
     }
 
     fn hub(&self) -> &Hub {
@@ -95,6 +107,13 @@ impl Fixture {
             .await
             .expect("connects")
     }
+
+    /// Connects with the given CleanSession flag (the SDKs use 0: `clean == false`).
+    async fn device_with_session(&self, id: &str, key: &str, clean: bool) -> Device {
+        let mut options = self.options(id, token(id, key, in_an_hour()), self.tls_transport());
+        options.set_clean_session(clean);
+        Device::connect(options).await.expect("connects")
+    }
 }
 
 fn client_config(
@@ -143,6 +162,8 @@ fn token(id: &str, key: &str, expiry: u64) -> String {
 
 /// A connected rumqttc client whose event loop is pumped by a task into a channel.
 struct Device {
+    /// CONNACK's session-present flag.
+    session_present: bool,
     client: AsyncClient,
     events: mpsc::UnboundedReceiver<Result<Packet, ConnectionError>>,
     pump: JoinHandle<()>,
@@ -158,19 +179,19 @@ impl Device {
     /// Connects and waits for the CONNACK; a refusal comes back as the error.
     async fn connect(options: MqttOptions) -> Result<Device, ConnectionError> {
         let (client, mut eventloop) = AsyncClient::new(options, 16);
-        loop {
+        let session_present = loop {
             match timeout(WAIT, eventloop.poll())
                 .await
                 .expect("CONNACK within the wait")
             {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     assert_eq!(ack.code, ConnectReturnCode::Success);
-                    break;
+                    break ack.session_present;
                 }
                 Ok(_) => {}
                 Err(e) => return Err(e),
             }
-        }
+        };
         let (tx, events) = mpsc::unbounded_channel();
         let pump = tokio::spawn(async move {
             loop {
@@ -190,6 +211,7 @@ impl Device {
             }
         });
         Ok(Device {
+            session_present,
             client,
             events,
             pump,
@@ -664,18 +686,6 @@ async fn foreign_topics_close_the_connection() {
 
     let mut device = fx.device("dev-a", &key).await;
     device
-        .client
-        .subscribe("#", QoS::AtMostOnce)
-        .await
-        .expect("queue");
-    let seen = device.expect_closed().await;
-    assert!(
-        !seen.iter().any(|p| matches!(p, Packet::SubAck(_))),
-        "no SUBACK for `#`: {seen:?}"
-    );
-
-    let mut device = fx.device("dev-a", &key).await;
-    device
         .publish(
             "devices/dev-b/messages/events/",
             QoS::AtLeastOnce,
@@ -690,10 +700,9 @@ async fn foreign_topics_close_the_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qos2_publish_and_retained_twin_request_close_the_connection() {
+async fn qos2_publish_closes_the_connection() {
     let fx = Fixture::start().await;
     let key = fx.add_device("dev-qos").await;
-
     let mut device = fx.device("dev-qos", &key).await;
     device
         .publish(
@@ -707,25 +716,195 @@ async fn qos2_publish_and_retained_twin_request_close_the_connection() {
         !seen.iter().any(|p| matches!(p, Packet::PubRec(_))),
         "QoS 2 is not acknowledged: {seen:?}"
     );
+}
 
-    let mut device = fx.device("dev-qos", &key).await;
+/// Microsoft's raw-MQTT samples rely on IoT Hub's leniency: the libmosquitto twin sample sends
+/// its twin requests with RETAIN = 1 and retained telemetry, the mosquitto_sub step subscribes
+/// to `#`. Each is served as IoT Hub serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_twin_requests_and_a_hash_subscription_are_served() {
+    let fx = Fixture::start().await;
+    let key = fx.add_device("dev-lenient").await;
+    let mut device = fx.device("dev-lenient", &key).await;
+    assert_eq!(
+        device.subscribe("#", QoS::ExactlyOnce).await,
+        SubscribeReasonCode::Success(QoS::AtLeastOnce),
+        "`#` is granted (QoS 2 asked, 1 granted)"
+    );
     device
         .subscribe("$iothub/twin/res/#", QoS::AtMostOnce)
         .await;
+    for (topic, body) in [
+        (
+            "$iothub/twin/PATCH/properties/reported/?$rid=0",
+            &b"{\"temperature\": 32}"[..],
+        ),
+        ("$iothub/twin/GET/?$rid=1", &b"{}"[..]),
+    ] {
+        device
+            .client
+            .publish(topic, QoS::AtLeastOnce, true, body.to_vec())
+            .await
+            .expect("queue");
+    }
+    let patched = device.next_publish().await;
+    assert!(
+        patched.topic.starts_with("$iothub/twin/res/204/?$rid=0"),
+        "the retained PATCH is answered: {}",
+        patched.topic
+    );
+    let got = device.next_publish().await;
+    assert!(
+        got.topic.starts_with("$iothub/twin/res/200/?$rid=1"),
+        "the retained GET is answered: {}",
+        got.topic
+    );
+    let twin: Value = serde_json::from_slice(&got.payload).expect("twin JSON");
+    assert_eq!(twin["reported"]["temperature"], 32);
     device
         .client
         .publish(
-            "$iothub/twin/GET/?$rid=1",
-            QoS::AtMostOnce,
+            "devices/dev-lenient/messages/events/",
+            QoS::AtLeastOnce,
             true,
-            b" ".to_vec(),
+            b"Bonjour MQTT".to_vec(),
         )
         .await
         .expect("queue");
-    let seen = device.expect_closed().await;
+    loop {
+        if let Packet::PubAck(_) = device.next_packet().await {
+            break; // retained telemetry is acknowledged
+        }
+    }
+}
+
+/// Sends a direct method through the hub; `None` when the hub finds the device not subscribed.
+async fn try_method(hub: &Hub, device: &mut Device, id: &str) -> Option<i32> {
+    if !hub.method_ready(id) {
+        return None;
+    }
+    Some(method_round_trip(hub, device, id).await.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_keeps_its_subscriptions_across_reconnects_and_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let id = "dev-session";
+    let key = {
+        let fx = Fixture::durable(dir.path()).await;
+        let key = fx.add_device(id).await;
+        let mut device = fx.device_with_session(id, &key, false).await;
+        assert!(!device.session_present, "a new device has no session yet");
+        device
+            .subscribe("$iothub/methods/POST/#", QoS::AtLeastOnce)
+            .await;
+        assert_eq!(try_method(fx.hub(), &mut device, id).await, Some(200));
+        drop(device);
+        eventually("the device to disconnect", || {
+            fx.connection_state(id) == "Disconnected"
+        })
+        .await;
+
+        // A reconnect (token renewal, dropped network) resumes the session: no SUBSCRIBE.
+        let mut device = fx.device_with_session(id, &key, false).await;
+        assert!(device.session_present, "CONNACK says the session is back");
+        assert_eq!(
+            try_method(fx.hub(), &mut device, id).await,
+            Some(200),
+            "methods reach the device without a new SUBSCRIBE"
+        );
+        // A second connection replaces the first and resumes the same session.
+        let mut second = fx.device_with_session(id, &key, false).await;
+        assert!(second.session_present);
+        drop(device);
+        assert_eq!(try_method(fx.hub(), &mut second, id).await, Some(200));
+        fx.running.shutdown().await;
+        key
+    };
+    // A restarted hub (the same data directory) still has it.
+    let fx = Fixture::durable(dir.path()).await;
+    let mut device = fx.device_with_session(id, &key, false).await;
+    assert!(device.session_present, "the session survives the restart");
+    assert_eq!(try_method(fx.hub(), &mut device, id).await, Some(200));
+    drop(device);
+    eventually("the device to disconnect", || {
+        fx.connection_state(id) == "Disconnected"
+    })
+    .await;
+
+    // CleanSession = 1 discards it, for this connection and the next.
+    let mut clean = fx.device_with_session(id, &key, true).await;
+    assert!(!clean.session_present);
+    assert_eq!(
+        try_method(fx.hub(), &mut clean, id).await,
+        None,
+        "a clean session has no old subscriptions"
+    );
+    drop(clean);
+    eventually("the device to disconnect", || {
+        fx.connection_state(id) == "Disconnected"
+    })
+    .await;
+    let again = fx.device_with_session(id, &key, false).await;
     assert!(
-        !seen.iter().any(|p| matches!(p, Packet::Publish(_))),
-        "no twin answer: {seen:?}"
+        !again.session_present,
+        "the clean connection discarded the session"
+    );
+}
+
+/// Opens a persistent session subscribed to methods, then disconnects.
+async fn subscribe_and_leave(fx: &Fixture, id: &str, key: &str) {
+    let mut device = fx.device_with_session(id, key, false).await;
+    device
+        .subscribe("$iothub/methods/POST/#", QoS::AtMostOnce)
+        .await;
+    drop(device);
+    eventually("the device to disconnect", || {
+        fx.connection_state(id) == "Disconnected"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_keys_or_disabling_end_a_persistent_session() {
+    let fx = Fixture::start().await;
+    let id = "dev-rekey";
+    let key = fx.add_device(id).await;
+    subscribe_and_leave(&fx, id, &key).await;
+    let device = fx.hub().get_device(id).expect("device");
+    let etag = device["etag"].as_str().expect("etag").to_owned();
+    let new_key = "bmV3LWtleS1uZXcta2V5LW5ldy1rZXktbmV3LWtleSE=";
+    fx.hub()
+        .create_or_update_device(
+            id,
+            &json!({"deviceId": id, "authentication": {"type": "sas",
+                "symmetricKey": {"primaryKey": new_key, "secondaryKey": key}}}),
+            Some(&etag),
+        )
+        .await
+        .expect("new primary key");
+    let device = fx.device_with_session(id, new_key, false).await;
+    assert!(
+        !device.session_present,
+        "a device whose keys changed starts a new session"
+    );
+    drop(device);
+    eventually("the device to disconnect", || {
+        fx.connection_state(id) == "Disconnected"
+    })
+    .await;
+
+    subscribe_and_leave(&fx, id, new_key).await;
+    for status in ["disabled", "enabled"] {
+        fx.hub()
+            .create_or_update_device(id, &json!({"deviceId": id, "status": status}), Some("*"))
+            .await
+            .expect("status change");
+    }
+    let device = fx.device_with_session(id, new_key, false).await;
+    assert!(
+        !device.session_present,
+        "disabling a device ends its session (re-enabling is like re-creating it)"
     );
 }
 

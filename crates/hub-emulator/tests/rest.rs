@@ -813,3 +813,36 @@ async fn device_job_rows_page_by_job_and_device() {
         filtered.body
     );
 }
+
+#[tokio::test]
+async fn purging_a_devices_cloud_to_device_queue_answers_as_iot_hub() {
+    let hub = TestHub::start().await;
+    hub.create("dev-purge").await;
+    let answer = hub
+        .call(Method::DELETE, "/devices/dev-purge/commands", None)
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "body: {}", answer.body);
+    assert_eq!(
+        answer.body,
+        json!({"totalMessagesPurged": 0, "deviceId": "dev-purge", "moduleId": null})
+    );
+    hub.call(Method::DELETE, "/devices/nobody/commands", None)
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "DeviceNotFound");
+    let device_token = hub.policy_token("device", now() + 3600);
+    let refused = hub
+        .call_as(
+            Some(&device_token),
+            Method::DELETE,
+            "/devices/dev-purge/commands",
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(
+        refused.status,
+        StatusCode::UNAUTHORIZED,
+        "the device policy has no ServiceConnect: {}",
+        refused.body
+    );
+}

@@ -83,6 +83,10 @@ pub fn router(state: AppState) -> Router {
                 .put(registry::put_device)
                 .delete(registry::delete_device),
         )
+        .route(
+            "/devices/{id}/commands",
+            axum::routing::delete(registry::purge_commands),
+        )
         .route("/statistics/devices", get(registry::device_statistics))
         .route("/statistics/service", get(registry::service_statistics))
         .route(

@@ -7,12 +7,14 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use hub_core::device::PurgeMessageQueueResult;
 use hub_core::policy::Permission;
 
 use super::AppState;
 use super::auth::require;
 use super::error::ApiError;
 use super::extract::{IdPath, JsonBody, if_match};
+use crate::hub::OperationError;
 
 /// Most devices `GET /devices` returns (also its default).
 pub const MAX_LIST: usize = 1000;
@@ -91,6 +93,27 @@ pub(crate) async fn delete_device_named(
     state.hub.delete_device(id, if_match(headers)?).await?;
     tracing::info!(device_id = %id, "device deleted");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `DELETE /devices/{id}/commands`: purges the device's cloud-to-device queue, as the service
+/// SDKs' `purge_c2d_message_queue` / `purgeMessageQueue` call it over HTTPS (REST reference,
+/// "Purge Cloud To Device Message Queue"; needs ServiceConnect). Sending cloud-to-device
+/// messages takes AMQP on IoT Hub, which this hub does not speak, so a queue is always empty
+/// here: the answer says 0 messages were purged.
+pub async fn purge_commands(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    IdPath(id): IdPath,
+) -> Result<Json<PurgeMessageQueueResult>, ApiError> {
+    require(&state, &headers, Permission::ServiceConnect)?;
+    if !state.hub.device_exists(&id) {
+        return Err(OperationError::DeviceNotFound(id).into());
+    }
+    Ok(Json(PurgeMessageQueueResult {
+        total_messages_purged: 0,
+        device_id: id,
+        module_id: None,
+    }))
 }
 
 /// `GET /devices?top=n`: the first `n` devices by id (default and maximum 1000).

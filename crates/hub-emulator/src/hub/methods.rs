@@ -203,7 +203,10 @@ impl Hub {
         call: &MethodCall,
     ) -> Result<Option<(u64, MethodReply)>, OperationError> {
         let sessions = lock(&self.inner.sessions);
-        let Some(session) = sessions.get(device_id).filter(|s| s.subscriptions.methods) else {
+        let Some(session) = sessions
+            .get(device_id)
+            .filter(|s| s.subscriptions.methods.is_some())
+        else {
             return Ok(None);
         };
         let rid = self.next_id();

@@ -52,7 +52,9 @@ pub use error::{AuthError, OperationError};
 pub use methods::{MAX_METHOD_PAYLOAD, MethodCall, MethodOutcome, validate_method_name};
 pub use record::{NEVER, timestamp};
 pub use registry::{TUTORIAL_DEVICE_ID, validate_device_id};
-pub use router::{Outbound, SESSION_QUEUE, SessionTicket, Subscriptions};
+pub use router::{
+    GrantedQos, OpenedSession, Outbound, SESSION_QUEUE, SessionTicket, Subscriptions,
+};
 
 use crate::store::{Store, Write};
 use methods::PendingMethod;

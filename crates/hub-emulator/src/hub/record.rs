@@ -50,6 +50,9 @@ pub(super) struct DeviceRecord {
     /// twin itself so that a job resumed after a crash never applies its patch twice.
     #[serde(default)]
     pub(super) twin_jobs_applied: Vec<String>,
+    /// The device's persistent MQTT session (CleanSession = 0), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) session: Option<super::Subscriptions>,
     #[serde(skip)]
     pub(super) connected: bool,
     #[serde(skip, default = "never")]

@@ -172,6 +172,7 @@ fn stage_device(
                 last_activity_time: NEVER.into(),
                 model_id: String::new(),
                 twin_jobs_applied: Vec::new(),
+                session: None,
                 connected: false,
                 connection_state_updated_time: NEVER.into(),
                 doc: empty_doc(),
@@ -216,6 +217,18 @@ fn stage_device(
             record.primary_thumbprint = primary_thumbprint;
             record.secondary_thumbprint = secondary_thumbprint;
             record.iot_edge = iot_edge;
+            // A device disabled, or whose credentials changed, starts over: re-enabling is like
+            // re-creating it (its handlers stop until it subscribes again; Azure IoT SDK for C#
+            // issue 42, a maintainer's answer), and a new key is a new identity to the session.
+            if record.status != "enabled"
+                || record.primary_key != existing.primary_key
+                || record.secondary_key != existing.secondary_key
+                || record.primary_thumbprint != existing.primary_thumbprint
+                || record.secondary_thumbprint != existing.secondary_thumbprint
+                || record.auth_type != existing.auth_type
+            {
+                record.session = None;
+            }
             record.etag_seq += 1;
             record.refresh();
             record

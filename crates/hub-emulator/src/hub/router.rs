@@ -11,7 +11,9 @@ use tokio_util::sync::CancellationToken;
 
 use hub_core::topic::Topic;
 
-use super::{Hub, State, lock};
+use serde::{Deserialize, Serialize};
+
+use super::{DeviceChange, Hub, State, lock};
 
 /// How many messages may wait for one device session before the hub drops it.
 pub const SESSION_QUEUE: usize = 64;
@@ -23,17 +25,34 @@ pub enum Outbound {
     Publish { topic: String, payload: Bytes },
 }
 
-/// Which hub-to-device streams a session has subscribed to.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// The QoS IoT Hub grants a subscription: 0 or 1 (a request for 2 is granted 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum GrantedQos {
+    /// QoS 0.
+    AtMostOnce,
+    /// QoS 1.
+    AtLeastOnce,
+}
+
+/// Which hub-to-device streams a session subscribed to, with the QoS granted for each (`None`:
+/// not subscribed). Stored with the device for a session opened with CleanSession = 0, so that
+/// it outlives the connection and the hub process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Subscriptions {
     /// `$iothub/methods/POST/#`.
-    pub methods: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<GrantedQos>,
     /// `$iothub/twin/PATCH/properties/desired/#`.
-    pub desired: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<GrantedQos>,
     /// `$iothub/twin/res/#`.
-    pub twin_responses: bool,
-    /// `devices/{id}/messages/devicebound/#`.
-    pub c2d: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub twin_responses: Option<GrantedQos>,
+    /// `devices/{id}/messages/devicebound/#` (or `#`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub c2d: Option<GrantedQos>,
 }
 
 pub(super) struct SessionEntry {
@@ -41,6 +60,16 @@ pub(super) struct SessionEntry {
     pub(super) tx: mpsc::Sender<Outbound>,
     pub(super) kill: CancellationToken,
     pub(super) subscriptions: Subscriptions,
+}
+
+/// A session being opened: its ticket, and the subscriptions of the persistent session it
+/// resumes (`None`: a new or clean session; CONNACK's session-present flag is `restored.is_some()`).
+#[derive(Debug)]
+pub struct OpenedSession {
+    /// The session's registration.
+    pub ticket: SessionTicket,
+    /// What the resumed session had subscribed to.
+    pub restored: Option<Subscriptions>,
 }
 
 /// A connected session's registration; the session loop keeps it and passes it back.
@@ -56,6 +85,8 @@ pub struct SessionTicket {
     pub outbound: mpsc::Receiver<Outbound>,
     /// When the device's SAS token expires (Unix seconds), if it does.
     pub token_expiry: Option<u64>,
+    /// Whether the device connected with CleanSession = 1 (nothing of the session is kept).
+    pub clean_session: bool,
 }
 
 /// The sessions table: device id to its one live session.
@@ -66,7 +97,10 @@ pub(super) type Sessions = HashMap<String, SessionEntry>;
 /// and calls this in the order the versions were committed: that is what makes a device see its
 /// desired patches in version order.
 pub(super) fn queue_desired_patch(sessions: &Sessions, device_id: &str, patch: Map<String, Value>) {
-    let Some(session) = sessions.get(device_id).filter(|s| s.subscriptions.desired) else {
+    let Some(session) = sessions
+        .get(device_id)
+        .filter(|s| s.subscriptions.desired.is_some())
+    else {
         return;
     };
     let version = patch
@@ -86,20 +120,43 @@ pub(super) fn queue_desired_patch(sessions: &Sessions, device_id: &str, patch: M
 
 impl Hub {
     /// Registers a newly authenticated session, replacing (and closing) any earlier one.
-    pub fn attach_session(&self, device_id: &str, token_expiry: Option<u64>) -> SessionTicket {
+    ///
+    /// MQTT 3.1.1 sessions as IoT Hub keeps them ([DOCS mqtt] "Receive cloud-to-device
+    /// messages"; the SDKs connect with CleanSession = 0 and the Python and Node device clients
+    /// rely on the hub's session instead of subscribing again after a reconnect):
+    /// with `clean_session == false` the device's stored session, if any, is resumed: its
+    /// subscriptions are routed to at once [MQTT-3.1.2-4] and returned for CONNACK's
+    /// session-present flag [MQTT-3.2.2-2]. With `clean_session == true` a stored session is
+    /// discarded durably first [MQTT-3.1.2-6]. A session is stored from the first subscription
+    /// made on a CleanSession = 0 connection (a device that never subscribed has none, as IoT
+    /// Hub does not know its preference yet); IoT Hub documents no expiry, so none is applied.
+    pub async fn attach_session(
+        &self,
+        device_id: &str,
+        token_expiry: Option<u64>,
+        clean_session: bool,
+    ) -> OpenedSession {
+        if clean_session {
+            self.store_session(device_id, None).await;
+        }
         let conn_id = self.next_id();
         let (tx, outbound) = mpsc::channel(SESSION_QUEUE);
         let kill = CancellationToken::new();
-        let entry = SessionEntry {
-            conn_id,
-            tx,
-            kill: kill.clone(),
-            subscriptions: Subscriptions::default(),
-        };
         let now = self.now();
         // The session table and the registry's connection state change under both locks (state
         // first), so a detach racing with a newer attach cannot leave the device `Disconnected`.
         let mut state = lock(&self.inner.state);
+        let restored = if clean_session {
+            None
+        } else {
+            state.devices.get(device_id).and_then(|d| d.session)
+        };
+        let entry = SessionEntry {
+            conn_id,
+            tx,
+            kill: kill.clone(),
+            subscriptions: restored.unwrap_or_default(),
+        };
         let previous = lock(&self.inner.sessions).insert(device_id.to_owned(), entry);
         if let Some(device) = state.devices.get_mut(device_id) {
             device.set_connected(true, now);
@@ -108,12 +165,42 @@ impl Hub {
         if let Some(previous) = previous {
             previous.kill.cancel();
         }
-        SessionTicket {
-            device_id: device_id.to_owned(),
-            conn_id,
-            kill,
-            outbound,
-            token_expiry,
+        if restored.is_some() {
+            // Calls waiting for this device to subscribe can go now.
+            self.inner.presence.notify_waiters();
+        }
+        OpenedSession {
+            ticket: SessionTicket {
+                device_id: device_id.to_owned(),
+                conn_id,
+                kill,
+                outbound,
+                token_expiry,
+                clean_session,
+            },
+            restored,
+        }
+    }
+
+    /// Stores (`Some`) or discards (`None`) the device's persistent session, if that changes it.
+    /// A failed commit is logged: the connection goes on with what it has in memory.
+    async fn store_session(&self, device_id: &str, session: Option<Subscriptions>) {
+        let writing = self.write_locks([device_id]).await;
+        let Some(mut record) = lock(&self.inner.state)
+            .devices
+            .get(device_id)
+            .filter(|d| d.session != session)
+            .cloned()
+        else {
+            return;
+        };
+        record.session = session;
+        let change = DeviceChange {
+            put: vec![(record, None)],
+            ..DeviceChange::default()
+        };
+        if let Err(error) = self.commit_devices(writing, change).await {
+            tracing::error!(%device_id, %error, "could not save the device's MQTT session");
         }
     }
 
@@ -135,18 +222,25 @@ impl Hub {
         }
     }
 
-    /// Records that a session subscribed to a hub-to-device stream.
-    pub fn set_subscriptions(
-        &self,
-        ticket: &SessionTicket,
-        update: impl FnOnce(&mut Subscriptions),
-    ) {
-        if let Some(entry) = lock(&self.inner.sessions).get_mut(&ticket.device_id)
-            && entry.conn_id == ticket.conn_id
-        {
-            update(&mut entry.subscriptions);
-        }
+    /// Records what a session is subscribed to now; a CleanSession = 0 session also stores it
+    /// with the device (before the caller answers SUBACK), so a reconnect or a restarted hub
+    /// resumes it.
+    pub async fn set_subscriptions(&self, ticket: &SessionTicket, subscriptions: Subscriptions) {
+        let current = {
+            let mut sessions = lock(&self.inner.sessions);
+            match sessions.get_mut(&ticket.device_id) {
+                Some(entry) if entry.conn_id == ticket.conn_id => {
+                    entry.subscriptions = subscriptions;
+                    true
+                }
+                _ => false,
+            }
+        };
         self.inner.presence.notify_waiters();
+        if current && !ticket.clean_session {
+            self.store_session(&ticket.device_id, Some(subscriptions))
+                .await;
+        }
     }
 
     /// Updates the device's last activity time (kept in memory; not user data).
@@ -192,7 +286,7 @@ impl Hub {
     pub fn method_ready(&self, device_id: &str) -> bool {
         lock(&self.inner.sessions)
             .get(device_id)
-            .is_some_and(|s| s.subscriptions.methods)
+            .is_some_and(|s| s.subscriptions.methods.is_some())
     }
 }
 

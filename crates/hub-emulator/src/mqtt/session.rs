@@ -28,7 +28,8 @@ use hub_core::topic::{Topic, TopicFilter};
 use super::MAX_INBOUND_PACKET;
 use super::transport::MqttIo;
 use crate::hub::{
-    AuthError, Hub, OperationError, Outbound, SAS_SKEW_SECS, SessionTicket, Subscriptions,
+    AuthError, GrantedQos, Hub, OperationError, Outbound, SAS_SKEW_SECS, SessionTicket,
+    Subscriptions,
 };
 
 /// Size of a fresh read or write buffer, and how much a read buffer grows by at least.
@@ -96,7 +97,7 @@ pub(crate) async fn run<T: MqttIo>(
         }
     };
     let keep_alive_secs = connect.keep_alive;
-    let accepted = match authenticate(&hub, connect) {
+    let accepted = match authenticate(&hub, connect).await {
         Ok(accepted) => accepted,
         Err(Refusal { code, reason }) => {
             info!(code = ?code, %reason, "connection refused");
@@ -106,13 +107,17 @@ pub(crate) async fn run<T: MqttIo>(
             return;
         }
     };
-    info!(keep_alive = keep_alive_secs, "device connected");
+    let session_present = accepted.restored.is_some();
+    info!(
+        keep_alive = keep_alive_secs,
+        session_present, "device connected"
+    );
     let mut session = Session {
         attached: Attached {
             hub: &hub,
             ticket: accepted.ticket,
         },
-        granted: Granted::default(),
+        granted: accepted.restored.unwrap_or_default(),
         inflight: Vec::new(),
         last_packet_id: 0,
         wbuf: BytesMut::with_capacity(READ_CHUNK),
@@ -122,7 +127,7 @@ pub(crate) async fn run<T: MqttIo>(
     // [MQTT-3.2.0-1] CONNACK is the first packet the server sends.
     encode(
         &mut session.wbuf,
-        &Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
+        &Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, session_present)),
     );
     let end = serve(
         &mut transport,
@@ -222,6 +227,8 @@ async fn read_connect<T: MqttIo>(
 
 struct Accepted {
     ticket: SessionTicket,
+    /// The subscriptions of the persistent session this connection resumes.
+    restored: Option<Subscriptions>,
     keep_alive: Option<Duration>,
     token_deadline: Instant,
 }
@@ -233,7 +240,7 @@ fn now_unix() -> u64 {
 }
 
 /// Checks CONNECT as IoT Hub does and registers the session.
-fn authenticate(hub: &Hub, connect: Connect) -> Result<Accepted, Refusal> {
+async fn authenticate(hub: &Hub, connect: Connect) -> Result<Accepted, Refusal> {
     if connect.protocol != Protocol::V4 {
         return Err(Refusal::new(
             ConnectReturnCode::RefusedProtocolVersion,
@@ -282,9 +289,12 @@ fn authenticate(hub: &Hub, connect: Connect) -> Result<Accepted, Refusal> {
         0 => None,
         secs => Some((Duration::from_millis(u64::from(secs) * 1500)).min(MAX_KEEP_ALIVE)),
     };
-    let ticket = hub.attach_session(&device_id, Some(expiry));
+    let opened = hub
+        .attach_session(&device_id, Some(expiry), connect.clean_session)
+        .await;
     Ok(Accepted {
-        ticket,
+        ticket: opened.ticket,
+        restored: opened.restored,
         keep_alive,
         token_deadline,
     })
@@ -303,7 +313,7 @@ enum End {
     WriteTimeout,
     /// Bytes that are not MQTT, or a packet over the size limit.
     Malformed(CodecError),
-    /// A packet IoT Hub does not allow (QoS 2, retain on a non-telemetry topic, ...).
+    /// A packet IoT Hub does not allow (a QoS 2 PUBLISH, a second CONNECT, ...).
     Violation(Cow<'static, str>),
     /// A topic outside this device's own.
     Forbidden(String),
@@ -355,29 +365,18 @@ impl Drop for Attached<'_> {
     }
 }
 
-/// The QoS granted per hub-to-device stream (`None`: not subscribed).
-#[derive(Debug, Clone, Copy, Default)]
-struct Granted {
-    methods: Option<QoS>,
-    twin_responses: Option<QoS>,
-    desired: Option<QoS>,
-    c2d: Option<QoS>,
-}
-
-impl Granted {
-    fn flags(&self) -> Subscriptions {
-        Subscriptions {
-            methods: self.methods.is_some(),
-            desired: self.desired.is_some(),
-            twin_responses: self.twin_responses.is_some(),
-            c2d: self.c2d.is_some(),
-        }
+/// The QoS a granted subscription's messages go out with.
+fn qos_of(granted: GrantedQos) -> QoS {
+    match granted {
+        GrantedQos::AtMostOnce => QoS::AtMostOnce,
+        GrantedQos::AtLeastOnce => QoS::AtLeastOnce,
     }
 }
 
 struct Session<'h> {
     attached: Attached<'h>,
-    granted: Granted,
+    /// What this session is subscribed to (restored from a persistent session, or subscribed).
+    granted: Subscriptions,
     /// Packet ids of hub-to-device QoS 1 publishes not yet acknowledged.
     inflight: Vec<u16>,
     last_packet_id: u16,
@@ -524,9 +523,9 @@ impl Session<'_> {
                 }
                 Ok(())
             }
-            Packet::Subscribe(subscribe) => self.on_subscribe(subscribe),
+            Packet::Subscribe(subscribe) => self.on_subscribe(subscribe).await,
             Packet::Unsubscribe(unsubscribe) => {
-                self.on_unsubscribe(unsubscribe);
+                self.on_unsubscribe(unsubscribe).await;
                 Ok(())
             }
             Packet::PingReq => {
@@ -571,11 +570,13 @@ impl Session<'_> {
                 publish.topic
             ))
         })?;
-        // [DOCS mqtt] RETAIN is only meaningful on telemetry (forwarded as `mqtt-retain`).
-        if publish.retain && !matches!(topic, Topic::Telemetry { .. }) {
-            return Err(End::Violation(
-                format!("published on `{}` with RETAIN", publish.topic).into(),
-            ));
+        // RETAIN is never stored: [DOCS mqtt] IoT Hub forwards retained telemetry with an
+        // `mqtt-retain` application property (telemetry is not routed here, so nothing to add),
+        // and Microsoft's own twin sample (Azure-Samples/IoTMQTTSample, libmosquitto twin) sends
+        // its twin GET and reported PATCH with RETAIN = 1, which a real hub answers as usual
+        // (its README and tutorial-use-mqtt show the 200 and 204 answers): ignored everywhere.
+        if publish.retain {
+            debug!(topic = %publish.topic, "RETAIN ignored, as IoT Hub does");
         }
         self.touch();
         match topic {
@@ -629,7 +630,7 @@ impl Session<'_> {
             version: None,
         }
         .to_string();
-        self.publish(topic, body, qos)
+        self.publish(topic, body, qos_of(qos))
     }
 
     async fn twin_patch(&mut self, rid: String, payload: &[u8]) -> Result<(), End> {
@@ -663,10 +664,10 @@ impl Session<'_> {
             version,
         }
         .to_string();
-        self.publish(topic, body, qos)
+        self.publish(topic, body, qos_of(qos))
     }
 
-    fn on_subscribe(&mut self, subscribe: Subscribe) -> Result<(), End> {
+    async fn on_subscribe(&mut self, subscribe: Subscribe) -> Result<(), End> {
         // Every filter is checked before any is applied: one bad filter closes the connection.
         // IoT Hub allows at most 5 subscriptions; a device has only the four filters below, and a
         // repeated filter replaces the earlier one [MQTT-3.8.4-3] (Node subscribes methods once
@@ -674,18 +675,29 @@ impl Session<'_> {
         let mut granted = self.granted;
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         for filter in &subscribe.filters {
+            // [DOCS mqtt] a subscription asking for QoS 2 is granted QoS 1.
+            let qos = if filter.qos == QoS::AtMostOnce {
+                GrantedQos::AtMostOnce
+            } else {
+                GrantedQos::AtLeastOnce
+            };
+            // `#` is what Microsoft's raw-MQTT samples subscribe to for cloud-to-device messages
+            // (Azure-Samples/IoTMQTTSample: the mosquitto_sub CLI step and the libmosquitto
+            // subscribe sample), and their READMEs show a real hub granting it and delivering
+            // C2D messages on `devices/{id}/messages/devicebound/...`: it is taken as the
+            // device's C2D subscription. Whether IoT Hub also routes `$iothub/...` traffic to it
+            // is not documented, so nothing else is.
+            if filter.path == "#" {
+                granted.c2d = Some(qos);
+                codes.push(SubscribeReasonCode::Success(qos_of(qos)));
+                continue;
+            }
             let parsed = TopicFilter::parse(&filter.path).map_err(|e| {
                 End::Forbidden(format!(
                     "subscribed to `{}`, which is not an IoT Hub device topic filter: {e}",
                     filter.path
                 ))
             })?;
-            // [DOCS mqtt] a subscription asking for QoS 2 is granted QoS 1.
-            let qos = if filter.qos == QoS::AtMostOnce {
-                QoS::AtMostOnce
-            } else {
-                QoS::AtLeastOnce
-            };
             match parsed {
                 TopicFilter::Methods => granted.methods = Some(qos),
                 TopicFilter::TwinResponses => granted.twin_responses = Some(qos),
@@ -706,9 +718,11 @@ impl Session<'_> {
                     )));
                 }
             }
-            codes.push(SubscribeReasonCode::Success(qos));
+            codes.push(SubscribeReasonCode::Success(qos_of(qos)));
         }
-        self.set_granted(granted);
+        // Stored (for a persistent session) before SUBACK, so an acknowledged subscription
+        // survives a hub restart.
+        self.set_granted(granted).await;
         encode(
             &mut self.wbuf,
             &Packet::SubAck(SubAck::new(subscribe.pkid, codes)),
@@ -716,9 +730,13 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
+    async fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
         let mut granted = self.granted;
         for filter in &unsubscribe.topics {
+            if filter == "#" {
+                granted.c2d = None;
+                continue;
+            }
             // Unsubscribing from anything else is not an error [MQTT-3.10.4-5].
             match TopicFilter::parse(filter) {
                 Ok(TopicFilter::Methods) => granted.methods = None,
@@ -730,25 +748,28 @@ impl Session<'_> {
                 _ => {}
             }
         }
-        self.set_granted(granted);
+        self.set_granted(granted).await;
         encode(
             &mut self.wbuf,
             &Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)),
         );
     }
 
-    fn set_granted(&mut self, granted: Granted) {
+    async fn set_granted(&mut self, granted: Subscriptions) {
+        if granted == self.granted {
+            return;
+        }
         self.granted = granted;
-        let flags = granted.flags();
         self.attached
             .hub
-            .set_subscriptions(&self.attached.ticket, |s| *s = flags);
+            .set_subscriptions(&self.attached.ticket, granted)
+            .await;
     }
 
     /// The QoS a hub-to-device topic goes out with, or `None` if the device is not subscribed.
     /// Topics come from the hub already formatted, so a prefix test is enough.
     fn granted_for(&self, topic: &str) -> Option<QoS> {
-        if topic.starts_with(METHODS_PREFIX) {
+        let granted = if topic.starts_with(METHODS_PREFIX) {
             self.granted.methods
         } else if topic.starts_with(DESIRED_PREFIX) {
             self.granted.desired
@@ -762,7 +783,8 @@ impl Session<'_> {
             self.granted.c2d
         } else {
             None
-        }
+        };
+        granted.map(qos_of)
     }
 
     /// Queues a message from the hub.
@@ -809,13 +831,13 @@ mod tests {
     use super::*;
     use crate::store::Store;
 
-    fn session<'h>(hub: &'h Hub, device_id: &str) -> Session<'h> {
+    async fn session<'h>(hub: &'h Hub, device_id: &str) -> Session<'h> {
         Session {
             attached: Attached {
                 hub,
-                ticket: hub.attach_session(device_id, None),
+                ticket: hub.attach_session(device_id, None, true).await.ticket,
             },
-            granted: Granted::default(),
+            granted: Subscriptions::default(),
             inflight: Vec::new(),
             last_packet_id: 0,
             wbuf: BytesMut::new(),
@@ -824,16 +846,16 @@ mod tests {
         }
     }
 
-    #[test]
-    fn outbound_topics_need_a_matching_subscription_of_this_device() {
+    #[tokio::test]
+    async fn outbound_topics_need_a_matching_subscription_of_this_device() {
         let hub = Hub::open(Store::in_memory(), vec!["localhost".into()]).expect("hub");
-        let mut session = session(&hub, "dev-a");
+        let mut session = session(&hub, "dev-a").await;
         let c2d = "devices/dev-a/messages/devicebound/%24.mid=1";
         assert_eq!(session.granted_for(c2d), None, "not subscribed yet");
-        session.granted = Granted {
-            methods: Some(QoS::AtMostOnce),
-            c2d: Some(QoS::AtLeastOnce),
-            ..Granted::default()
+        session.granted = Subscriptions {
+            methods: Some(GrantedQos::AtMostOnce),
+            c2d: Some(GrantedQos::AtLeastOnce),
+            ..Subscriptions::default()
         };
         assert_eq!(
             session.granted_for("$iothub/methods/POST/reboot/?$rid=1"),
@@ -854,10 +876,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn packet_ids_skip_zero_and_ids_in_flight() {
+    #[tokio::test]
+    async fn packet_ids_skip_zero_and_ids_in_flight() {
         let hub = Hub::open(Store::in_memory(), vec!["localhost".into()]).expect("hub");
-        let mut session = session(&hub, "dev-a");
+        let mut session = session(&hub, "dev-a").await;
         session.last_packet_id = u16::MAX - 1;
         session.inflight = vec![u16::MAX, 1];
         assert_eq!(session.next_packet_id(), 2);
