@@ -9,7 +9,7 @@ use clap::Parser;
 use hub_core::connection_string::{
     ConnectionString, DeviceConnectionString, ServiceConnectionString,
 };
-use hub_core::device_client::Transport;
+use hub_core::device_client::{MIN_SAS_TTL, Transport};
 
 use crate::SimError;
 
@@ -69,6 +69,11 @@ pub struct Args {
     /// Give up if the hub cannot be reached within this time (e.g. 30s, 2m, 500ms).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
+    /// Lifetime of the SAS tokens minted from the device key (each device of a fleet too), at
+    /// least 5s. Each token is renewed by reconnecting before it expires: 20% of the lifetime
+    /// ahead, or 2 minutes, whichever is earlier (half the lifetime for very short ones).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub sas_ttl: Duration,
     /// How often the fleet prints its summary line.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub summary_interval: Duration,
@@ -114,6 +119,8 @@ pub struct Config {
     pub transport: Transport,
     /// Connect budget.
     pub connect_timeout: Duration,
+    /// Lifetime of minted SAS tokens.
+    pub sas_ttl: Duration,
     /// Fleet summary period.
     pub summary_interval: Duration,
     /// A line per event even in fleet mode.
@@ -136,6 +143,7 @@ impl Config {
             fleet: None,
             transport: Transport::Mqtt,
             connect_timeout: Duration::from_secs(30),
+            sas_ttl: Duration::from_secs(3600),
             summary_interval: Duration::from_secs(10),
             verbose: false,
             source_note: None,
@@ -206,6 +214,12 @@ impl Config {
             }),
             None => None,
         };
+        if args.sas_ttl < MIN_SAS_TTL {
+            return Err(SimError::Usage(format!(
+                "--sas-ttl must be at least {}s: a token must outlive the reconnect that renews it",
+                MIN_SAS_TTL.as_secs()
+            )));
+        }
         if fleet.is_some() && service_connection_string.is_none() {
             return Err(SimError::Usage(format!(
                 "--count needs a service connection string to look up (or, with --register, create) the devices' keys: \
@@ -224,6 +238,7 @@ impl Config {
                 Transport::Mqtt
             },
             connect_timeout: args.connect_timeout,
+            sas_ttl: args.sas_ttl,
             summary_interval: args.summary_interval.max(Duration::from_millis(100)),
             verbose: args.verbose,
             source_note: note,

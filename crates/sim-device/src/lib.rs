@@ -176,6 +176,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<FleetSum
     let mut options = DeviceClientOptions::new(tls);
     options.transport = config.transport;
     options.connect_timeout = config.connect_timeout;
+    options.sas_ttl = config.sas_ttl;
     let summary = match &config.fleet {
         None => run_single(&config, &options, shutdown).await?,
         Some(fleet) => run_fleet(&config, fleet, &options, shutdown).await?,

@@ -3,6 +3,7 @@
 //! each CONNACK, renews SAS tokens, and reconnects with backoff. It never awaits the application:
 //! channels are `try_send`/unbounded and its own publishes go straight into the event loop's queue.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::desired::{DesiredTracker, Step};
 use super::{
     Backoff, ConnectError, ConnectionStatus, Credentials, DesiredPatch, DeviceClientOptions,
-    MethodRequest, Shared, TwinDocument, TwinReply, unix_now,
+    MethodRequest, Shared, TwinDocument, TwinReply, renewal_margin, unix_now_precise,
 };
 use crate::topic::{Topic, TopicFilter};
 
@@ -152,27 +153,41 @@ pub(super) struct Connection {
     /// The `$rid` of the twin read in flight after a (re)connect.
     pub(super) resync: Option<String>,
     pub(super) subacks_due: u8,
+    /// Publishes to send again on the next connection (see [`Connection::keep_for_next`]).
+    pub(super) carry: Vec<Request>,
     pub(super) shutdown: CancellationToken,
     pub(super) addr: String,
 }
 
 /// Resync request ids are `s{n}`; application requests are plain numbers.
 const RESYNC_PREFIX: char = 's';
+/// How long the hub gets to close the connection after our DISCONNECT on a token renewal
+/// before we drop it ourselves. IoT Hub and the emulator close at once; this only bounds a hub
+/// that does not.
+const RENEW_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most publishes kept for the next connection: method answers, bounded in practice by the
+/// method queue; the cap only guards against a hub that never comes back.
+const MAX_CARRY: usize = 256;
+/// `ConnectionStatus::Reconnecting::error` while a renewal reconnects.
+const RENEWING: &str = "renewing the SAS token";
 
 impl Connection {
     fn device_id(&self) -> &str {
         &self.shared.device_id
     }
 
-    /// When to reconnect with a fresh token: 2 minutes before expiry (or at 80% of short TTLs).
+    /// When to reconnect with a fresh token: [`renewal_margin`] before the current one expires.
+    /// Computed from the wall clock (as `se` is) every time, so a suspended machine that wakes
+    /// late renews at once.
     fn renew_at(&self) -> Option<Instant> {
         if !self.credentials.renewable() {
             return None;
         }
-        let expiry = self.token_expiry?;
-        let margin = 120.min(self.ttl.as_secs() / 5);
-        let left = expiry.saturating_sub(margin).saturating_sub(unix_now());
-        Some(Instant::now() + Duration::from_secs(left))
+        let expiry = Duration::from_secs(self.token_expiry?);
+        let left = expiry
+            .saturating_sub(renewal_margin(self.ttl))
+            .saturating_sub(unix_now_precise());
+        Some(Instant::now() + left)
     }
 
     fn refresh_password(&mut self) {
@@ -195,27 +210,41 @@ impl Connection {
     pub(super) async fn run_connected(mut self) {
         self.on_connack();
         let mut attempt: u32 = 0;
-        let mut renewing = false;
+        // Set while a renewal's DISCONNECT waits for the hub to close the connection.
+        let mut renewing: Option<Instant> = None;
         loop {
             let renew_at = self.renew_at();
+            // Only a live connection is renewed: cancelling `poll` mid-connect would waste the
+            // attempt, and each attempt already uses a freshly minted token.
+            let may_renew =
+                renew_at.is_some() && renewing.is_none() && self.eventloop.network.is_some();
             let event = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => break,
-                _ = sleep_until_opt(renew_at), if renew_at.is_some() && !renewing => {
-                    // Python's way: a new password needs a new connection. Say goodbye
-                    // cleanly; the hub closes the socket and the error path reconnects at once.
+                _ = sleep_until_opt(renew_at), if may_renew => {
+                    // A new password needs a new connection (MQTT 3.1.1 has no re-auth), as in
+                    // the Python SDK. DISCONNECT goes after what is already queued; the hub
+                    // closes the socket after it, and reading until then still delivers what
+                    // the hub sent before it saw the DISCONNECT. The error path below then
+                    // reconnects at once with the new token, well before the old one expires.
                     tracing::debug!(device_id = self.device_id(), "renewing the SAS token");
+                    self.shared.renewals.fetch_add(1, Ordering::Relaxed);
                     self.refresh_password();
                     self.eventloop.pending.push_back(Request::Disconnect(Disconnect));
-                    renewing = true;
+                    renewing = Some(Instant::now() + RENEW_CLOSE_TIMEOUT);
                     continue;
+                }
+                _ = sleep_until_opt(renewing), if renewing.is_some() => {
+                    // The hub did not close after our DISCONNECT: drop the connection ourselves.
+                    // `clean` moves unacknowledged publishes back to `pending`, as an error does.
+                    self.eventloop.clean();
+                    Err(ConnectionError::NetworkTimeout)
                 }
                 event = self.eventloop.poll() => event,
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     attempt = 0;
-                    renewing = false;
                     self.on_connack();
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => self.on_publish(publish),
@@ -237,6 +266,8 @@ impl Connection {
                     self.shared.fail_pending();
                     self.tracker.on_disconnect();
                     self.resync = None;
+                    self.keep_for_next();
+                    let renewal = renewing.take().is_some() && attempt == 0;
                     let failure = classify(&e);
                     let text = match &failure {
                         Failure::Refused(code) | Failure::Rejected(code) => {
@@ -251,32 +282,64 @@ impl Connection {
                             .send_replace(ConnectionStatus::Closed { error: Some(text) });
                         return;
                     }
-                    if renewing && attempt == 0 {
+                    if renewal {
                         tracing::debug!(
                             device_id = self.device_id(),
                             "reconnecting with the new token"
                         );
+                        self.status.send_replace(ConnectionStatus::Reconnecting {
+                            attempt,
+                            error: RENEWING.to_owned(),
+                        });
                     } else {
                         tracing::info!(device_id = self.device_id(), attempt, error = %text, "connection lost; reconnecting");
-                    }
-                    self.status.send_replace(ConnectionStatus::Reconnecting {
-                        attempt,
-                        error: text,
-                    });
-                    if !(renewing && attempt == 0) {
+                        self.status.send_replace(ConnectionStatus::Reconnecting {
+                            attempt,
+                            error: text,
+                        });
                         let delay = self.backoff.delay(attempt);
                         tokio::select! {
                             _ = self.shutdown.cancelled() => break,
                             _ = tokio::time::sleep(delay) => {}
                         }
+                        // A token minted before the backoff may be close to expiry by now.
+                        self.refresh_password();
                     }
-                    renewing = false;
                     attempt = attempt.saturating_add(1);
-                    self.refresh_password();
                 }
             }
         }
         self.close().await;
+    }
+
+    /// After a connection ended: keeps the publishes that must survive it and drops the rest
+    /// from rumqttc's queue. rumqttc clears that queue on a CONNACK without `session_present`
+    /// (the emulator never sets it; IoT Hub may not), which would lose method answers the
+    /// application gave around the reconnect, though the hub still waits for them (a method
+    /// request outlives its session until its response timeout). Twin requests are dropped:
+    /// [`super::DeviceClient::request`] sends them again under a new `$rid`, and the connect
+    /// resync sends its own GET. Subscriptions are made anew on each CONNACK.
+    fn keep_for_next(&mut self) {
+        for request in self.eventloop.pending.drain(..) {
+            let Request::Publish(mut publish) = request else {
+                continue;
+            };
+            if publish.topic.starts_with("$iothub/twin/") {
+                continue;
+            }
+            if self.carry.len() >= MAX_CARRY {
+                tracing::warn!(
+                    device_id = %self.shared.device_id,
+                    topic = %publish.topic,
+                    "too many messages waiting for a connection; dropping one"
+                );
+                continue;
+            }
+            // A new session: the old packet id means nothing there and could collide.
+            publish.pkid = 0;
+            publish.dup = false;
+            self.carry.push(Request::Publish(publish));
+        }
     }
 
     async fn close(&mut self) {
@@ -305,9 +368,7 @@ impl Connection {
         tracing::debug!(device_id = self.device_id(), addr = %self.addr, "connected");
         let rid = format!(
             "{RESYNC_PREFIX}{}",
-            self.shared
-                .next_rid
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            self.shared.next_rid.fetch_add(1, Ordering::Relaxed)
         );
         let mut first = vec![
             Request::Subscribe(Subscribe::new(
@@ -329,6 +390,8 @@ impl Connection {
             )),
         ];
         self.subacks_due = 3;
+        // Subscriptions and the resync GET first, then what the last connection left unsent.
+        first.append(&mut self.carry);
         while let Some(request) = first.pop() {
             self.eventloop.pending.push_front(request);
         }
@@ -336,15 +399,17 @@ impl Connection {
             self.tracker.begin_resync();
         }
         self.resync = Some(rid);
+        self.shared.connects.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .token_expiry
+            .store(self.token_expiry.unwrap_or(0), Ordering::Relaxed);
         self.status.send_replace(ConnectionStatus::Connected);
     }
 
     fn send_twin_get(&mut self) {
         let rid = format!(
             "{RESYNC_PREFIX}{}",
-            self.shared
-                .next_rid
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            self.shared.next_rid.fetch_add(1, Ordering::Relaxed)
         );
         self.eventloop
             .pending

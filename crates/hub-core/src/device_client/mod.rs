@@ -37,6 +37,26 @@ pub const WEBSOCKET_PATH: &str = "/$iothub/websocket";
 pub const API_VERSION: &str = "2021-04-12";
 /// Largest packet we accept or send: a 128 KiB method payload plus its topic.
 pub const MAX_PACKET_SIZE: usize = 136 * 1024;
+/// Shortest SAS token lifetime the client mints ([`DeviceClientOptions::sas_ttl`] is raised to
+/// it). Short enough for tests to watch several renewals; long enough that a renewal (TLS
+/// handshake, CONNACK, three SUBACKs, twin GET) finishes well inside the token's life.
+pub const MIN_SAS_TTL: Duration = Duration::from_secs(5);
+/// How far ahead of expiry the Python SDK renews its SAS token (its default TTL is 3600 s).
+pub const SDK_RENEWAL_MARGIN: Duration = Duration::from_secs(120);
+
+/// How long before a token minted with lifetime `ttl` expires the client renews it: the
+/// earlier of "80% of the lifetime has passed" and "[`SDK_RENEWAL_MARGIN`] before expiry", but
+/// never more than half the lifetime ahead, so a short token is used for a while before it is
+/// replaced.
+///
+/// Where the numbers come from: the Python SDK renews 120 s before expiry of a 3600 s token; the
+/// Node SDK renews with a 900 s margin on a 3600 s token. 20% of 3600 s (720 s) sits between the
+/// two. For lifetimes under 600 s, 120 s is the larger margin, and below 240 s it is capped at
+/// half the lifetime (a 6 s token is renewed after 3 s).
+pub fn renewal_margin(ttl: Duration) -> Duration {
+    let ttl = ttl.max(MIN_SAS_TTL);
+    (ttl / 5).max(SDK_RENEWAL_MARGIN.min(ttl / 2))
+}
 
 /// How the client reaches the hub.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -61,7 +81,8 @@ pub struct DeviceClientOptions {
     pub connect_timeout: Duration,
     /// How long a twin request waits for its answer.
     pub operation_timeout: Duration,
-    /// Lifetime of the SAS tokens minted from a key.
+    /// Lifetime of the SAS tokens minted from a key (at least [`MIN_SAS_TTL`]). Each token is
+    /// renewed [`renewal_margin`] before it expires by reconnecting with a fresh one.
     pub sas_ttl: Duration,
     /// Reconnect delays.
     pub backoff: Backoff,
@@ -235,6 +256,18 @@ pub enum ConnectionStatus {
         /// Why, if not a requested shutdown.
         error: Option<String>,
     },
+}
+
+/// Counters of one client's connection, for monitoring and tests (see [`DeviceClient::stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConnectionStats {
+    /// CONNACKs received: 1 after [`DeviceClient::connect`], one more per reconnect.
+    pub connects: u64,
+    /// Reconnects started to renew the SAS token before it expired. While connected,
+    /// `connects - 1 - renewals` is the number of reconnects after a lost connection.
+    pub renewals: u64,
+    /// When the token of the latest connection expires (Unix seconds); `None` if unknown.
+    pub token_expiry: Option<u64>,
 }
 
 /// The twin as a device sees it: `{"desired": {..,"$version":n}, "reported": {..,"$version":m}}`.
@@ -422,6 +455,11 @@ struct Shared {
     device_id: String,
     pending: Mutex<HashMap<u64, Waiter>>,
     next_rid: AtomicU64,
+    /// [`ConnectionStats`], written by the connection task only.
+    connects: AtomicU64,
+    renewals: AtomicU64,
+    /// 0: unknown.
+    token_expiry: AtomicU64,
 }
 
 impl Shared {
@@ -478,7 +516,9 @@ impl Credentials {
     fn password(&self) -> (String, Option<u64>) {
         match self {
             Credentials::Key { key, resource, ttl } => {
-                let expiry = unix_now() + ttl.as_secs().max(60);
+                // `se` is whole seconds: round up, so the token lives at least `ttl`.
+                let until = unix_now_precise() + (*ttl).max(MIN_SAS_TTL);
+                let expiry = until.as_secs() + u64::from(until.subsec_nanos() > 0);
                 (
                     crate::sas::generate(resource, key, None, expiry),
                     Some(expiry),
@@ -494,10 +534,13 @@ impl Credentials {
 }
 
 fn unix_now() -> u64 {
+    unix_now_precise().as_secs()
+}
+
+fn unix_now_precise() -> Duration {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+        .unwrap_or_default()
 }
 
 /// `DeviceClientType` and any value in the username: Python `quote(s, safe="")`.
@@ -590,6 +633,9 @@ impl DeviceClient {
             device_id: device_id.clone(),
             pending: Mutex::new(HashMap::new()),
             next_rid: AtomicU64::new(1),
+            connects: AtomicU64::new(0),
+            renewals: AtomicU64::new(0),
+            token_expiry: AtomicU64::new(0),
         });
         let (methods_tx, methods_rx) = mpsc::channel(options.method_queue.max(1));
         let (desired_tx, desired_rx) = mpsc::unbounded_channel();
@@ -618,6 +664,7 @@ impl DeviceClient {
             first_twin: Some(first_twin_tx),
             resync: None,
             subacks_due: 0,
+            carry: Vec::new(),
             shutdown: shutdown.clone(),
             addr: addr.clone(),
         };
@@ -671,6 +718,17 @@ impl DeviceClient {
     /// Watches the connection status.
     pub fn status(&self) -> watch::Receiver<ConnectionStatus> {
         self.inner.status.clone()
+    }
+
+    /// How often it connected and renewed its token, and when the current token expires.
+    pub fn stats(&self) -> ConnectionStats {
+        let shared = &self.inner.shared;
+        let expiry = shared.token_expiry.load(Ordering::Relaxed);
+        ConnectionStats {
+            connects: shared.connects.load(Ordering::Relaxed),
+            renewals: shared.renewals.load(Ordering::Relaxed),
+            token_expiry: (expiry != 0).then_some(expiry),
+        }
     }
 
     /// Whether the client is connected right now.
@@ -812,5 +870,56 @@ impl DeviceClient {
         if let Some(handle) = handle {
             let _ = tokio::time::timeout(Duration::from_secs(5), handle).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_margin_follows_the_sdks_and_scales_for_short_tokens() {
+        let secs = Duration::from_secs;
+        // The 3600 s default: renewed after 48 min, between Python (58 min) and Node (45 min).
+        assert_eq!(renewal_margin(secs(3600)), secs(720));
+        // Where 120 s is the earlier renewal.
+        assert_eq!(renewal_margin(secs(300)), secs(120));
+        // Short test tokens: halfway.
+        assert_eq!(renewal_margin(secs(6)), secs(3));
+        // Below the floor the floor's margin applies.
+        assert_eq!(renewal_margin(secs(1)), renewal_margin(MIN_SAS_TTL));
+        for ttl in [1, 5, 6, 30, 59, 60, 61, 239, 240, 600, 3600, 86_400] {
+            let ttl = secs(ttl);
+            let margin = renewal_margin(ttl);
+            assert!(margin < ttl.max(MIN_SAS_TTL), "{ttl:?}: {margin:?}");
+            assert!(margin >= ttl / 5, "{ttl:?}: {margin:?}");
+        }
+    }
+
+    #[test]
+    fn minted_tokens_live_at_least_the_ttl_and_at_least_the_floor() {
+        let key = SharedKey::from_bytes(b"0123456789abcdef0123456789abcdef".to_vec());
+        let mint = |ttl: Duration| {
+            let credentials = Credentials::Key {
+                key: key.clone(),
+                resource: "hub.example/devices/d".into(),
+                ttl,
+            };
+            let before = unix_now_precise();
+            let (token, expiry) = credentials.password();
+            let expiry = expiry.expect("a minted token has an expiry");
+            let parsed = crate::sas::SasToken::parse(&token).expect("parses");
+            assert_eq!(parsed.expiry, expiry);
+            Duration::from_secs(expiry).saturating_sub(before)
+        };
+        let life = mint(Duration::from_secs(6));
+        assert!(
+            life >= Duration::from_secs(6) && life <= Duration::from_secs(8),
+            "{life:?}"
+        );
+        let life = mint(Duration::from_secs(1));
+        assert!(life >= MIN_SAS_TTL, "{life:?}");
+        // The old 60 s floor is gone.
+        assert!(life < Duration::from_secs(10), "{life:?}");
     }
 }
