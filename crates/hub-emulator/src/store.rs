@@ -135,9 +135,16 @@ impl Drop for Durable {
         // it closes the database (and releases its exclusive lock) before the hub is gone, so
         // the same data directory can be opened again at once.
         drop(self.queue.take());
-        if let Some(writer) = self.writer.take()
-            && writer.join().is_err()
-        {
+        let Some(writer) = self.writer.take() else {
+            return;
+        };
+        // The last handle to the store can be dropped by a step the writer itself runs (a
+        // change whose caller went away): then the writer ends by itself once that step
+        // returns, since its queue is closed, and must not wait for itself.
+        if writer.thread().id() == std::thread::current().id() {
+            return;
+        }
+        if writer.join().is_err() {
             tracing::error!("the hub store's writer thread panicked");
         }
     }

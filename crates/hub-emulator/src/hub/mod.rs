@@ -254,7 +254,10 @@ impl Hub {
             if committed.is_ok() {
                 hub.apply_devices(change);
             }
+            // Released before the caller hears back: once it has, the writer holds no handle
+            // to the hub, so the caller's handle can be the last one (and close the store).
             drop(writing);
+            drop(hub);
             let _ = done.send(committed);
         });
         match outcome.await {

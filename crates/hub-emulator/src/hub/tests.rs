@@ -243,3 +243,60 @@ async fn a_change_whose_caller_goes_away_is_still_applied_after_its_commit() {
         "memory and disk agree"
     );
 }
+
+/// Panics seen on any store writer thread of this test process.
+static WRITER_PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn count_writer_panics() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().name() == Some("hub-store-writer") {
+                WRITER_PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            previous(info);
+        }));
+    });
+}
+
+#[tokio::test]
+async fn the_writer_can_drop_the_last_handle_to_the_hub() {
+    count_writer_panics();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hub = durable_hub(dir.path());
+    let patch = json!({"properties": {"desired": {"floor": 9}}});
+    // The change is queued and its caller goes away; then the caller's handle goes too, so the
+    // writer's step holds the last one and closes the store from the writer thread itself.
+    let abandoned = futures_util::FutureExt::now_or_never(hub.update_twin(
+        TUTORIAL_DEVICE_ID,
+        &patch,
+        None,
+        false,
+    ));
+    assert!(abandoned.is_none(), "the update must still be in flight");
+    drop(hub);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let reopened = loop {
+        match Store::open(&dir.path().join("hub.db")) {
+            Ok(store) => break Hub::open(store, vec!["localhost".into()]).expect("hub"),
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the store never closed: {e}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    };
+    assert_eq!(
+        reopened.get_twin(TUTORIAL_DEVICE_ID).expect("twin")["properties"]["desired"]["floor"],
+        9,
+        "the abandoned change was committed"
+    );
+    assert_eq!(
+        WRITER_PANICS.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the writer must not wait for itself"
+    );
+}
