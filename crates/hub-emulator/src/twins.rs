@@ -146,7 +146,18 @@ fn validate_value(
     }
 }
 
-/// IoT Hub's size of a section: UTF-8 names plus values, `$` members excluded.
+/// IoT Hub's size of a section, `$` members excluded.
+///
+/// Source: Microsoft Learn, "Understand and use device twins in IoT Hub", section "Device twin
+/// size" (https://learn.microsoft.com/azure/iot-hub/iot-hub-devguide-device-twins#device-twin-size):
+/// tags are limited to 8 KB and `properties/desired`, `properties/reported` to 32 KB each,
+/// read-only elements (`$etag`, `$version`, `$metadata`) not counted; for each property the
+/// length of its key and of its value are added up, keys as UTF-8 strings, simple values as
+/// strings, numbers (8 bytes) or booleans (4 bytes), nested objects as the sum of what they
+/// contain. The docs do not count JSON punctuation or whitespace, so neither does this.
+///
+/// Two points the docs leave open or that would let a twin grow without bound while weighing
+/// nothing are decided here on the safe side (see [`value_size`]).
 pub fn section_size(map: &Map<String, Value>) -> usize {
     map.iter()
         .filter(|(k, _)| !k.starts_with('$'))
@@ -154,13 +165,25 @@ pub fn section_size(map: &Map<String, Value>) -> usize {
         .sum()
 }
 
+/// The size of one value under the rule in [`section_size`].
+///
+/// - Strings count every character. The docs exclude Unicode control characters (C0 and C1)
+///   from the count; the emulator counts them, since otherwise a string of 4 KB of control
+///   characters weighs nothing and a section of such properties stores far over its limit (it
+///   can only make the emulator refuse, earlier than IoT Hub, a twin made mostly of control
+///   characters).
+/// - Array elements have no key to carry a size and the docs' rule (written when twins had no
+///   arrays) gives none, so each element weighs its value but at least 1: an array of `""`,
+///   `{}` or `[]` grows with its length instead of staying free. A named property is already
+///   bounded by its key (names are never empty), so `{"a": ""}` still weighs 1 as documented.
+/// - `null`, which a stored section holds only inside arrays, weighs 1.
 fn value_size(value: &Value) -> usize {
     match value {
         Value::Null => 1,
         Value::Bool(_) => 4,
         Value::Number(_) => 8,
-        Value::String(s) => s.chars().filter(|c| !c.is_control()).count(),
-        Value::Array(items) => items.iter().map(value_size).sum(),
+        Value::String(s) => s.chars().count(),
+        Value::Array(items) => items.iter().map(|item| value_size(item).max(1)).sum(),
         Value::Object(map) => section_size(map),
     }
 }
@@ -682,6 +705,100 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "property name `$x` in properties.desired is not allowed: names may not be empty or contain `.`, `$`, spaces or control characters"
+        );
+    }
+
+    #[test]
+    fn empty_array_elements_and_control_characters_add_up() {
+        // Each element of an array weighs at least 1, whatever it holds.
+        for element in [json!(""), json!({}), json!([]), json!(null)] {
+            let items = vec![element.clone(); 10_000];
+            let tags = obj(json!({ "a": items }));
+            assert_eq!(section_size(&tags), 1 + 10_000, "{element}");
+        }
+        // Control characters count like any other character.
+        let tags = obj(json!({"a": "\u{1}\u{9f}".repeat(10)}));
+        assert_eq!(section_size(&tags), 1 + 20);
+        // Named properties weigh their key even with an empty value, as documented.
+        assert_eq!(section_size(&obj(json!({"ab": "", "c": {}, "d": []}))), 4);
+        assert_eq!(
+            section_size(&obj(json!({"a": 1, "b": true, "c": "xyz"}))),
+            18
+        );
+    }
+
+    #[test]
+    fn patches_of_empty_values_are_refused_over_the_limit() {
+        let mut tags = Map::new();
+        let empties = json!({"a": vec![json!({}); 10_000]});
+        assert!(matches!(
+            apply_tags(&mut tags, &empties),
+            Err(TwinError::TooLarge {
+                section: TAGS,
+                size: 10_001,
+                limit: MAX_TAGS_BYTES
+            })
+        ));
+        let body = json!({"properties": {"desired": {"a": vec![json!(""); 40_000]}}});
+        assert!(matches!(
+            parse_service_update(&body),
+            Err(TwinError::TooLarge {
+                section: DESIRED,
+                ..
+            })
+        ));
+        let mut reported = new_section("t0", Section::Reported);
+        let controls = json!({"a": "\u{1}".repeat(4096), "b": "\u{1}".repeat(4096),
+                              "c": "\u{1}".repeat(4096), "d": "\u{1}".repeat(4096),
+                              "e": "\u{1}".repeat(4096), "f": "\u{1}".repeat(4096),
+                              "g": "\u{1}".repeat(4096), "h": "\u{1}".repeat(4096)});
+        assert!(matches!(
+            apply_patch(&mut reported, &controls, Section::Reported, "t1"),
+            Err(TwinError::TooLarge {
+                section: REPORTED,
+                ..
+            })
+        ));
+        assert!(tags.is_empty());
+        assert_eq!(version_of(&reported), 1);
+    }
+
+    #[test]
+    fn sections_at_the_limit_pass_and_one_byte_over_fails() {
+        // Tags: 1 + 4095 + 1 + 4095 elements = 8192 bytes exactly.
+        let at = json!({"a": "x".repeat(4095), "b": vec![json!(""); 4095]});
+        let mut tags = Map::new();
+        apply_tags(&mut tags, &at).expect("at the limit");
+        assert_eq!(section_size(&tags), MAX_TAGS_BYTES);
+        let over = json!({"b": vec![json!(""); 4096]});
+        assert!(matches!(
+            apply_tags(&mut tags, &over),
+            Err(TwinError::TooLarge { size: 8193, .. })
+        ));
+        // Desired: 8 x (1 + 4095) = 32768 bytes exactly, then one more array element.
+        let mut patch = Map::new();
+        for name in ["a", "b", "c", "d", "e", "f", "g"] {
+            patch.insert(name.into(), Value::String("x".repeat(4095)));
+        }
+        patch.insert("h".into(), json!(vec![json!({}); 4095]));
+        let mut desired = new_section("t0", Section::Desired);
+        apply_patch(&mut desired, &Value::Object(patch), Section::Desired, "t1")
+            .expect("at the limit");
+        assert_eq!(section_size(&desired), MAX_SECTION_BYTES);
+        let err = apply_patch(
+            &mut desired,
+            &json!({"h": vec![json!({}); 4096]}),
+            Section::Desired,
+            "t2",
+        )
+        .expect_err("one byte over");
+        assert_eq!(
+            err,
+            TwinError::TooLarge {
+                section: DESIRED,
+                size: MAX_SECTION_BYTES + 1,
+                limit: MAX_SECTION_BYTES
+            }
         );
     }
 

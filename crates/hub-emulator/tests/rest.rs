@@ -846,3 +846,23 @@ async fn purging_a_devices_cloud_to_device_queue_answers_as_iot_hub() {
         refused.body
     );
 }
+
+#[tokio::test]
+async fn twin_tags_patch_of_many_empty_objects_is_400() {
+    // Each array element weighs at least 1 byte (twins::section_size), so 10,000 `{}` are
+    // over the 8 KB tags limit instead of weighing nothing.
+    let hub = TestHub::start().await;
+    let empties = vec![json!({}); 10_000];
+    let patch = json!({"tags": {"a": empties}});
+    let refused = hub
+        .call_with(Method::PATCH, "/twins/myDeviceId", Some(&patch), &[])
+        .await;
+    refused.assert_error(StatusCode::BAD_REQUEST, "ArgumentInvalid");
+    let message = refused.body["Message"].as_str().expect("Message");
+    assert!(message.contains("tags would be 10001 bytes"), "{message}");
+    let twin = hub
+        .call_with(Method::GET, "/twins/myDeviceId", None, &[])
+        .await;
+    assert_eq!(twin.status, StatusCode::OK);
+    assert!(twin.body["tags"].get("a").is_none(), "{}", twin.body);
+}

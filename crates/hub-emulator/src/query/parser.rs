@@ -13,6 +13,16 @@ use super::{QueryError, QueryErrorKind};
 /// evaluate, drop) far from the stack limit on hostile input.
 const MAX_DEPTH: usize = 64;
 
+/// Limit on the depth of the built expression tree, counting every operator of an `AND`, `OR`,
+/// `+`, `-`, `*`, `/`, `%` chain as well as the nesting counted by [`MAX_DEPTH`]. Chains parse in
+/// a loop but build left-deep trees that every later walk (validate, print, evaluate, scan,
+/// clone, compare, drop) recurses through, one stack frame per operator; without this bound a
+/// long chain overflows the stack and aborts the process. IoT Hub's own bound is the query
+/// length ([`super::MAX_QUERY_LENGTH`], checked before parsing); within it a chain can reach
+/// about 4,000 operators (`1+1+...`), which this limit refuses, while a full-length condition
+/// in the usual form (`a=1 AND b=2 AND ...`, 8 characters a term, 1,024 terms) still parses.
+pub(crate) const MAX_TREE_DEPTH: usize = 1024;
+
 /// Parses a whole query.
 pub(crate) fn parse_query(text: &str) -> Result<Query, QueryError> {
     let tokens = lex(text)?;
@@ -50,6 +60,8 @@ struct Parser<'t> {
     text: &'t str,
     pos: usize,
     depth: usize,
+    /// Depth of the tree being built (see [`MAX_TREE_DEPTH`]).
+    tree_depth: usize,
     paths: PathContext,
 }
 
@@ -60,6 +72,7 @@ impl<'t> Parser<'t> {
             text,
             pos: 0,
             depth: 0,
+            tree_depth: 0,
             paths: PathContext::Unchecked,
         }
     }
@@ -157,6 +170,7 @@ impl<'t> Parser<'t> {
 
     fn enter(&mut self) -> Result<(), QueryError> {
         self.depth += 1;
+        self.deepen()?;
         if self.depth > MAX_DEPTH {
             let start = self.peek().start;
             return Err(QueryError::syntax(
@@ -169,6 +183,23 @@ impl<'t> Parser<'t> {
 
     fn leave(&mut self) {
         self.depth = self.depth.saturating_sub(1);
+        self.tree_depth = self.tree_depth.saturating_sub(1);
+    }
+
+    /// One more level of tree: a nesting ([`Self::enter`]) or one operator of a chain.
+    fn deepen(&mut self) -> Result<(), QueryError> {
+        self.tree_depth += 1;
+        if self.tree_depth > MAX_TREE_DEPTH {
+            let start = self.peek().start;
+            return Err(QueryError::syntax(
+                start,
+                format!(
+                    "expression nests more than {MAX_TREE_DEPTH} operators deep at position \
+                     {start}; split long AND/OR/arithmetic chains or use IN [...]"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn query(&mut self) -> Result<Query, QueryError> {
@@ -369,19 +400,25 @@ impl<'t> Parser<'t> {
 
     fn expr(&mut self) -> Result<Expr, QueryError> {
         let mut left = self.and()?;
+        let outer = self.tree_depth;
         while self.eat_keyword(Keyword::Or) {
+            self.deepen()?;
             let right = self.and()?;
             left = binary(BinaryOp::Or, left, right);
         }
+        self.tree_depth = outer;
         Ok(left)
     }
 
     fn and(&mut self) -> Result<Expr, QueryError> {
         let mut left = self.not()?;
+        let outer = self.tree_depth;
         while self.eat_keyword(Keyword::And) {
+            self.deepen()?;
             let right = self.not()?;
             left = binary(BinaryOp::And, left, right);
         }
+        self.tree_depth = outer;
         Ok(left)
     }
 
@@ -483,12 +520,17 @@ impl<'t> Parser<'t> {
 
     fn additive(&mut self) -> Result<Expr, QueryError> {
         let mut left = self.multiplicative()?;
+        let outer = self.tree_depth;
         loop {
             let op = match self.peek().tok {
                 Tok::Plus => BinaryOp::Add,
                 Tok::Minus => BinaryOp::Sub,
-                _ => return Ok(left),
+                _ => {
+                    self.tree_depth = outer;
+                    return Ok(left);
+                }
             };
+            self.deepen()?;
             self.advance();
             let right = self.multiplicative()?;
             left = binary(op, left, right);
@@ -497,13 +539,18 @@ impl<'t> Parser<'t> {
 
     fn multiplicative(&mut self) -> Result<Expr, QueryError> {
         let mut left = self.unary()?;
+        let outer = self.tree_depth;
         loop {
             let op = match self.peek().tok {
                 Tok::Star => BinaryOp::Mul,
                 Tok::Slash => BinaryOp::Div,
                 Tok::Percent => BinaryOp::Mod,
-                _ => return Ok(left),
+                _ => {
+                    self.tree_depth = outer;
+                    return Ok(left);
+                }
             };
+            self.deepen()?;
             self.advance();
             let right = self.unary()?;
             left = binary(op, left, right);

@@ -483,6 +483,90 @@ fn too_long() {
     parse(&exact).unwrap();
 }
 
+/// Runs `f` on a thread with a stack of `bytes`, so recursion deeper than it allows shows up as a
+/// crash of this test.
+fn on_stack(bytes: usize, f: impl FnOnce() + Send + 'static) {
+    std::thread::Builder::new()
+        .stack_size(bytes)
+        .spawn(f)
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+#[test]
+fn long_chains_are_refused_not_a_stack_overflow() {
+    // An eighth of the 2 MiB the hub's threads have: refusing must not recurse through a chain.
+    on_stack(256 * 1024, || {
+        for (term, op) in [
+            ("a = 1", " AND "),
+            ("a = 1", " OR "),
+            ("1", " + "),
+            ("2", "*"),
+        ] {
+            let text = vec![term; 200_000].join(op);
+            // The length limit refuses it first...
+            assert_eq!(
+                parse_condition(&text).unwrap_err().kind(),
+                QueryErrorKind::TooLong
+            );
+            // ...and the parser alone refuses it too, before building a tree that every walk
+            // (print, evaluate, drop) would recurse through 200,000 levels deep.
+            let e = super::parser::parse_condition(&text).unwrap_err();
+            assert_eq!(e.kind(), QueryErrorKind::Syntax, "{op}");
+            assert!(e.message().contains("more than 1024 operators"), "{e}");
+        }
+        // The densest chain that fits in the length limit is refused the same way.
+        let text = format!(
+            "SELECT * FROM devices WHERE {} = 2",
+            vec!["1"; 4000].join("+")
+        );
+        assert!(text.chars().count() <= MAX_QUERY_LENGTH);
+        let e = parse(&text).unwrap_err();
+        assert!(e.message().contains("more than 1024 operators"), "{e}");
+    });
+}
+
+#[test]
+fn full_length_chains_parse_print_and_run() {
+    // The 2 MiB the hub's threads (tokio workers, the blocking pool) have: the deepest tree the
+    // parser allows is printed, evaluated and dropped within it, even in a debug build.
+    on_stack(2 * 1024 * 1024, || {
+        let twins = twins();
+        for op in [" AND ", " OR "] {
+            let prefix = "SELECT * FROM devices WHERE ";
+            let mut terms = vec!["tags.floor = 3"];
+            while prefix.len() + (terms.len() + 1) * (terms[0].len() + op.len()) - op.len()
+                <= MAX_QUERY_LENGTH
+            {
+                terms.push("tags.floor = 3");
+            }
+            let text = format!("{prefix}{}", terms.join(op));
+            assert!(
+                MAX_QUERY_LENGTH - text.len() < terms[0].len() + op.len(),
+                "{op}"
+            );
+            let query = parse(&text).unwrap();
+            let printed = query.to_string();
+            assert_eq!(parse(&printed).unwrap(), query.clone());
+            let rows = execute(&query, twins.iter()).unwrap();
+            assert_eq!(rows.len(), 1, "{op}");
+            let condition = parse_condition(&text[prefix.len()..]).unwrap();
+            assert_eq!(filter_parallel(&condition, &twins).len(), 1);
+        }
+        // The deepest chain allowed: 1,024 terms, 1,023 `AND`s, within the length limit.
+        let text = vec!["a=1"; 1024].join(" AND ");
+        assert!(text.len() <= MAX_QUERY_LENGTH);
+        let condition = parse_condition(&text).unwrap();
+        // Printed with its parentheses it outgrows the length limit: reparse it past that check.
+        assert_eq!(
+            super::parser::parse_condition(&condition.to_string()).unwrap(),
+            condition
+        );
+        assert!(filter_parallel(&condition, &twins).is_empty());
+    });
+}
+
 #[test]
 fn deep_nesting_is_an_error_not_a_crash() {
     for text in [
