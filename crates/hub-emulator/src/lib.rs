@@ -283,17 +283,24 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     })
 }
 
+/// Writes `contents` (connection strings with keys) to `path`, readable by its owner only.
+///
+/// The mode given to `open` applies only to a file it creates (std `OpenOptionsExt::mode`: "If a
+/// new file is created as part of an `OpenOptions::open` call then this specified mode will be
+/// used as the permission bits for the new file"), so a hub.env left from an earlier run or made
+/// by hand with looser permissions is tightened to 0600 before the keys go in (project issue 13).
 fn write_secret_file(path: &std::path::Path, contents: &str) -> io::Result<()> {
     #[cfg(unix)]
     {
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let mut file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
             .open(path)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         file.write_all(contents.as_bytes())
     }
     #[cfg(not(unix))]

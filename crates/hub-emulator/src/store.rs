@@ -449,8 +449,12 @@ fn apply_refs(conn: &mut Connection, writes: &[&Write]) -> Result<(), StoreError
     tx.commit().map_err(sql("commit"))
 }
 
-/// Creates an empty store file readable by its owner only (SQLite gives its WAL the same mode);
-/// an existing file is left as it is.
+/// Creates an empty store file readable by its owner only (SQLite gives its WAL the same mode).
+/// An existing file keeps its contents but is tightened to 0600, with its `-wal` and `-shm`
+/// files if present: `mode` applies only to a file `open` creates (std `OpenOptionsExt::mode`:
+/// "If a new file is created as part of an `OpenOptions::open` call then this specified mode
+/// will be used as the permission bits for the new file"), and the store holds the device and
+/// policy keys (project issue 13).
 fn create_private(path: &Path) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -461,7 +465,23 @@ fn create_private(path: &Path) -> std::io::Result<()> {
     }
     match options.open(path) {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let private = || std::fs::Permissions::from_mode(0o600);
+                std::fs::set_permissions(path, private())?;
+                for suffix in ["-wal", "-shm"] {
+                    let mut side = path.as_os_str().to_owned();
+                    side.push(suffix);
+                    match std::fs::set_permissions(&side, private()) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
+                }
+            }
+            Ok(())
+        }
         Err(e) => Err(e),
     }
 }

@@ -103,6 +103,36 @@ fn server_params(hostnames: &[String]) -> Result<CertificateParams, rcgen::Error
     Ok(params)
 }
 
+/// Makes an open private-key file readable by its owner only (mode 0600).
+#[cfg(unix)]
+fn tighten(file: &fs::File) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(fs::Permissions::from_mode(0o600))
+}
+
+/// Tightens an existing CA key file to 0600: it is read, not rewritten, on later starts, so a
+/// key file copied in or left with looser permissions would otherwise stay readable by others.
+fn tighten_existing(path: &Path) -> Result<(), CertificateError> {
+    #[cfg(unix)]
+    {
+        let file = fs::File::open(path).map_err(|source| CertificateError::File {
+            action: "read",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        tighten(&file).map_err(|source| CertificateError::File {
+            action: "restrict the permissions of",
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        Ok(())
+    }
+}
+
 fn write_private(path: &Path, contents: &str) -> Result<(), CertificateError> {
     let err = |source| CertificateError::File {
         action: "write",
@@ -120,6 +150,11 @@ fn write_private(path: &Path, contents: &str) -> Result<(), CertificateError> {
             .mode(0o600)
             .open(path)
             .map_err(err)?;
+        // `mode` applies only to a file this call creates (std `OpenOptionsExt::mode`: "If a
+        // new file is created as part of an `OpenOptions::open` call then this specified mode
+        // will be used as the permission bits for the new file"); an existing key file with
+        // looser permissions is tightened before the key is written into it (project issue 13).
+        tighten(&file).map_err(err)?;
         file.write_all(contents.as_bytes()).map_err(err)
     }
     #[cfg(not(unix))]
@@ -140,6 +175,7 @@ pub fn load_or_create(
             let key_path = dir.join("ca-key.pem");
             let key = match fs::read_to_string(&key_path) {
                 Ok(pem) => {
+                    tighten_existing(&key_path)?;
                     KeyPair::from_pem(&pem).map_err(|source| CertificateError::BadCaKey {
                         path: key_path.clone(),
                         source,

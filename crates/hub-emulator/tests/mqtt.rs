@@ -1114,3 +1114,59 @@ async fn disabling_a_connected_device_closes_it_and_shows_it_disconnected() {
     let twin = fx.hub().get_twin("dev-disable").expect("twin");
     assert_eq!(twin["connectionState"], "Disconnected");
 }
+
+/// A device-key token must name the device: "SAS tokens granted to devices must be scoped to an
+/// individual device; for example, `myHub.azure-devices.net/devices/device1`" (Microsoft Learn,
+/// "Control access to IoT Hub with shared access signatures", SAS token structure). A token of
+/// a policy with DeviceConnect may be scoped to `{hub}/devices`: "A protocol gateway could use
+/// the same token for all devices simply setting the resource URI to
+/// `myhub.azure-devices.net/devices`" (same page).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_key_token_must_be_scoped_to_its_device() {
+    let fx = Fixture::start().await;
+    let id = "dev-scope";
+    let key = fx.add_device(id).await;
+    let device_key = SharedKey::from_base64(&key).expect("base64 key");
+    for audience in ["localhost", "localhost/devices"] {
+        let password = sas::generate(audience, &device_key, None, in_an_hour());
+        let refused = Device::connect(fx.options(id, password, fx.tls_transport()))
+            .await
+            .err();
+        assert!(
+            matches!(
+                refused,
+                Some(ConnectionError::ConnectionRefused(
+                    ConnectReturnCode::NotAuthorized
+                ))
+            ),
+            "device-key token for `{audience}`: {refused:?}"
+        );
+    }
+    assert_eq!(fx.hub().connected_count(), 0);
+
+    let scoped = sas::generate(
+        &format!("localhost/devices/{id}"),
+        &device_key,
+        None,
+        in_an_hour(),
+    );
+    drop(
+        Device::connect(fx.options(id, scoped, fx.tls_transport()))
+            .await
+            .expect("a device-key token for localhost/devices/{id} connects"),
+    );
+
+    let policy = fx.hub().policy_keys("device").expect("the device policy");
+    let policy_key = SharedKey::from_base64(&policy.primary_key).expect("base64 key");
+    for audience in [
+        format!("localhost/devices/{id}"),
+        "localhost/devices".to_owned(),
+    ] {
+        let password = sas::generate(&audience, &policy_key, Some("device"), in_an_hour());
+        drop(
+            Device::connect(fx.options(id, password, fx.tls_transport()))
+                .await
+                .unwrap_or_else(|e| panic!("policy token for `{audience}` connects: {e:?}")),
+        );
+    }
+}

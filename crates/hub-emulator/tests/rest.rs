@@ -866,3 +866,126 @@ async fn twin_tags_patch_of_many_empty_objects_is_400() {
     assert_eq!(twin.status, StatusCode::OK);
     assert!(twin.body["tags"].get("a").is_none(), "{}", twin.body);
 }
+
+/// A raw request with a text body (`call_as` only sends well-formed JSON).
+async fn send_text(
+    hub: &TestHub,
+    auth: Option<&str>,
+    method: Method,
+    path: &str,
+    body: &str,
+) -> Answer {
+    let mut request = hub
+        .client
+        .request(method, format!("{}{path}?api-version=2021-04-12", hub.base))
+        .header("Content-Type", "application/json; charset=utf-8")
+        .body(body.to_owned());
+    if let Some(auth) = auth {
+        request = request.header("Authorization", auth);
+    }
+    let response = request.send().await.expect("request");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body: Value = response.json().await.expect("JSON error body");
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// The credential is the `Authorization` header alone ("HTTPS implements authentication by
+/// including a valid token in the Authorization request header", Microsoft Learn, "Control
+/// access to IoT Hub with shared access signatures"), so a request without a valid token is
+/// refused with 401 before its body is read: a malformed body does not turn that into a 400
+/// (project issue 13). With a valid token the same body is still 400 naming the JSON error.
+#[tokio::test]
+async fn a_malformed_body_without_a_valid_token_is_401_not_400() {
+    let hub = TestHub::start().await;
+    let malformed = "{\"deviceId\": \"dev-x\",";
+    let routes = [
+        (Method::PUT, "/devices/dev-x"),
+        (Method::PUT, "/devices/query"),
+        (Method::PATCH, "/twins/dev-x"),
+        (Method::PUT, "/twins/dev-x"),
+        (Method::POST, "/twins/dev-x/methods"),
+        (Method::POST, "/devices/query"),
+        (Method::PUT, "/jobs/v2/job-x"),
+    ];
+    let forged = hub_core::sas::generate(
+        &hub.host,
+        &SharedKey::from_bytes(vec![7u8; 32]),
+        Some("iothubowner"),
+        now() + 600,
+    );
+    for (method, path) in routes {
+        for auth in [None, Some("garbage"), Some(forged.as_str())] {
+            let answer = send_text(&hub, auth, method.clone(), path, malformed).await;
+            assert_eq!(
+                answer.status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} with {auth:?}: {}",
+                answer.body
+            );
+            answer.assert_error(StatusCode::UNAUTHORIZED, "IotHubUnauthorizedAccess");
+        }
+        let answer = send_text(&hub, Some(&hub.owner), method.clone(), path, malformed).await;
+        answer.assert_error(StatusCode::BAD_REQUEST, "ArgumentInvalid");
+        let message = answer.body["Message"].as_str().expect("Message");
+        assert!(message.contains("JSON"), "{method} {path}: {message}");
+    }
+}
+
+/// The files holding keys (hub.env: connection strings; hub.db: device and policy keys; the CA
+/// and server private keys) end up 0600 even when they already existed with looser modes: the
+/// mode given to `OpenOptions` applies only "If a new file is created as part of an
+/// OpenOptions::open call" (std `OpenOptionsExt::mode`), so each writer tightens an existing
+/// file itself (project issue 13).
+#[cfg(unix)]
+#[tokio::test]
+async fn existing_secret_files_are_tightened_to_0600() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = || hub_emulator::Config {
+        data_dir: Some(dir.path().to_path_buf()),
+        durable: true,
+        ..hub_emulator::Config::ephemeral()
+    };
+    let loosen = |name: &str| {
+        std::fs::set_permissions(
+            dir.path().join(name),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod 0644");
+    };
+    let assert_private = |name: &str| {
+        let mode = std::fs::metadata(dir.path().join(name))
+            .expect("the file exists")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name} has mode {:o}", mode & 0o777);
+    };
+    let secrets = ["hub.env", "hub.db", "ca-key.pem", "server-key.pem"];
+
+    // Before the first start: hub.env and an empty hub.db made by someone else, mode 0644.
+    for name in ["hub.env", "hub.db"] {
+        std::fs::write(dir.path().join(name), "").expect("pre-create");
+        loosen(name);
+    }
+    let running = hub_emulator::start(config()).await.expect("hub starts");
+    for name in secrets {
+        assert_private(name);
+    }
+    running.shutdown().await;
+
+    // A restart on the same directory finds every file (the CA key is read, not rewritten).
+    for name in secrets {
+        loosen(name);
+    }
+    let running = hub_emulator::start(config()).await.expect("hub restarts");
+    for name in secrets {
+        assert_private(name);
+    }
+    running.shutdown().await;
+}

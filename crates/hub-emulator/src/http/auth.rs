@@ -4,8 +4,11 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::Response;
 
 use hub_core::policy::Permission;
 
@@ -13,12 +16,40 @@ use super::AppState;
 use super::error::ApiError;
 use crate::hub::AuthError;
 
+/// Middleware on every service route: refuses a request without a valid policy token with 401
+/// before the handler runs, so before any byte of its body is read or parsed (the body
+/// extractors run in the handler). Which permission the operation needs is still checked by the
+/// handler through [`require`]. The credential is the header alone ("HTTPS implements
+/// authentication by including a valid token in the **Authorization** request header",
+/// Microsoft Learn, "Control access to IoT Hub with shared access signatures", Protocol
+/// specifics), so nothing in the body is needed to refuse a request. Checking it first (project
+/// issue 13) means an unauthenticated client gets 401 `IotHubUnauthorizedAccess`, never a 400
+/// about its body, and cannot make the hub read and parse up to
+/// [`MAX_BODY_BYTES`](super::MAX_BODY_BYTES).
+pub async fn authenticate(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    check(&state, request.headers(), None)?;
+    Ok(next.run(request).await)
+}
+
 /// Checks that the request carries a valid policy token that grants `needed`.
 ///
 /// Which permission each operation needs (reference §2.3): reading identities `RegistryRead`,
 /// creating/updating/deleting them `RegistryWrite`; twins, methods, queries and jobs
 /// `ServiceConnect`. Device-key tokens (no `skn`) are refused: they only grant `DeviceConnect`.
 pub fn require(state: &AppState, headers: &HeaderMap, needed: Permission) -> Result<(), ApiError> {
+    check(state, headers, Some(needed))
+}
+
+/// The token check: with `needed`, also that the policy grants it.
+fn check(
+    state: &AppState,
+    headers: &HeaderMap,
+    needed: Option<Permission>,
+) -> Result<(), ApiError> {
     let Some(value) = headers.get(AUTHORIZATION) else {
         return Err(ApiError::unauthorized(
             "the Authorization header is missing; send `SharedAccessSignature sr=...&sig=...&se=...&skn=<policy>`",
@@ -33,20 +64,21 @@ pub fn require(state: &AppState, headers: &HeaderMap, needed: Permission) -> Res
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
-    state
-        .hub
-        .authorize_service(value, needed, now)
-        .map_err(|error| {
-            tracing::debug!(reason = %error, "service request refused");
-            let message = match error {
-                AuthError::MissingPermission(permission) => {
-                    format!(
-                        "the shared access policy does not grant {}, which this operation needs",
-                        permission.as_str()
-                    )
-                }
-                other => format!("the SharedAccessSignature was refused: {other}"),
-            };
-            ApiError::unauthorized(message)
-        })
+    let checked = match needed {
+        Some(needed) => state.hub.authorize_service(value, needed, now),
+        None => state.hub.authenticate_service(value, now).map(|_| ()),
+    };
+    checked.map_err(|error| {
+        tracing::debug!(reason = %error, "service request refused");
+        let message = match error {
+            AuthError::MissingPermission(permission) => {
+                format!(
+                    "the shared access policy does not grant {}, which this operation needs",
+                    permission.as_str()
+                )
+            }
+            other => format!("the SharedAccessSignature was refused: {other}"),
+        };
+        ApiError::unauthorized(message)
+    })
 }

@@ -96,8 +96,15 @@ pub fn router(state: AppState) -> Router {
                 .put(twins::replace_twin),
         )
         .route("/twins/{id}/methods", post(twins::invoke_method))
-        .merge(crate::mqtt::websocket::routes())
         .merge(crate::jobs::routes())
+        // Every service route above authenticates before its handler reads the body; the
+        // WebSocket route is exempt (its device authenticates in the MQTT CONNECT), and so are
+        // the fallbacks (an unknown route or method is 404/405 whoever asks).
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
+        .merge(crate::mqtt::websocket::routes())
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -105,6 +105,20 @@ impl Hub {
         needed: Permission,
         now_unix: u64,
     ) -> Result<(), AuthError> {
+        let permissions = self.authenticate_service(header, now_unix)?;
+        if !permissions.contains(needed) {
+            return Err(AuthError::MissingPermission(needed));
+        }
+        Ok(())
+    }
+
+    /// Checks a service request's `Authorization` header (a policy token for this hub, signed
+    /// with the policy's key, not expired) and returns what the policy grants.
+    pub fn authenticate_service(
+        &self,
+        header: &str,
+        now_unix: u64,
+    ) -> Result<Permissions, AuthError> {
         let token = SasToken::parse(header).map_err(|e| AuthError::Malformed(e.to_string()))?;
         token
             .check_expiry(now_unix, SAS_SKEW_SECS)
@@ -132,10 +146,7 @@ impl Hub {
                 self.host_name()
             )));
         }
-        if !permissions.contains(needed) {
-            return Err(AuthError::MissingPermission(needed));
-        }
-        Ok(())
+        Ok(*permissions)
     }
 
     fn verify_with_keys(
@@ -187,6 +198,23 @@ impl Hub {
                 "the token's audience `{}` does not cover {}/{path}",
                 token.resource,
                 self.host_name()
+            )));
+        }
+        // The audience is a segment prefix ("URI prefix (by segment) of the endpoints that can be
+        // accessed with this token"), but "SAS tokens granted to devices must be scoped to an
+        // individual device; for example, `myHub.azure-devices.net/devices/device1`", and "a
+        // token signed with a device identity's symmetric key only grants the DeviceConnect
+        // permission for the associated device identity" (Microsoft Learn, "Control access to
+        // IoT Hub with shared access signatures", SAS token structure / Generate SAS tokens).
+        // So a device-key token (no `skn`) scoped to the hub root or to `{hub}/devices` is
+        // refused. A policy token keeps the prefix rule: "A protocol gateway could use the same
+        // token for all devices simply setting the resource URI to `myhub.azure-devices.net/devices`"
+        // (same page, "Use a shared access policy to access on behalf of a device").
+        if token.key_name.is_none() && self.audience_ok(&token, "devices") {
+            return Err(AuthError::Refused(format!(
+                "a token signed with a device key must be scoped to {}/{path}, not `{}`",
+                self.host_name(),
+                token.resource
             )));
         }
         let (primary, secondary, enabled) = {
