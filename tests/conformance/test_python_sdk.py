@@ -20,6 +20,7 @@ from azure.iot.hub.models import (
     Twin,
     TwinProperties,
 )
+from iothub_mqtt import wait_for
 from msrest.exceptions import HttpOperationError
 
 SERVICE_CS = os.environ["IOTHUB_CONNECTION_STRING"]
@@ -28,14 +29,6 @@ CA_PEM = open(os.environ["IOTHUB_CA_FILE"]).read()
 DEVICE_ID = "myDeviceId"
 
 
-def wait_for(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -269,31 +269,39 @@ impl Jobs {
             }
             state.creating.insert(id.to_owned());
         }
-        // Committed and applied on its own task: a caller that goes away must not leave the id
-        // reserved, nor a stored job the engine never saw.
+        // Applied by the store's writer right after the commit, as device changes are: a caller
+        // that goes away must not leave the id reserved, nor a stored job the engine never saw.
         let (jobs, id) = (self.clone(), id.to_owned());
-        tokio::spawn(async move {
-            let saved = jobs
-                .hub()
-                .store()
-                .commit(vec![Write::PutJob {
-                    id: id.clone(),
-                    doc,
-                }])
-                .await;
-            let mut state = jobs.lock();
-            state.creating.remove(&id);
-            saved?;
-            let entry = Entry::new(record);
-            let response = entry.response();
-            state.jobs.insert(id.clone(), entry);
-            drop(state);
-            tracing::info!(job_id = %id, status = status.as_str(), "job created");
-            jobs.inner.wake.notify_one();
-            Ok(response)
-        })
-        .await
-        .map_err(|e| JobError::Internal(format!("the job's creation did not finish: {e}")))?
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        let write = Write::PutJob {
+            id: id.clone(),
+            doc,
+        };
+        self.hub().store().commit_then(vec![write], move |saved| {
+            let created = {
+                let mut state = jobs.lock();
+                state.creating.remove(&id);
+                saved.map(|()| {
+                    let entry = Entry::new(record);
+                    let response = entry.response();
+                    state.jobs.insert(id.clone(), entry);
+                    response
+                })
+            };
+            if created.is_ok() {
+                tracing::info!(job_id = %id, status = status.as_str(), "job created");
+                jobs.inner.wake.notify_one();
+            }
+            // Released before the caller hears back (see `Hub::commit_devices`).
+            drop(jobs);
+            let _ = done.send(created);
+        });
+        match outcome.await {
+            Ok(created) => Ok(created?),
+            Err(_) => Err(JobError::Internal(
+                "the store dropped a job's commit without answering".into(),
+            )),
+        }
     }
 
     /// `GET /jobs/v2/{id}`.
