@@ -50,9 +50,17 @@ pub struct Args {
     /// audiences); repeat it for several.
     #[arg(long = "hostname", value_name = "NAME")]
     pub hostnames: Vec<String>,
-    /// How many jobs may be active at once (IoT Hub: 1 on S1, 5 on S2, 10 on S3).
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_ACTIVE_JOBS)]
-    pub max_active_jobs: usize,
+    /// How many jobs may be active at once [default: the tier's (1 on F1 and S1, 5 on S2, 10
+    /// on S3), or 10 without --tier].
+    #[arg(long, value_name = "N")]
+    pub max_active_jobs: Option<usize>,
+    /// Behave as an IoT Hub of this tier: F1, B1, B2, B3, S1, S2 or S3 (its throttles and job
+    /// cap). Without it, no per-second throttles apply.
+    #[arg(long, value_name = "TIER")]
+    pub tier: Option<hub_core::tier::Tier>,
+    /// Units of the tier (F1 has exactly one).
+    #[arg(long, value_name = "N", default_value_t = 1, requires = "tier")]
+    pub units: u32,
 }
 
 /// The default data directory: `$XDG_DATA_HOME/iothub-emulator` or its platform equivalent.
@@ -75,8 +83,10 @@ pub struct Config {
     pub https_port: u16,
     /// Extra host names.
     pub hostnames: Vec<String>,
-    /// Active job cap.
+    /// Active job cap, if set apart from the tier's ([`Config::active_job_cap`]).
     pub max_active_jobs: usize,
+    /// The tier and units whose throttles apply (None: no throttles).
+    pub tier: Option<hub_core::tier::Quotas>,
     /// Most authenticated MQTT-over-TLS sessions held at once (default
     /// [`crate::mqtt::MAX_CONNECTIONS`]); beyond it a device gets CONNACK 3 and retries. Lowered
     /// at start to fit the open-file limit. Tests set it small.
@@ -107,12 +117,21 @@ impl Config {
             https_port: 0,
             hostnames: Vec::new(),
             max_active_jobs: DEFAULT_MAX_ACTIVE_JOBS,
+            tier: None,
             max_mqtt_connections: crate::mqtt::MAX_CONNECTIONS,
             max_pending_mqtt_connections: crate::mqtt::MAX_PENDING_CONNECTIONS,
             max_https_connections: crate::http::MAX_CONNECTIONS,
             max_pending_https_connections: crate::http::MAX_PENDING_CONNECTIONS,
             body_read_timeout: crate::http::BODY_READ_TIMEOUT,
         }
+    }
+}
+
+impl Config {
+    /// How many jobs may be active at once: `max_active_jobs` (at least one, so that a basic
+    /// tier's "no jobs" is refused by the tier, not by a zero cap).
+    pub fn active_job_cap(&self) -> usize {
+        self.max_active_jobs.max(1)
     }
 }
 
@@ -135,6 +154,21 @@ impl TryFrom<Args> for Config {
                 ));
             }
         }
+        let tier = match args.tier {
+            // Basic tiers lack twins, methods and jobs; refusing those as IoT Hub does is not
+            // built yet, and a "B1" hub that serves them would pass what Azure refuses.
+            Some(tier) if tier.is_basic() => {
+                return Err(format!(
+                    "--tier {tier}: basic tiers are not emulated yet (their refusal of twins, \
+                     methods and jobs is not built); use F1, S1, S2 or S3"
+                ));
+            }
+            Some(tier) => Some(
+                tier.with_units(args.units)
+                    .map_err(|e| format!("--units: {e}"))?,
+            ),
+            None => None,
+        };
         Ok(Config {
             data_dir: Some(data_dir),
             durable: !args.in_memory,
@@ -142,7 +176,11 @@ impl TryFrom<Args> for Config {
             mqtt_port: args.mqtt_port,
             https_port: args.https_port,
             hostnames: args.hostnames,
-            max_active_jobs: args.max_active_jobs.max(1),
+            max_active_jobs: args
+                .max_active_jobs
+                .or(tier.map(|q| q.max_active_jobs()))
+                .unwrap_or(DEFAULT_MAX_ACTIVE_JOBS),
+            tier,
             max_mqtt_connections: crate::mqtt::MAX_CONNECTIONS,
             max_pending_mqtt_connections: crate::mqtt::MAX_PENDING_CONNECTIONS,
             max_https_connections: crate::http::MAX_CONNECTIONS,

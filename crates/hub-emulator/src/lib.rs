@@ -13,6 +13,7 @@
 //! - [`mqtt`]: the device endpoint (MQTT 3.1.1 over TLS and over WebSocket).
 //! - [`http`]: the service REST API (registry, twins, methods, query, jobs).
 //! - [`query`]: the IoT Hub query language (parser and evaluator).
+//! - [`throttle`]: the tier's operation throttles (traffic shaping, then 429).
 //! - [`jobs`]: Jobs v2, scheduled direct methods and twin updates over a query.
 //!
 //! [`start`] binds the listeners and returns a [`RunningHub`]; [`run`] is the binary's loop.
@@ -26,6 +27,7 @@ mod listener;
 pub mod mqtt;
 pub mod query;
 pub mod store;
+pub mod throttle;
 pub mod tls;
 pub mod twins;
 
@@ -250,7 +252,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     let (mqtt_budget, https_budget) = connection_budgets(&config);
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let jobs = jobs::Jobs::open(hub.clone(), config.max_active_jobs)?;
+    let jobs = jobs::Jobs::open(hub.clone(), config.active_job_cap())?;
     jobs.spawn(shutdown.clone(), &tracker);
     let acceptor = TlsAcceptor::from(tls.server_config.clone());
     tracker.spawn(mqtt::serve(
@@ -261,8 +263,12 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         shutdown.clone(),
         tracker.clone(),
     ));
+    let throttles = config
+        .tier
+        .map_or_else(throttle::Throttles::unlimited, throttle::Throttles::of);
     let router = http::router(http::AppState {
         body_read_timeout: config.body_read_timeout,
+        throttles,
         ..http::AppState::new(hub.clone(), jobs.clone(), shutdown.clone(), tracker.clone())
     });
     tracker.spawn(http::serve(
@@ -339,6 +345,8 @@ fn write_secret_file(path: &std::path::Path, contents: &str) -> io::Result<()> {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), StartError> {
     let durable = config.durable;
     let data_dir = config.data_dir.clone();
+    let tier = config.tier;
+    let active_jobs = config.active_job_cap();
     let running = start(config).await?;
     // These lines are the hub's interface to people and scripts: keep them stable.
     println!(
@@ -364,6 +372,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
             running.mqtt_addr,
             running.https_addr
         );
+    }
+    match &tier {
+        Some(quotas) => println!(
+            "# tier {quotas}: IoT Hub's throttles for it apply to REST calls (bursts pass, then \
+             calls are shaped, then refused with 429); active jobs at once: {active_jobs}"
+        ),
+        None => println!(
+            "# no tier: IoT Hub's per-second throttles are not enforced (--tier S1 to enforce \
+             them); active jobs at once: {active_jobs}"
+        ),
     }
     println!("hub-emulator ready");
     shutdown.cancelled().await;

@@ -4,7 +4,8 @@
 //!
 //! Module map: `server` (the HTTPS port's connection handler: HTTP/1.1 with upgrades, graceful
 //! shutdown), [`error`] ([`ApiError`]),
-//! [`auth`] (SAS checks), `extract` (JSON body / path / `If-Match`), `registry`, `twins`, `query`.
+//! [`auth`] (SAS checks), `extract` (JSON body / path / `If-Match`), `throttle` (the tier's
+//! throttles per request), `registry`, `twins`, `query`.
 
 pub mod auth;
 pub mod error;
@@ -12,6 +13,7 @@ mod extract;
 mod query;
 mod registry;
 mod server;
+mod throttle;
 mod twins;
 
 use axum::Router;
@@ -56,6 +58,8 @@ pub struct AppState {
     pub tracker: TaskTracker,
     /// How long an authenticated request's body may take to arrive ([`BODY_READ_TIMEOUT`]).
     pub body_read_timeout: std::time::Duration,
+    /// The tier's throttles (none without `--tier`).
+    pub throttles: crate::throttle::Throttles,
 }
 
 impl AppState {
@@ -67,6 +71,7 @@ impl AppState {
             shutdown,
             tracker,
             body_read_timeout: BODY_READ_TIMEOUT,
+            throttles: crate::throttle::Throttles::unlimited(),
         }
     }
 }
@@ -104,6 +109,11 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/twins/{id}/methods", post(twins::invoke_method))
         .merge(crate::jobs::routes())
+        // Innermost: the tier's throttle, once the body is in (a method's cost is its size).
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            throttle::throttle,
+        ))
         // Inner layer: once authenticated, the body is read whole within BODY_READ_TIMEOUT.
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

@@ -1,0 +1,106 @@
+//! The REST API's side of the tier's throttles ([`crate::throttle`]): which operation class a
+//! request belongs to, and the middleware that passes it through that class's shaper (after
+//! authentication, so a refused caller spends nothing of the hub's quota). A refusal is 429
+//! `ThrottlingException` (429001) in IoT Hub's error body, with its `iothub-errorcode` header and
+//! no `Retry-After` (IoT Hub sends none).
+
+use axum::extract::{Request, State};
+use axum::http::Method;
+use axum::http::header::CONTENT_LENGTH;
+use axum::middleware::Next;
+use axum::response::Response;
+use hub_core::error::ErrorCode;
+use hub_core::tier::{Operation, method_meter_steps};
+
+use super::AppState;
+use super::error::ApiError;
+
+/// The throttled operation a request is, and what it costs (meter steps for direct methods).
+pub fn classify(method: &Method, path: &str, content_length: usize) -> Option<(Operation, u64)> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let operation = match (segments.as_slice(), method) {
+        (["devices", "query"], &Method::POST) => Operation::Query,
+        (["devices", ..] | ["statistics", ..], _) => Operation::Registry,
+        (["twins", _, "methods"], _) => {
+            return Some((Operation::DirectMethod, method_meter_steps(content_length)));
+        }
+        (["twins", _], &Method::GET) => Operation::TwinRead,
+        (["twins", _], _) => Operation::TwinUpdate,
+        (["jobs", ..], _) => Operation::JobsOperation,
+        _ => return None,
+    };
+    Some((operation, 1))
+}
+
+/// Middleware (inside authentication): waits for, or refuses, the request's throttle.
+pub async fn throttle(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let content_length = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if let Some((operation, cost)) =
+        classify(request.method(), request.uri().path(), content_length)
+        && let Err(throttled) = state.throttles.pass(operation, cost).await
+    {
+        return Err(ApiError::new(
+            ErrorCode::ThrottlingException,
+            throttled.to_string(),
+        ));
+    }
+    Ok(next.run(request).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_map_to_the_throttle_microsoft_lists_them_under() {
+        let cases = [
+            (Method::GET, "/devices/dev1", Some((Operation::Registry, 1))),
+            (Method::GET, "/devices", Some((Operation::Registry, 1))),
+            (Method::POST, "/devices/query", Some((Operation::Query, 1))),
+            (
+                Method::GET,
+                "/devices/query",
+                Some((Operation::Registry, 1)),
+            ),
+            (
+                Method::GET,
+                "/statistics/devices",
+                Some((Operation::Registry, 1)),
+            ),
+            (Method::GET, "/twins/dev1", Some((Operation::TwinRead, 1))),
+            (
+                Method::PATCH,
+                "/twins/dev1",
+                Some((Operation::TwinUpdate, 1)),
+            ),
+            (Method::PUT, "/twins/dev1", Some((Operation::TwinUpdate, 1))),
+            (
+                Method::PUT,
+                "/jobs/v2/job1",
+                Some((Operation::JobsOperation, 1)),
+            ),
+            (
+                Method::GET,
+                "/jobs/v2/query",
+                Some((Operation::JobsOperation, 1)),
+            ),
+            (Method::GET, "/$iothub/websocket", None),
+        ];
+        for (method, path, expected) in cases {
+            assert_eq!(classify(&method, path, 10), expected, "{method} {path}");
+        }
+        assert_eq!(
+            classify(&Method::POST, "/twins/dev1/methods", 9000),
+            Some((Operation::DirectMethod, 3))
+        );
+    }
+}

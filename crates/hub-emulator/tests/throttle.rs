@@ -1,0 +1,79 @@
+//! The tier's throttles over real REST calls: a burst passes, then calls are shaped (served at
+//! the tier's rate, later), then refused with IoT Hub's 429 ThrottlingException; no tier, no
+//! throttles.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use hub_core::tier::Tier;
+use hub_emulator::Config;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+use support::TestHub;
+
+/// Fires `n` queries at once and returns each one's status and how long it took.
+async fn concurrent_queries(hub: &TestHub, n: usize) -> Vec<(support::Answer, Duration)> {
+    let body = json!({ "query": "SELECT * FROM devices" });
+    join_all((0..n).map(|_| async {
+        let started = Instant::now();
+        let answer = hub.call(Method::POST, "/devices/query", Some(&body)).await;
+        (answer, started.elapsed())
+    }))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_s1_a_query_burst_passes_then_is_shaped_then_refused_with_429001() {
+    let hub = TestHub::start_with(Config {
+        tier: Some(Tier::S1.with_units(1).expect("S1")),
+        ..Config::ephemeral()
+    })
+    .await;
+    // S1: 20 queries a minute. A minute's worth passes at once, then 10 s of queue at one
+    // query every 3 s holds 3 more, and the rest is refused.
+    let answers = concurrent_queries(&hub, 40).await;
+    let ok: Vec<&Duration> = answers
+        .iter()
+        .filter(|(a, _)| a.status == StatusCode::OK)
+        .map(|(_, took)| took)
+        .collect();
+    let refused: Vec<&support::Answer> = answers
+        .iter()
+        .filter(|(a, _)| a.status == StatusCode::TOO_MANY_REQUESTS)
+        .map(|(a, _)| a)
+        .collect();
+    assert_eq!(ok.len() + refused.len(), 40, "only 200s and 429s");
+    assert_eq!(ok.len(), 23, "20 at once + 3 shaped");
+    let shaped = ok
+        .iter()
+        .filter(|took| ***took >= Duration::from_millis(2500))
+        .count();
+    assert_eq!(shaped, 3, "the shaped queries waited their turn: {ok:?}");
+    for answer in refused {
+        assert_eq!(
+            answer.header("iothub-errorcode"),
+            Some("ThrottlingException")
+        );
+        assert!(
+            answer.header("retry-after").is_none(),
+            "IoT Hub sends no Retry-After"
+        );
+        let message = answer.body["Message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with("ErrorCode:ThrottlingException;"),
+            "{message}"
+        );
+    }
+    hub.running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_tier_nothing_is_throttled() {
+    let hub = TestHub::start().await;
+    let answers = concurrent_queries(&hub, 40).await;
+    assert!(answers.iter().all(|(a, _)| a.status == StatusCode::OK));
+    hub.running.shutdown().await;
+}
