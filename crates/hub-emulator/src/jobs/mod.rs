@@ -30,7 +30,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use engine::JobRunError;
+pub use engine::{JobRunError, MAX_IN_FLIGHT};
 pub use model::{JobRecord, Tally, format_time, parse_time};
 pub use request::{
     DEFAULT_MAX_EXECUTION_SECS, InvalidJobRequest, JobSpec, parse_request, validate_job_id,
@@ -160,8 +160,9 @@ impl Jobs {
     ///
     /// A job that was `running` when the hub stopped resumes where it was: rows already
     /// `completed`, `failed` or `canceled` are kept and never executed again; rows still
-    /// `running` at the crash (the device may or may not have acted) go back to `pending` and
-    /// are executed again, as IoT Hub retries work it cannot confirm (at-least-once).
+    /// `running` at the crash (the call was sent, the device may or may not have acted) go back
+    /// to `pending` and are executed again. Rows are saved as `running` before their call is
+    /// sent, so no other row can have been executed (the guarantee in `engine.rs`).
     /// Unreadable records are skipped with a warning rather than refusing to start.
     pub fn open(hub: Hub, max_active: usize) -> Result<Jobs, OperationError> {
         let store = hub.store();

@@ -1,7 +1,10 @@
 //! What the hub-emulator integration tests share: a real hub on 127.0.0.1:0 with a service
-//! client that trusts its generated CA, and REST calls signed with the iothubowner policy.
+//! client that trusts its generated CA, REST calls signed with the iothubowner policy, and a
+//! fault-injecting TCP proxy ([`proxy`]).
 //! Each test crate uses part of it, hence `dead_code` is allowed here.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod proxy;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
