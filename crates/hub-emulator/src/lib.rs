@@ -252,7 +252,10 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     let (mqtt_budget, https_budget) = connection_budgets(&config);
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let jobs = jobs::Jobs::open(hub.clone(), config.active_job_cap())?;
+    let throttles = config
+        .tier
+        .map_or_else(throttle::Throttles::unlimited, throttle::Throttles::of);
+    let jobs = jobs::Jobs::open(hub.clone(), config.active_job_cap(), throttles.job_pace())?;
     jobs.spawn(shutdown.clone(), &tracker);
     let acceptor = TlsAcceptor::from(tls.server_config.clone());
     tracker.spawn(mqtt::serve(
@@ -263,9 +266,6 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         shutdown.clone(),
         tracker.clone(),
     ));
-    let throttles = config
-        .tier
-        .map_or_else(throttle::Throttles::unlimited, throttle::Throttles::of);
     let router = http::router(http::AppState {
         body_read_timeout: config.body_read_timeout,
         throttles,

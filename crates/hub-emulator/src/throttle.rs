@@ -85,6 +85,54 @@ impl Shaper {
     }
 }
 
+/// The jobs engine's pace for device operations ("Jobs device operations", e.g. 10/s on S1):
+/// unlike the request throttles it has no burst and refuses nothing, since "jobs aren't refused
+/// for device operations": a job's devices are served one slot every 1/rate, shared by every
+/// job of the hub, so a job over 100 devices takes about 10 s on S1, as on Azure.
+#[derive(Debug)]
+pub struct Pace {
+    interval: Duration,
+    next: Mutex<Instant>,
+}
+
+impl Pace {
+    /// One slot every `1 / per_second` seconds.
+    pub fn new(per_second: f64) -> Pace {
+        Pace {
+            interval: Duration::from_secs_f64(1.0 / per_second.max(1e-3)),
+            next: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Takes up to `max` slots that are due now and returns how many it took. A pace left idle
+    /// for over a second gives back only the slot due now (no credit piles up).
+    pub fn take_due(&self, max: usize) -> usize {
+        self.take_due_at(Instant::now(), max)
+    }
+
+    /// [`Pace::take_due`] at `now`.
+    fn take_due_at(&self, now: Instant, max: usize) -> usize {
+        let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
+        // Slots missed by a busy caller are caught up; after a second of idleness the pace
+        // starts over instead, so an idle pace gives no burst.
+        if *next + Duration::from_secs(1) < now {
+            *next = now;
+        }
+        if *next > now || max == 0 {
+            return 0;
+        }
+        let due = (now - *next).as_secs_f64() / self.interval.as_secs_f64();
+        let taken = (due as usize).saturating_add(1).min(max);
+        *next += self.interval * u32::try_from(taken).unwrap_or(u32::MAX);
+        taken
+    }
+
+    /// When the next slot is due.
+    pub fn next_due(&self) -> Instant {
+        *self.next.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// A request refused by its throttle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the hub's {} throttle for its tier is exceeded; back off and retry", operation.name())]
@@ -131,6 +179,12 @@ impl Throttles {
                 shapers,
             })),
         }
+    }
+
+    /// The jobs engine's device-operation pace for the tier, if throttled.
+    pub fn job_pace(&self) -> Option<Pace> {
+        let rate = self.quotas()?.rate(Operation::JobDeviceOperation)?;
+        Some(Pace::new(rate.per_second))
     }
 
     /// The tier and units, if throttled.
@@ -216,6 +270,25 @@ mod tests {
         assert_eq!(shaper.check(0.0, 32.0), Verdict::Now);
         assert_eq!(shaper.check(0.0, 8.0), Verdict::Now);
         assert_eq!(shaper.check(0.0, 1.0), Verdict::Refused);
+    }
+
+    #[test]
+    fn a_pace_serves_slots_at_its_rate_without_piling_up_credit() {
+        let pace = Pace::new(10.0);
+        let start = pace.next_due();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        assert_eq!(pace.take_due_at(at(0), 5), 1, "the slot due now");
+        assert_eq!(pace.take_due_at(at(0), 5), 0);
+        assert_eq!(pace.take_due_at(at(350), 5), 3, "three slots came due");
+        assert_eq!(
+            pace.take_due_at(at(60_000), 100),
+            1,
+            "an idle minute is no credit of 600"
+        );
+        let taken: usize = (1..=100)
+            .map(|i| pace.take_due_at(at(60_000 + i * 10), 100))
+            .sum();
+        assert_eq!(taken, 10, "one second of slots");
     }
 
     #[tokio::test]

@@ -77,3 +77,68 @@ async fn without_a_tier_nothing_is_throttled() {
     assert!(answers.iter().all(|(a, _)| a.status == StatusCode::OK));
     hub.running.shutdown().await;
 }
+
+/// Runs a twin job over every device (the tutorial device and `extra` more) and returns how long
+/// it took from creation to `completed`.
+async fn twin_job_over_all_devices(hub: &TestHub, extra: usize) -> Duration {
+    for i in 0..extra {
+        let id = format!("paced-{i:02}");
+        hub.running
+            .hub()
+            .create_or_update_device(&id, &json!({ "deviceId": id }), None)
+            .await
+            .expect("register");
+    }
+    let now = hub_core::timestamp::format_millis(time::OffsetDateTime::now_utc());
+    let body = json!({
+        "jobId": "paced",
+        "type": "scheduleUpdateTwin",
+        "updateTwin": {"etag": "*", "properties": {"desired": {"paced": true}}},
+        "queryCondition": "*",
+        "startTime": now,
+        "maxExecutionTimeInSeconds": 60,
+    });
+    let started = Instant::now();
+    let created = hub.call(Method::PUT, "/jobs/v2/paced", Some(&body)).await;
+    assert_eq!(created.status, StatusCode::OK, "{:?}", created.body);
+    loop {
+        let job = hub.call(Method::GET, "/jobs/v2/paced", None).await;
+        if job.body["status"] == "completed" {
+            assert_eq!(job.body["deviceJobStatistics"]["succeededCount"], extra + 1);
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            job.body
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_s1_a_job_runs_its_devices_at_ten_a_second() {
+    let hub = TestHub::start_with(Config {
+        tier: Some(Tier::S1.with_units(1).expect("S1")),
+        ..Config::ephemeral()
+    })
+    .await;
+    // 30 device operations at S1's 10/s: about 2.9 s (the first is due at once).
+    let took = twin_job_over_all_devices(&hub, 29).await;
+    assert!(
+        took >= Duration::from_millis(2800) && took < Duration::from_secs(8),
+        "30 devices took {took:?}"
+    );
+    hub.running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_tier_a_job_is_not_paced() {
+    let hub = TestHub::start().await;
+    let took = twin_job_over_all_devices(&hub, 29).await;
+    assert!(
+        took < Duration::from_millis(2800),
+        "30 devices took {took:?}"
+    );
+    hub.running.shutdown().await;
+}

@@ -376,8 +376,13 @@ async fn run_methods(
         // The next devices' rows are saved as `running` before their calls go out, in one
         // transaction with the outcomes gathered meanwhile: after a crash, only a row saved as
         // `running` can have had its call sent without its outcome saved (the module's guarantee).
+        let room = MAX_IN_FLIGHT
+            .saturating_sub(in_flight.len())
+            .min(queue.len());
+        // On a tier, only the device operations its pace has due now go out.
+        let room = jobs.pace().map_or(room, |pace| pace.take_due(room));
         let mut starting = Vec::new();
-        while in_flight.len() + starting.len() < MAX_IN_FLIGHT {
+        while starting.len() < room {
             let Some(device_id) = queue.next() else { break };
             batch.push(Event::Started {
                 device_id: device_id.clone(),
@@ -394,14 +399,19 @@ async fn run_methods(
         for device_id in starting {
             in_flight.push(invoke(jobs.hub().clone(), device_id.clone(), call.clone()));
         }
-        if in_flight.is_empty() {
+        if in_flight.is_empty() && queue.len() == 0 {
             break Ended::Done;
         }
+        let next_slot = jobs
+            .pace()
+            .filter(|_| queue.len() > 0 && in_flight.len() < MAX_IN_FLIGHT)
+            .map(|pace| pace.next_due());
         tokio::select! {
             biased;
             _ = plan.cancel.cancelled() => break Ended::Cancelled,
             _ = shutdown.cancelled() => break Ended::Shutdown,
             _ = tokio::time::sleep_until(deadline) => break Ended::TimedOut,
+            _ = tokio::time::sleep_until(next_slot.unwrap_or(deadline)), if next_slot.is_some() => {}
             Some(event) = in_flight.next() => {
                 // Group commit: whatever else answered while the last save was being committed
                 // goes into the next one, so the commits per second stay bounded by the store's
@@ -436,10 +446,29 @@ async fn run_twins(
     };
     // The hub applies twin updates from their JSON, the same way as `PATCH /twins/{id}`.
     let body = json_value(patch);
-    for chunk in plan.pending.chunks(TWIN_BATCH) {
+    let mut rest = plan.pending.as_slice();
+    while !rest.is_empty() {
         if let Some(ended) = stop_reason(plan, deadline, shutdown) {
             return ended;
         }
+        let size = TWIN_BATCH.min(rest.len());
+        // On a tier, a batch holds only the device operations its pace has due now.
+        let size = match jobs.pace() {
+            None => size,
+            Some(pace) => match pace.take_due(size) {
+                0 => {
+                    tokio::select! {
+                        _ = plan.cancel.cancelled() => {}
+                        _ = shutdown.cancelled() => {}
+                        () = tokio::time::sleep_until(pace.next_due().min(deadline)) => {}
+                    }
+                    continue;
+                }
+                due => due,
+            },
+        };
+        let (chunk, tail) = rest.split_at(size);
+        rest = tail;
         let started = OffsetDateTime::now_utc();
         // One durable transaction per batch, committed off the async workers by the store.
         let ids: Vec<&str> = chunk.iter().map(String::as_str).collect();

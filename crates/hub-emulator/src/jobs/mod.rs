@@ -138,6 +138,8 @@ struct State {
 struct Inner {
     hub: Hub,
     max_active: usize,
+    /// The tier's pace for device operations (None: as fast as the hub goes).
+    pace: Option<crate::throttle::Pace>,
     state: Mutex<State>,
     /// Wakes the scheduler (a job was created).
     wake: Notify,
@@ -164,7 +166,13 @@ impl Jobs {
     /// to `pending` and are executed again. Rows are saved as `running` before their call is
     /// sent, so no other row can have been executed (the guarantee in `engine.rs`).
     /// Unreadable records are skipped with a warning rather than refusing to start.
-    pub fn open(hub: Hub, max_active: usize) -> Result<Jobs, OperationError> {
+    ///
+    /// With `pace`, device operations run at the tier's jobs device-operations rate.
+    pub fn open(
+        hub: Hub,
+        max_active: usize,
+        pace: Option<crate::throttle::Pace>,
+    ) -> Result<Jobs, OperationError> {
         let store = hub.store();
         let mut state = State::default();
         for (id, text) in store.load_jobs()? {
@@ -201,6 +209,7 @@ impl Jobs {
             inner: Arc::new(Inner {
                 hub,
                 max_active: max_active.max(1),
+                pace,
                 state: Mutex::new(state),
                 wake: Notify::new(),
             }),
@@ -230,6 +239,11 @@ impl Jobs {
 
     fn hub(&self) -> &Hub {
         &self.inner.hub
+    }
+
+    /// The tier's pace for device operations, if any.
+    fn pace(&self) -> Option<&crate::throttle::Pace> {
+        self.inner.pace.as_ref()
     }
 
     /// `PUT /jobs/v2/{id}`: validates and schedules a job; returns its `JobResponse`.
