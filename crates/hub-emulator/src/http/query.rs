@@ -83,7 +83,8 @@ const SCAN_BATCH: usize = 32_768;
 /// Every kind of query pages, projections and aggregates included: the service SDKs run every
 /// query through the same page loop, resending `x-ms-continuation` while the response carries
 /// one, whatever the item type [CS iothub/service/src/Query/QueryClient.cs
-/// `BuildAndSendRequestAsync`; NODE azure-iothub query.js `_nextPage`]. A page holds at most
+/// `BuildAndSendRequestAsync`; NODE service/src/query.ts `Query.next`, which plain-JSON
+/// (projection) results go through too, SRS_NODE_SERVICE_QUERY_16_013]. A page holds at most
 /// `page_size` rows (at most 100, [`hub_core::query::MAX_PAGE_SIZE`]), and each row is bounded:
 /// a twin by its section limits, a projection by the twin it comes from, a group row by its
 /// columns (the query text is at most 8,192 characters) — so a response is bounded too.
