@@ -8,7 +8,7 @@
 //! page starts strictly after it in that order, so while the registry changes no row appears
 //! twice and no row (or group) that existed throughout is skipped.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::Json;
 use axum::extract::State;
@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64URL;
 use serde_json::Value;
+use tokio::sync::Semaphore;
 
 use hub_core::policy::Permission;
 use hub_core::query::{
@@ -52,7 +53,10 @@ pub async fn query_devices(
         .filter(|t| !t.is_empty())
         .map(str::to_owned);
     // A full scan of a large registry takes tens of milliseconds of CPU: keep it off the async
-    // workers that serve every other request and device session.
+    // workers that serve every other request and device session, and run at most
+    // `scan_slots()` at a time, so that queries arriving together wait for each other (without
+    // holding a thread) instead of taking every core from twin reads and device sessions.
+    let _slot = scan_slots().acquire().await.map_err(ApiError::internal)?;
     let page = tokio::task::spawn_blocking(move || {
         compute_page(&state, &query, continuation.as_deref(), page_size)
     })
@@ -77,6 +81,16 @@ pub async fn query_devices(
 /// short holds of the hub's lock, [`crate::hub::TWIN_READ_CHUNK`]) and stops once they are
 /// known; a batch is large enough for the parallel scan to use every core.
 const SCAN_BATCH: usize = 32_768;
+
+/// The query evaluations that may run at once: half the cores (at least one). Process-wide, as
+/// the cores are: every hub in the process shares them.
+fn scan_slots() -> &'static Semaphore {
+    static SLOTS: OnceLock<Semaphore> = OnceLock::new();
+    SLOTS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        Semaphore::new((cores / 2).max(1))
+    })
+}
 
 /// One page of `query`'s results, starting after `continuation`.
 ///
