@@ -6,7 +6,14 @@
 //! median of several runs; the machine's load average is printed with it, since other
 //! processes on a small machine change the wall-clock figures a lot.
 //!
-//! Run with: `cargo run --release -p hub-emulator --example query_bench`
+//! Then, through a running in-process hub over HTTPS (`--devices`, default 100,000; 0 skips
+//! it): p50/p99/max latency of a sequential `GET /twins/{id}` reader, first alone, then while
+//! `--queriers` (default 2) clients run full-registry queries back to back (a GROUP BY over a
+//! tag, a WHERE matching nothing, a GROUP BY deviceId), with the queries' own latency and the
+//! size of the largest query response.
+//!
+//! Run with: `cargo run --release -p hub-emulator --example query_bench -- --devices 100000
+//! --seconds 5 --queriers 2`
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -131,6 +138,32 @@ fn load() -> String {
 }
 
 fn main() -> anyhow::Result<()> {
+    let args = <BenchArgs as clap::Parser>::parse();
+    evaluator()?;
+    if args.devices > 0 {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(rest::run(&args))?;
+    }
+    Ok(())
+}
+
+/// Command line of the REST part.
+#[derive(clap::Parser)]
+struct BenchArgs {
+    /// Devices registered in the hub for the REST part; 0 skips it.
+    #[arg(long, default_value_t = 100_000)]
+    devices: usize,
+    /// Length of each latency run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Clients running full-registry queries during the loaded run.
+    #[arg(long, default_value_t = 2)]
+    queriers: usize,
+}
+
+fn evaluator() -> anyhow::Result<()> {
     let build = Instant::now();
     let twins: Vec<Arc<Value>> = (0..DEVICES).map(|i| Arc::new(twin(i))).collect();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -230,4 +263,177 @@ fn main() -> anyhow::Result<()> {
         ms(runs_seq.median()),
     );
     Ok(())
+}
+
+/// The REST part: a real hub, a sequential twin reader, and clients running full scans.
+mod rest {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+    use hub_core::connection_string::ServiceConnectionString;
+    use hub_emulator::Config;
+    use serde_json::json;
+
+    use super::{BenchArgs, load, ms};
+
+    /// The queries the load clients cycle through: each reads every twin of the registry.
+    const QUERIES: [&str; 3] = [
+        "SELECT tags.location.region AS region, COUNT() AS n FROM devices GROUP BY tags.location.region",
+        "SELECT * FROM devices WHERE tags.location.region = 'MARS'",
+        "SELECT deviceId, COUNT() AS n FROM devices GROUP BY deviceId",
+    ];
+
+    #[derive(Clone)]
+    struct Client {
+        http: reqwest::Client,
+        base: String,
+        auth: String,
+    }
+
+    pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
+        let running = hub_emulator::start(Config::ephemeral()).await?;
+        let hub = running.hub().clone();
+        let started = Instant::now();
+        let regions = ["US", "EU", "APAC", "LATAM"];
+        for i in 0..args.devices {
+            let id = format!("device-{i:06}");
+            hub.create_or_update_device(&id, &json!({"deviceId": id}), None)
+                .await?;
+            let tags = json!({"tags": {"location": {"region": regions[i % regions.len()]}, "floor": i % 7}});
+            hub.update_twin(&id, &tags, None, false).await?;
+        }
+        println!(
+            "\nREST: registered {} devices (in memory) in {:.2?}",
+            args.devices,
+            started.elapsed()
+        );
+
+        let cs: ServiceConnectionString = running.env.service_connection_string.parse()?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+        let auth = hub_core::sas::generate(
+            &cs.host_name.to_string(),
+            &cs.key,
+            Some(&cs.policy_name),
+            now + 7200,
+        );
+        let ca = reqwest::Certificate::from_pem(running.env.ca_pem.as_bytes())?;
+        let client = || -> anyhow::Result<Client> {
+            Ok(Client {
+                http: reqwest::Client::builder()
+                    .use_rustls_tls()
+                    .tls_built_in_root_certs(false)
+                    .add_root_certificate(ca.clone())
+                    .resolve("localhost", running.https_addr)
+                    .timeout(Duration::from_secs(300))
+                    .build()?,
+                base: format!("https://localhost:{}", running.https_addr.port()),
+                auth: auth.clone(),
+            })
+        };
+        let reader = client()?;
+        let read_id = format!("device-{:06}", args.devices / 2);
+        let seconds = Duration::from_secs(args.seconds.max(1));
+        read_loop(&reader, &read_id, Duration::from_millis(200)).await?;
+        let baseline = read_loop(&reader, &read_id, seconds).await?;
+        report("GET /twins/{id}, no other load", baseline);
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let largest = Arc::new(AtomicUsize::new(0));
+        let mut queriers = Vec::new();
+        for q in 0..args.queriers {
+            let (client, stop, largest) = (client()?, stop.clone(), largest.clone());
+            queriers.push(tokio::spawn(async move {
+                query_loop(client, q, stop, largest).await
+            }));
+        }
+        let loaded = read_loop(&reader, &read_id, seconds).await?;
+        stop.store(true, Ordering::Relaxed);
+        let mut query_times = Vec::new();
+        for querier in queriers {
+            query_times.extend(querier.await??);
+        }
+        report(
+            &format!("GET /twins/{{id}}, {} clients querying", args.queriers),
+            loaded,
+        );
+        report("  the full-registry queries themselves", query_times);
+        println!(
+            "  largest query response: {} bytes; load average {}",
+            largest.load(Ordering::Relaxed),
+            load()
+        );
+        Ok(())
+    }
+
+    async fn read_loop(
+        client: &Client,
+        id: &str,
+        duration: Duration,
+    ) -> anyhow::Result<Vec<Duration>> {
+        let url = format!("{}/twins/{id}?api-version=2021-04-12", client.base);
+        let mut latencies = Vec::new();
+        let started = Instant::now();
+        while started.elapsed() < duration {
+            let sent = Instant::now();
+            let response = client
+                .http
+                .get(&url)
+                .header("Authorization", &client.auth)
+                .send()
+                .await?;
+            anyhow::ensure!(response.status().is_success(), "GET twin: {response:?}");
+            response.bytes().await?;
+            latencies.push(sent.elapsed());
+        }
+        Ok(latencies)
+    }
+
+    /// Runs the first page of each of [`QUERIES`] in turn (starting at `first`) until `stop`.
+    async fn query_loop(
+        client: Client,
+        first: usize,
+        stop: Arc<AtomicBool>,
+        largest: Arc<AtomicUsize>,
+    ) -> anyhow::Result<Vec<Duration>> {
+        let url = format!("{}/devices/query?api-version=2021-04-12", client.base);
+        let mut latencies = Vec::new();
+        let mut next = first;
+        while !stop.load(Ordering::Relaxed) {
+            let text = QUERIES[next % QUERIES.len()];
+            next += 1;
+            let sent = Instant::now();
+            let response = client
+                .http
+                .post(&url)
+                .header("Authorization", &client.auth)
+                .json(&json!({ "query": text }))
+                .send()
+                .await?;
+            anyhow::ensure!(response.status().is_success(), "query {text}: {response:?}");
+            let body = response.bytes().await?;
+            latencies.push(sent.elapsed());
+            largest.fetch_max(body.len(), Ordering::Relaxed);
+        }
+        Ok(latencies)
+    }
+
+    fn report(label: &str, mut latencies: Vec<Duration>) {
+        latencies.sort();
+        if latencies.is_empty() {
+            println!("{label:<46} no samples");
+            return;
+        }
+        let at = |p: f64| {
+            let rank = ((p * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len());
+            latencies[rank - 1]
+        };
+        println!(
+            "{label:<46} p50 {:>8.2} ms  p99 {:>8.2} ms  max {:>8.2} ms  ({} requests)",
+            ms(at(0.50)),
+            ms(at(0.99)),
+            ms(at(1.0)),
+            latencies.len()
+        );
+    }
 }

@@ -2,12 +2,13 @@
 //! rows (`FROM devices.jobs`), answered as a JSON array with `x-ms-item-type` and, when more rows
 //! follow, `x-ms-continuation` (reference §4.5).
 //!
-//! Paging invariant: a continuation token names the last row returned (its device id, or its
-//! (jobId, deviceId) for `devices.jobs`) and the next page starts strictly after it in that
-//! order, so while the registry changes no row appears twice and no row that existed throughout
-//! is skipped. Projections and aggregates are computed over the whole set in one page.
+//! Paging invariant: every query pages, at most 100 rows a page. A continuation token names
+//! where the last page ended — the last document (its device id, or its (jobId, deviceId) for
+//! `devices.jobs`) for `SELECT *` and projections, the last group for aggregates — and the next
+//! page starts strictly after it in that order, so while the registry changes no row appears
+//! twice and no row (or group) that existed throughout is skipped.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::Json;
 use axum::extract::State;
@@ -16,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as BASE64URL;
 use serde_json::Value;
+use tokio::sync::Semaphore;
 
 use hub_core::policy::Permission;
 use hub_core::query::{
@@ -27,7 +29,9 @@ use super::AppState;
 use super::auth::require;
 use super::error::ApiError;
 use super::extract::JsonBody;
-use crate::query::{self, Query, QueryError, QueryErrorKind, Source};
+use crate::query::{
+    self, GroupPosition, Projection, Query, QueryError, QueryErrorKind, RowShape, Source,
+};
 
 /// `POST /devices/query`.
 pub async fn query_devices(
@@ -49,7 +53,10 @@ pub async fn query_devices(
         .filter(|t| !t.is_empty())
         .map(str::to_owned);
     // A full scan of a large registry takes tens of milliseconds of CPU: keep it off the async
-    // workers that serve every other request and device session.
+    // workers that serve every other request and device session, and run at most
+    // `scan_slots()` at a time, so that queries arriving together wait for each other (without
+    // holding a thread) instead of taking every core from twin reads and device sessions.
+    let _slot = scan_slots().acquire().await.map_err(ApiError::internal)?;
     let page = tokio::task::spawn_blocking(move || {
         compute_page(&state, &query, continuation.as_deref(), page_size)
     })
@@ -69,7 +76,32 @@ pub async fn query_devices(
     Ok(response)
 }
 
+/// Documents scanned per round when paging rows: a page needs only its first `limit + 1`
+/// matches, so a selective WHERE reads the registry a batch at a time (each batch read in
+/// short holds of the hub's lock, [`crate::hub::TWIN_READ_CHUNK`]) and stops once they are
+/// known; a batch is large enough for the parallel scan to use every core.
+const SCAN_BATCH: usize = 32_768;
+
+/// The query evaluations that may run at once: half the cores (at least one). Process-wide, as
+/// the cores are: every hub in the process shares them.
+fn scan_slots() -> &'static Semaphore {
+    static SLOTS: OnceLock<Semaphore> = OnceLock::new();
+    SLOTS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        Semaphore::new((cores / 2).max(1))
+    })
+}
+
 /// One page of `query`'s results, starting after `continuation`.
+///
+/// Every kind of query pages, projections and aggregates included: the service SDKs run every
+/// query through the same page loop, resending `x-ms-continuation` while the response carries
+/// one, whatever the item type [CS iothub/service/src/Query/QueryClient.cs
+/// `BuildAndSendRequestAsync`; NODE service/src/query.ts `Query.next`, which plain-JSON
+/// (projection) results go through too, SRS_NODE_SERVICE_QUERY_16_013]. A page holds at most
+/// `page_size` rows (at most 100, [`hub_core::query::MAX_PAGE_SIZE`]), and each row is bounded:
+/// a twin by its section limits, a projection by the twin it comes from, a group row by its
+/// columns (the query text is at most 8,192 characters) — so a response is bounded too.
 fn compute_page(
     state: &AppState,
     query: &Query,
@@ -77,28 +109,67 @@ fn compute_page(
     page_size: usize,
 ) -> Result<Page, ApiError> {
     let page = match query.source {
+        Source::Devices if query.is_aggregate() => {
+            let cursor = continuation.map(GroupCursor::decode).transpose()?;
+            let returned = cursor.as_ref().map_or(0, |c| c.returned);
+            let limit = page_limit(query, returned, page_size);
+            // An aggregate reads every matching twin for every page (IoT Hub recomputes too:
+            // results are eventually consistent [DOCS query-twins "Twin query limitations"]);
+            // what it keeps is bounded by the page, not by the number of groups.
+            let docs = state.hub.twin_documents_after(None);
+            let groups = query::aggregate_page(
+                query,
+                docs.iter().map(|d| d.as_ref()),
+                cursor.as_ref().map(|c| &c.after),
+                limit,
+            )
+            .map_err(query_error)?;
+            let sent = returned + groups.rows.len() as u64;
+            let more = groups.more && query.top.is_none_or(|top| sent < top);
+            let next = groups.last.filter(|_| more).map(|after| {
+                GroupCursor {
+                    after,
+                    returned: sent,
+                }
+                .encode()
+            });
+            Page {
+                rows: groups.rows,
+                next,
+                item_type: QueryItemType::Raw,
+            }
+        }
         Source::Devices => {
             let cursor = continuation
                 .map(|t| Cursor::decode(t, 1, query.top.is_some()))
                 .transpose()?;
-            let after = cursor
-                .as_ref()
-                .and_then(|c| c.key.first())
-                .map(String::as_str);
-            let docs = state.hub.twin_documents_after(after);
-            run(
-                query,
-                &docs,
-                cursor,
-                page_size,
-                QueryItemType::Twin,
-                |doc| vec![text_field(doc, "deviceId")],
-            )?
+            let returned = cursor.as_ref().map_or(0, |c| c.returned);
+            let wanted = page_limit(query, returned, page_size).saturating_add(1);
+            let mut after = cursor.and_then(|c| c.key.into_iter().next());
+            let mut matched: Vec<Arc<Value>> = Vec::new();
+            loop {
+                let batch = state.hub.twin_documents_from(after.as_deref(), SCAN_BATCH);
+                let still = wanted - matched.len();
+                let found = match &query.condition {
+                    Some(condition) => query::first_matches(condition, &batch, still),
+                    None => (0..batch.len().min(still)).collect(),
+                };
+                matched.extend(found.iter().filter_map(|&i| batch.get(i)).cloned());
+                if matched.len() >= wanted || batch.len() < SCAN_BATCH {
+                    break;
+                }
+                after = batch.last().map(|d| text_field(d, "deviceId"));
+            }
+            rows_page(query, &matched, returned, page_size, |doc| {
+                vec![text_field(doc, "deviceId")]
+            })
         }
         Source::DevicesJobs => {
             let cursor = continuation
                 .map(|t| Cursor::decode(t, 2, query.top.is_some()))
                 .transpose()?;
+            let returned = cursor.as_ref().map_or(0, |c| c.returned);
+            let wanted = page_limit(query, returned, page_size).saturating_add(1);
             let docs = device_job_documents(state);
             let docs: Vec<Arc<Value>> = match &cursor {
                 // Rows are ordered by (jobId, deviceId): start strictly after the last one sent.
@@ -108,19 +179,27 @@ fn compute_page(
                     .collect(),
                 None => docs,
             };
-            run(
-                query,
-                &docs,
-                cursor,
-                page_size,
-                QueryItemType::DeviceJob,
-                job_key,
-            )?
+            let matched: Vec<Arc<Value>> = match &query.condition {
+                Some(condition) => query::first_matches(condition, &docs, wanted)
+                    .iter()
+                    .filter_map(|&i| docs.get(i))
+                    .cloned()
+                    .collect(),
+                None => docs.into_iter().take(wanted).collect(),
+            };
+            rows_page(query, &matched, returned, page_size, job_key)
         }
         // The emulator has no module identities: the collection exists and is empty.
-        Source::DevicesModules => run(query, &[], None, page_size, QueryItemType::Twin, |_| {
-            Vec::new()
-        })?,
+        Source::DevicesModules if query.is_aggregate() => {
+            let groups = query::aggregate_page(query, std::iter::empty(), None, page_size)
+                .map_err(query_error)?;
+            Page {
+                rows: groups.rows,
+                next: None,
+                item_type: QueryItemType::Raw,
+            }
+        }
+        Source::DevicesModules => rows_page(query, &[], 0, page_size, |_| Vec::new()),
     };
     Ok(page)
 }
@@ -136,45 +215,35 @@ struct Page {
     item_type: QueryItemType,
 }
 
-fn run(
-    query: &Query,
-    docs: &[Arc<Value>],
-    cursor: Option<Cursor>,
-    page_size: usize,
-    row_type: QueryItemType,
-    key: impl Fn(&Value) -> Vec<String>,
-) -> Result<Page, ApiError> {
-    if !query.is_row_query() {
-        let rows = query::execute(query, docs.iter().map(|d| d.as_ref())).map_err(query_error)?;
-        return Ok(Page {
-            rows,
-            next: None,
-            item_type: QueryItemType::Raw,
-        });
-    }
-    let returned = cursor.map_or(0, |c| c.returned);
+/// Rows this page may hold: the page size, or fewer when `TOP n` has `returned` rows sent.
+fn page_limit(query: &Query, returned: u64, page_size: usize) -> usize {
     let remaining = query
         .top
         .map_or(u64::MAX, |top| top.saturating_sub(returned));
-    let limit = usize::try_from(remaining)
+    usize::try_from(remaining)
         .unwrap_or(usize::MAX)
-        .min(page_size);
-    // One match past the page tells whether another page follows; large collections are
-    // scanned on all cores, stopping once the first `limit + 1` matches are known.
-    let wanted = limit.saturating_add(1);
-    let matching: Vec<usize> = match &query.condition {
-        Some(condition) => query::first_matches(condition, docs, wanted),
-        None => (0..docs.len().min(wanted)).collect(),
-    };
-    let rows: Vec<Value> = matching
-        .iter()
-        .take(limit)
-        .filter_map(|&i| docs.get(i))
-        .map(|d| (**d).clone())
-        .collect();
+        .min(page_size)
+}
+
+/// The page of a row query (`SELECT *` or a projection without aggregates) from `matched`, the
+/// first matching documents after the cursor (one more than the page holds when another page
+/// follows); `key` gives the sort key a continuation token names.
+fn rows_page(
+    query: &Query,
+    matched: &[Arc<Value>],
+    returned: u64,
+    page_size: usize,
+    key: impl Fn(&Value) -> Vec<String>,
+) -> Page {
+    let limit = page_limit(query, returned, page_size);
+    let shape = RowShape::new(query);
+    let page = matched.get(..limit).unwrap_or(matched);
+    let rows: Vec<Value> = page.iter().map(|doc| shape.row(doc)).collect();
     let sent = returned + rows.len() as u64;
-    let more = query.top.is_none_or(|top| sent < top) && matching.len() > limit;
-    let next = match rows.last() {
+    let more = query.top.is_none_or(|top| sent < top) && matched.len() > limit;
+    let next = match page.last() {
+        // The token names the last document, not the row: a projection may leave its
+        // deviceId out.
         Some(last) if more => Some(
             Cursor {
                 key: key(last),
@@ -184,11 +253,16 @@ fn run(
         ),
         _ => None,
     };
-    Ok(Page {
+    let item_type = match (query.projection == Projection::All, query.source) {
+        (false, _) => QueryItemType::Raw,
+        (true, Source::DevicesJobs) => QueryItemType::DeviceJob,
+        (true, _) => QueryItemType::Twin,
+    };
+    Page {
         rows,
         next,
-        item_type: row_type,
-    })
+        item_type,
+    }
 }
 
 fn text_field(doc: &Value, name: &str) -> String {
@@ -200,6 +274,34 @@ fn text_field(doc: &Value, name: &str) -> String {
 
 fn job_key(doc: &Value) -> Vec<String> {
     vec![text_field(doc, "jobId"), text_field(doc, "deviceId")]
+}
+
+/// Where an aggregate query's next page starts: strictly after the group of the last row sent
+/// (groups come in [`GroupPosition`] order), with how many rows were sent so far (for `TOP n`).
+/// Encoded as base64url of the count and the position joined by a newline; the position comes
+/// last because a string group value may itself hold newlines.
+#[derive(Debug, PartialEq)]
+struct GroupCursor {
+    after: GroupPosition,
+    returned: u64,
+}
+
+impl GroupCursor {
+    fn encode(&self) -> String {
+        BASE64URL.encode(format!("{}\n{}", self.returned, self.after.encode()))
+    }
+
+    fn decode(token: &str) -> Result<GroupCursor, ApiError> {
+        let bytes = BASE64URL
+            .decode(token.trim_end_matches('='))
+            .map_err(|_| bad_token())?;
+        let text = String::from_utf8(bytes).map_err(|_| bad_token())?;
+        let (returned, after) = text.split_once('\n').ok_or_else(bad_token)?;
+        Ok(GroupCursor {
+            returned: returned.parse().map_err(|_| bad_token())?,
+            after: GroupPosition::decode(after).ok_or_else(bad_token)?,
+        })
+    }
 }
 
 /// Where a row query's next page starts: the sort key of the last row sent, and (for `TOP n`)

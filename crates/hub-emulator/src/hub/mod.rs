@@ -16,7 +16,8 @@
 //!    two changes of one device never interleave, while other devices' changes and every read
 //!    go on. Never taken while holding 2 or 3.
 //! 2. **`state`** (std mutex): the registry as committed. Held only to read, stage or apply, never
-//!    across an `.await`, a commit or a serialization of records.
+//!    across an `.await`, a commit or a serialization of records; a read of many twins (a query,
+//!    a job's device selection) takes it once per [`TWIN_READ_CHUNK`] documents.
 //! 3. **`sessions`** (std mutex), then **`pending`** (std mutex): never held across an `.await`.
 //!
 //! # Invariants
@@ -55,6 +56,7 @@ pub use registry::{TUTORIAL_DEVICE_ID, validate_device_id};
 pub use router::{
     GrantedQos, OpenedSession, Outbound, SESSION_QUEUE, SessionTicket, Subscriptions,
 };
+pub use twins::TWIN_READ_CHUNK;
 
 use crate::store::{Store, Write};
 use methods::PendingMethod;

@@ -4,12 +4,13 @@
 //! Evaluation borrows from the document and the AST and allocates nothing per document.
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
 use super::QueryError;
 use super::ast::{Aggregate, BinaryOp, Condition, Expr, Function, Literal, Number, Path, Query};
+use super::group::{GroupKey, GroupPosition};
 use super::parser::{Column, Spans, columns, validate};
 
 impl Condition {
@@ -55,9 +56,10 @@ impl Query {
 /// * Projections without aggregates: one object per matching document, keyed by alias or last
 ///   path segment; undefined values are left out of the object.
 /// * Aggregates: one row (even over no documents: `COUNT()` gives 0), or with `GROUP BY` one row
-///   per distinct group value in first-seen order, the group value keyed by its alias or last
-///   segment. `SUM`/`AVG` take numbers, `MIN`/`MAX` numbers or strings; undefined values are
-///   skipped; any other value (or no value, except for `SUM`) leaves the column out of the row.
+///   per distinct group value in [`GroupPosition`] order (so that a page boundary between groups
+///   stays put while documents change), the group value keyed by its alias or last segment.
+///   `SUM`/`AVG` take numbers, `MIN`/`MAX` numbers or strings; undefined values are skipped;
+///   any other value (or no value, except for `SUM`) leaves the column out of the row.
 /// * `TOP n` limits the rows.
 ///
 /// # Errors
@@ -71,42 +73,114 @@ where
     let limit = query
         .top
         .map_or(usize::MAX, |top| usize::try_from(top).unwrap_or(usize::MAX));
-    let matching = docs.into_iter().filter(|doc| query.matches(doc));
-    let Some(columns) = columns(query) else {
-        return Ok(matching.take(limit).cloned().collect());
-    };
-    let aggregated = query.group_by.is_some()
-        || columns
-            .iter()
-            .any(|(_, column)| matches!(column, Column::Aggregate(_)));
-    if !aggregated {
-        let rows = matching
-            .take(limit)
-            .map(|doc| {
-                let mut row = Map::with_capacity(columns.len());
-                for (name, column) in &columns {
-                    let value = match column {
-                        Column::Path(path) => lookup(doc, path),
-                        Column::Aggregate(_) => None,
-                    };
-                    if let Some(value) = value {
-                        row.insert(name.clone(), value.clone());
-                    }
-                }
-                Value::Object(row)
-            })
-            .collect();
-        return Ok(rows);
+    if query.is_aggregate() {
+        return Ok(aggregate_groups(query, docs, None, limit).rows);
     }
-    Ok(aggregate(query, &columns, matching, limit))
+    let rows = RowShape::new(query);
+    Ok(docs
+        .into_iter()
+        .filter(|doc| query.matches(doc))
+        .take(limit)
+        .map(|doc| rows.row(doc))
+        .collect())
 }
 
-fn aggregate<'a>(
+impl Query {
+    /// True when the result rows are groups (`GROUP BY`, or an aggregate such as `COUNT()` in
+    /// the `SELECT` list) rather than one row per matching document.
+    pub fn is_aggregate(&self) -> bool {
+        self.group_by.is_some()
+            || columns(self).is_some_and(|columns| {
+                columns
+                    .iter()
+                    .any(|(_, column)| matches!(column, Column::Aggregate(_)))
+            })
+    }
+}
+
+/// Turns a matching document into its result row for a query that is not an aggregate: the
+/// document itself for `SELECT *`, else an object of the projected values.
+#[derive(Debug)]
+pub struct RowShape<'q> {
+    columns: Option<Vec<(String, Column<'q>)>>,
+}
+
+impl<'q> RowShape<'q> {
+    /// The row shape of `query` (whose aggregate columns, if any, are left out of rows).
+    pub fn new(query: &'q Query) -> Self {
+        RowShape {
+            columns: columns(query),
+        }
+    }
+
+    /// The result row for `doc`.
+    pub fn row(&self, doc: &Value) -> Value {
+        let Some(columns) = &self.columns else {
+            return doc.clone();
+        };
+        let mut row = Map::with_capacity(columns.len());
+        for (name, column) in columns {
+            if let Column::Path(path) = column
+                && let Some(value) = lookup(doc, path)
+            {
+                row.insert(name.clone(), value.clone());
+            }
+        }
+        Value::Object(row)
+    }
+}
+
+/// One page of an aggregate query's rows.
+#[derive(Debug)]
+pub struct GroupPage {
+    /// At most the `limit` asked for, in group order.
+    pub rows: Vec<Value>,
+    /// Where the page ended: the group of its last row (`None` without `GROUP BY` or rows).
+    pub last: Option<GroupPosition>,
+    /// True when groups after `last` exist.
+    pub more: bool,
+}
+
+/// The first `limit` groups of aggregate `query` over the matching `docs` that come strictly
+/// after `after` in group order (all groups when `after` is `None`), and whether more follow.
+///
+/// Memory is bounded by `limit`, not by how many distinct group values the documents hold:
+/// only the `limit + 1` smallest groups seen so far are kept, and a document whose group sorts
+/// after all of them once that many are known is skipped (its group cannot be on this page).
+///
+/// # Errors
+///
+/// [`super::QueryErrorKind::Unsupported`] for a query the parser would have rejected or one that
+/// is not an aggregate ([`Query::is_aggregate`]).
+pub fn aggregate_page<'a, I>(
     query: &Query,
-    columns: &[(String, Column<'_>)],
-    docs: impl Iterator<Item = &'a Value>,
+    docs: I,
+    after: Option<&GroupPosition>,
     limit: usize,
-) -> Vec<Value> {
+) -> Result<GroupPage, QueryError>
+where
+    I: IntoIterator<Item = &'a Value>,
+{
+    validate(query, &Spans::default())?;
+    if !query.is_aggregate() {
+        return Err(QueryError::unsupported(
+            None,
+            "the query has no GROUP BY or aggregate to page by group".to_owned(),
+        ));
+    }
+    Ok(aggregate_groups(query, docs, after, limit))
+}
+
+fn aggregate_groups<'a, I>(
+    query: &Query,
+    docs: I,
+    after: Option<&GroupPosition>,
+    limit: usize,
+) -> GroupPage
+where
+    I: IntoIterator<Item = &'a Value>,
+{
+    let columns = columns(query).unwrap_or_default();
     let new_accumulators = || -> Vec<Acc<'a>> {
         columns
             .iter()
@@ -116,50 +190,103 @@ fn aggregate<'a>(
             })
             .collect()
     };
-    // Groups in first-seen order; without GROUP BY there is exactly one, even for no documents.
-    let mut groups: Vec<(Option<&'a Value>, Vec<Acc<'a>>)> = Vec::new();
-    let mut index: HashMap<GroupKey<'a>, usize> = HashMap::new();
-    if query.group_by.is_none() {
-        groups.push((None, new_accumulators()));
-    }
-    for doc in docs {
-        let slot = match &query.group_by {
-            None => 0,
-            Some(path) => {
-                let value = lookup(doc, path);
-                let next = groups.len();
-                let slot = *index.entry(GroupKey::of(value)).or_insert(next);
-                if slot == next {
-                    groups.push((value, new_accumulators()));
-                }
-                slot
-            }
-        };
-        if let Some((_, accumulators)) = groups.get_mut(slot) {
-            for ((_, column), acc) in columns.iter().zip(accumulators.iter_mut()) {
-                if let Column::Aggregate(aggregate) = column {
-                    acc.add(aggregate, doc);
-                }
+    let add = |accumulators: &mut Vec<Acc<'a>>, doc: &'a Value| {
+        for ((_, column), acc) in columns.iter().zip(accumulators.iter_mut()) {
+            if let Column::Aggregate(aggregate) = column {
+                acc.add(aggregate, doc);
             }
         }
+    };
+    let matching = docs.into_iter().filter(|doc| query.matches(doc));
+    let Some(path) = &query.group_by else {
+        // Without GROUP BY there is exactly one row, even over no documents; it has no
+        // position, so a token naming one ends the result.
+        let mut accumulators = new_accumulators();
+        for doc in matching {
+            add(&mut accumulators, doc);
+        }
+        let rows = if limit == 0 || after.is_some() {
+            Vec::new()
+        } else {
+            vec![group_row(&columns, None, accumulators)]
+        };
+        return GroupPage {
+            rows,
+            last: None,
+            more: false,
+        };
+    };
+    if limit == 0 {
+        return GroupPage {
+            rows: Vec::new(),
+            last: None,
+            more: false,
+        };
     }
-    groups
+    // One group past the page tells whether another page follows.
+    let keep = limit.saturating_add(1);
+    let after = after.map(GroupPosition::key);
+    let mut groups: BTreeMap<GroupKey<'a>, (Option<&'a Value>, Vec<Acc<'a>>)> = BTreeMap::new();
+    for doc in matching {
+        let value = lookup(doc, path);
+        let key = GroupKey::of(value);
+        if after.is_some_and(|after| key <= *after) {
+            continue;
+        }
+        if let Some((_, accumulators)) = groups.get_mut(&key) {
+            add(accumulators, doc);
+            continue;
+        }
+        if groups.len() >= keep
+            && groups
+                .last_key_value()
+                .is_some_and(|(largest, _)| key > *largest)
+        {
+            continue;
+        }
+        let mut accumulators = new_accumulators();
+        add(&mut accumulators, doc);
+        groups.insert(key, (value, accumulators));
+        if groups.len() > keep {
+            // A group dropped here can never come back onto this page: `keep` smaller ones
+            // are known from now on.
+            groups.pop_last();
+        }
+    }
+    let more = groups.len() > limit;
+    let mut last = None;
+    let rows = groups
         .into_iter()
         .take(limit)
-        .map(|(key, accumulators)| {
-            let mut row = Map::with_capacity(columns.len());
-            for ((name, _), acc) in columns.iter().zip(accumulators) {
-                let value = match acc {
-                    Acc::Key => key.cloned(),
-                    acc => acc.finish(),
-                };
-                if let Some(value) = value {
-                    row.insert(name.clone(), value);
-                }
-            }
-            Value::Object(row)
+        .map(|(key, (value, accumulators))| {
+            last = Some(key);
+            group_row(&columns, value, accumulators)
         })
-        .collect()
+        .collect();
+    GroupPage {
+        rows,
+        last: last.map(GroupPosition::from_key),
+        more,
+    }
+}
+
+/// A result row of an aggregate query: the group value (first seen) and each aggregate.
+fn group_row(
+    columns: &[(String, Column<'_>)],
+    key: Option<&Value>,
+    accumulators: Vec<Acc<'_>>,
+) -> Value {
+    let mut row = Map::with_capacity(columns.len());
+    for ((name, _), acc) in columns.iter().zip(accumulators) {
+        let value = match acc {
+            Acc::Key => key.cloned(),
+            acc => acc.finish(),
+        };
+        if let Some(value) = value {
+            row.insert(name.clone(), value);
+        }
+    }
+    Value::Object(row)
 }
 
 /// Running state of one output column of an aggregate query.
@@ -321,45 +448,9 @@ impl<'a> Acc<'a> {
     }
 }
 
-/// A hashable group value; numbers equal as values group together (`1` and `1.0`).
-#[derive(Debug, PartialEq, Eq, Hash)]
-enum GroupKey<'a> {
-    Undefined,
-    Null,
-    Bool(bool),
-    Int(i128),
-    Float(u64),
-    Str(&'a str),
-    /// Objects and arrays, by their JSON text.
-    Json(String),
-}
-
-impl<'a> GroupKey<'a> {
-    fn of(value: Option<&'a Value>) -> Self {
-        match Val::from_json(value) {
-            Val::Undefined => GroupKey::Undefined,
-            Val::Null => GroupKey::Null,
-            Val::Bool(b) => GroupKey::Bool(b),
-            Val::Int(i) => GroupKey::Int(i),
-            Val::Float(x) => {
-                #[allow(clippy::cast_possible_truncation)]
-                let whole = x as i128;
-                #[allow(clippy::float_cmp, clippy::cast_precision_loss)]
-                if x.fract() == 0.0 && whole as f64 == x {
-                    GroupKey::Int(whole)
-                } else {
-                    GroupKey::Float(x.to_bits())
-                }
-            }
-            Val::Str(s) => GroupKey::Str(s),
-            Val::Complex(v) => GroupKey::Json(v.to_string()),
-        }
-    }
-}
-
 /// A value during evaluation: borrowed from the document or the AST, never allocated.
 #[derive(Debug, Clone, Copy)]
-enum Val<'a> {
+pub(super) enum Val<'a> {
     Undefined,
     Null,
     Bool(bool),
@@ -371,7 +462,7 @@ enum Val<'a> {
 }
 
 impl<'a> Val<'a> {
-    fn from_json(value: Option<&'a Value>) -> Self {
+    pub(super) fn from_json(value: Option<&'a Value>) -> Self {
         match value {
             None => Val::Undefined,
             Some(Value::Null) => Val::Null,
@@ -441,7 +532,7 @@ impl<'a> Val<'a> {
 }
 
 #[allow(clippy::cast_precision_loss)]
-fn to_f64(i: i128) -> f64 {
+pub(super) fn to_f64(i: i128) -> f64 {
     i as f64
 }
 
@@ -639,16 +730,7 @@ fn call<'a, R: Resolve<'a>>(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod unit {
-    use super::*;
     use crate::query::Projection;
-
-    #[test]
-    fn group_keys_merge_equal_numbers() {
-        let one = Value::from(1);
-        let one_float = Value::from(1.0);
-        assert_eq!(GroupKey::of(Some(&one)), GroupKey::of(Some(&one_float)));
-        assert_ne!(GroupKey::of(Some(&one)), GroupKey::of(None));
-    }
 
     #[test]
     fn projection_kind_is_all_for_star() {

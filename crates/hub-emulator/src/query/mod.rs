@@ -7,6 +7,7 @@
 
 mod ast;
 mod eval;
+mod group;
 mod lexer;
 mod parser;
 mod scan;
@@ -18,7 +19,8 @@ pub use ast::{
     Aggregate, BinaryOp, Condition, Expr, Function, Literal, Number, Path, Projection,
     ProjectionExpr, ProjectionItem, Query, Source,
 };
-pub use eval::execute;
+pub use eval::{GroupPage, RowShape, aggregate_page, execute};
+pub use group::GroupPosition;
 pub use scan::{filter_parallel, first_matches};
 
 /// Longest query text IoT Hub accepts, in characters.
