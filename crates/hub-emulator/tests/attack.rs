@@ -8,7 +8,8 @@
 //! probes (`ATTACK_FLOOD` connections each, 1100) reach exhaustion on a CI runner. Other knobs:
 //! `ATTACK_HOLD_SECS` (6, how long each resource attack is held), `ATTACK_LEGIT_BOUND_SECS` (5),
 //! `ATTACK_PROBE_BOUND_SECS` (5, how long a probe's expected answer may take),
-//! `ATTACK_GROUP_DEVICES` (200), `ATTACK_PROBES` (comma-separated name fragments: run only those).
+//! `ATTACK_GROUP_DEVICES` (200), `ATTACK_MAX_RSS_MIB` (256, the hub's peak resident memory
+//! allowed during a resource attack), `ATTACK_PROBES` (comma-separated name fragments: run only those).
 //! Run with: `cargo test -p hub-emulator --test attack -- --nocapture`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -50,10 +51,16 @@ struct Knobs {
     legit_bound: Duration,
     probe_bound: Duration,
     group_devices: usize,
+    max_rss_mib: u64,
     only: Vec<String>,
 }
 
 impl Knobs {
+    /// Whether `ATTACK_PROBES` (if set) selects the probe `name`.
+    fn selected(&self, name: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|o| name.contains(o.as_str()))
+    }
+
     fn from_env() -> Knobs {
         Knobs {
             hub_nofile: env_usize("ATTACK_HUB_NOFILE", 1024) as u64,
@@ -62,6 +69,7 @@ impl Knobs {
             legit_bound: Duration::from_secs(env_usize("ATTACK_LEGIT_BOUND_SECS", 5) as u64),
             probe_bound: Duration::from_secs(env_usize("ATTACK_PROBE_BOUND_SECS", 5) as u64),
             group_devices: env_usize("ATTACK_GROUP_DEVICES", 200),
+            max_rss_mib: env_usize("ATTACK_MAX_RSS_MIB", 256) as u64,
             only: std::env::var("ATTACK_PROBES")
                 .map(|v| v.split(',').map(str::to_owned).collect())
                 .unwrap_or_default(),
@@ -167,7 +175,7 @@ async fn step<F: Future<Output = ProbeResult>>(
     name: &str,
     probe: F,
 ) {
-    if !ctx.knobs.only.is_empty() && !ctx.knobs.only.iter().any(|o| name.contains(o.as_str())) {
+    if !ctx.knobs.selected(name) {
         return;
     }
     // Resource probes hold their attack for `hold` and set it up first: give them room.
@@ -301,8 +309,8 @@ async fn attack_suite() {
         .chain(durability.err())
         .collect();
     println!(
-        "attack suite: {} probes, {} held, {} failed, in {:.1?}",
-        v.len(),
+        "attack suite: {} probes (durability included), {} held, {} failed, in {:.1?}",
+        v.len() + 1,
         v.len() + 1 - failed.len(),
         failed.len(),
         suite_started.elapsed()
@@ -1374,6 +1382,12 @@ async fn query_probes(ctx: &Ctx, v: &mut Vec<Verdict>) {
 // ---------------------------------------------------------------------------------------------
 // Resource attacks: many connections held, slow handshakes, slow headers and bodies, a flood.
 
+/// An MQTT-over-WebSocket upgrade as the device SDKs send it (reference §3.1: path
+/// `/$iothub/websocket`, subprotocol `mqtt`).
+const WEBSOCKET_UPGRADE: &str = "GET /$iothub/websocket HTTP/1.1\r\nHost: localhost\r\n\
+    Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n";
+
 /// What one attacking connection does once it is connected, until the hold ends.
 #[derive(Debug, Clone, Copy)]
 enum Attack {
@@ -1381,6 +1395,8 @@ enum Attack {
     HalfOpenTls(usize),
     /// The TLS handshake done, then nothing (MQTT: no CONNECT).
     IdleTls,
+    /// An MQTT-over-WebSocket upgrade (101), then no CONNECT.
+    IdleWebSocket,
     /// TLS done, request headers trickled a byte a second.
     SlowHeaders,
     /// TLS done, headers with a valid token and `Content-Length: 1000`, body a byte a second.
@@ -1424,8 +1440,17 @@ async fn hold(
                         r = closed_within(&mut tcp, Duration::from_secs(3600)) => r.is_ok(),
                     }
                 }
-                Attack::IdleTls => {
+                Attack::IdleTls | Attack::IdleWebSocket => {
                     let mut s = tls_connect(addr, &tls, bound).await?;
+                    if matches!(attack, Attack::IdleWebSocket) {
+                        s.write_all(WEBSOCKET_UPGRADE.as_bytes())
+                            .await
+                            .map_err(|e| format!("send the upgrade: {e}"))?;
+                        match read_status(&mut s, bound).await? {
+                            Some(101) => {}
+                            other => return Err(format!("upgrade answered {other:?}")),
+                        }
+                    }
                     drop(permit);
                     tokio::select! {
                         _ = stop.cancelled() => false,
@@ -1521,7 +1546,14 @@ async fn resource_probe(
         peak_rss / 1024,
         rss_after / 1024
     );
-    let bad: Vec<String> = during.into_iter().filter_map(Result::err).collect();
+    let mut bad: Vec<String> = during.into_iter().filter_map(Result::err).collect();
+    if peak_rss / 1024 > ctx.knobs.max_rss_mib {
+        bad.push(format!(
+            "hub RSS peaked at {} MiB (bound {} MiB)",
+            peak_rss / 1024,
+            ctx.knobs.max_rss_mib
+        ));
+    }
     if bad.is_empty() {
         Ok(summary)
     } else {
@@ -1593,6 +1625,13 @@ async fn resource_probes(ctx: &Ctx, v: &mut Vec<Verdict>) {
         v,
         &format!("TLS without CONNECT x{flood} on MQTT"),
         async { resource_probe(ctx, ctx.mqtt, flood, Attack::IdleTls, "idle-mqtt").await },
+    )
+    .await;
+    step(
+        ctx,
+        v,
+        &format!("WebSocket upgrades without CONNECT x{flood}"),
+        async { resource_probe(ctx, ctx.https, flood, Attack::IdleWebSocket, "idle-ws").await },
     )
     .await;
     step(ctx, v, &format!("half-open TLS x{flood} on HTTPS"), async {
@@ -1798,6 +1837,9 @@ fn start_watchers(ctx: &Ctx) -> Vec<(String, tokio::task::JoinHandle<ProbeResult
         ),
     ];
     for (name, addr, first, slow, tls, deadline) in cases {
+        if !ctx.knobs.selected(name) {
+            continue;
+        }
         let config = ctx.tls.clone();
         let handle = tokio::spawn(async move {
             let started = Instant::now();
