@@ -29,7 +29,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use attack::{HubProcess, Ledger, Legit, Output, client_hello, percentiles, trickle};
+use attack::{
+    HubProcess, Ledger, Legit, Output, client_hello, nofile_limits, percentiles, trickle,
+};
 use clap::Parser;
 use hub_core::device_client::{DeviceClient, DeviceClientOptions};
 use reqwest::Method;
@@ -80,14 +82,6 @@ fn hub_binary(given: Option<PathBuf>) -> Result<PathBuf> {
         );
     }
     Ok(bin)
-}
-
-/// The soft and hard open-file limits of this process, from `/proc/self/limits`.
-fn nofile_limits() -> Option<(u64, u64)> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    let mut fields = line.split_whitespace().skip(3);
-    Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
 }
 
 /// Raises the soft open-file limit to the hard one with util-linux `prlimit` (the workspace

@@ -33,8 +33,8 @@ use rustls::ClientConfig;
 use serde_json::{Value, json};
 use support::attack::{
     HubProcess, Ledger, Legit, Output, client_hello, closed_within, connect_packet, env_usize,
-    lock, mqtt_session, percentiles, policy_keys, publish_packet, read_packet, subscribe_packet,
-    tls_connect, trickle, unix_now,
+    lock, mqtt_session, nofile_limits, percentiles, policy_keys, publish_packet, read_packet,
+    subscribe_packet, tls_connect, trickle, unix_now,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -216,7 +216,19 @@ fn hub_binary() -> &'static Path {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attack_suite() {
-    let knobs = Knobs::from_env();
+    let mut knobs = Knobs::from_env();
+    // This process holds the attacking connections: keep room for them under its own limit.
+    if let Some((soft, _)) = nofile_limits() {
+        let room = usize::try_from(soft.saturating_sub(300)).unwrap_or(usize::MAX);
+        if knobs.flood > room {
+            println!(
+                "attack suite: open-file limit {soft} here: {} connections per resource probe \
+                 instead of {} (raise it with `ulimit -n \"$(ulimit -Hn)\"`)",
+                room, knobs.flood
+            );
+            knobs.flood = room;
+        }
+    }
     let suite_started = Instant::now();
     let data_dir = tempfile::tempdir().expect("data dir");
     // A first start creates the policies; they are read while no hub holds the store.
