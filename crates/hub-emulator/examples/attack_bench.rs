@@ -59,6 +59,10 @@ struct Args {
     /// The hub binary (default: `hub-emulator` in this example's target directory).
     #[arg(long)]
     hub: Option<PathBuf>,
+    /// Start the hub with this open-file limit (default: this process's, raised to the hard
+    /// limit), e.g. below `--tls` + `--bodies` to see what exhaustion does.
+    #[arg(long)]
+    hub_nofile: Option<u64>,
     /// Spread attacking sockets over source addresses 127.0.0.2-127.0.0.251 (when one source
     /// address runs out of ephemeral ports).
     #[arg(long)]
@@ -428,7 +432,12 @@ async fn main() -> Result<()> {
     let limits = raise_nofile();
     let hub_path = hub_binary(args.hub.clone())?;
     let data_dir = tempfile::tempdir()?;
-    let hub = HubProcess::spawn(&hub_path, data_dir.path(), None, Output::default());
+    let hub = HubProcess::spawn(
+        &hub_path,
+        data_dir.path(),
+        args.hub_nofile,
+        Output::default(),
+    );
     let legit = Legit::new(&hub, OP_TIMEOUT);
     let ledger = std::sync::Mutex::new(Ledger::default());
     let fresh_key = legit
@@ -452,12 +461,14 @@ async fn main() -> Result<()> {
         .build()?;
     println!(
         "attack benchmark: {} half-open TLS on MQTT + {} slow bodies on HTTPS, {} s per phase; \
-         hub {} (pid {}), open files soft/hard {:?}, {} cores, load {}",
+         hub {} (pid {}, open-file limit {}), here soft/hard {:?}, {} cores, load {}",
         args.tls,
         args.bodies,
         args.seconds,
         hub_path.display(),
         hub.pid(),
+        args.hub_nofile
+            .map_or_else(|| "inherited".to_owned(), |n| n.to_string()),
         limits,
         std::thread::available_parallelism()
             .map(|n| n.get())
