@@ -3,7 +3,8 @@
 //! Module map:
 //! - protocol (pure: no I/O, no clock reads): [`connection_string`], [`sas`], [`policy`],
 //!   [`topic`], [`timestamp`], and the wire model [`device`], [`twin`], [`method`], [`job`],
-//!   [`query`], [`error`]; [`hub_env`] (the local hub's settings file).
+//!   [`query`], [`error`]; [`hub_env`] (the local hub's settings file); [`tier`] (tiers and
+//!   their quotas).
 //! - clients (async I/O on tokio): [`tls`] (trust roots), [`device_client`] (MQTT),
 //!   [`service_client`] (REST); [`shutdown`] (Ctrl-C/SIGTERM) and [`duration`] (`20s`, `2m`) for
 //!   our binaries.
@@ -22,6 +23,7 @@ pub mod query;
 pub mod sas;
 pub mod service_client;
 pub mod shutdown;
+pub mod tier;
 pub mod timestamp;
 pub mod tls;
 pub mod topic;

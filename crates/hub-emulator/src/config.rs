@@ -77,12 +77,23 @@ pub struct Config {
     pub hostnames: Vec<String>,
     /// Active job cap.
     pub max_active_jobs: usize,
-    /// Most MQTT-over-TLS connections held at once (default [`crate::mqtt::MAX_CONNECTIONS`]);
-    /// at the cap, new clients wait in the accept backlog. Tests set it small.
+    /// Most authenticated MQTT-over-TLS sessions held at once (default
+    /// [`crate::mqtt::MAX_CONNECTIONS`]); beyond it a device gets CONNACK 3 and retries. Lowered
+    /// at start to fit the open-file limit. Tests set it small.
     pub max_mqtt_connections: usize,
-    /// Most HTTPS connections held at once, MQTT-over-WebSocket sessions included (default
-    /// [`crate::http::MAX_CONNECTIONS`]); at the cap, new clients wait in the accept backlog.
+    /// Most MQTT-over-TLS connections not authenticated yet (default
+    /// [`crate::mqtt::MAX_PENDING_CONNECTIONS`]); beyond it the oldest is closed.
+    pub max_pending_mqtt_connections: usize,
+    /// Most authenticated HTTPS connections held at once, MQTT-over-WebSocket sessions included
+    /// (default [`crate::http::MAX_CONNECTIONS`]); beyond it requests are answered and their
+    /// connection closed.
     pub max_https_connections: usize,
+    /// Most HTTPS connections not authenticated yet (default
+    /// [`crate::http::MAX_PENDING_CONNECTIONS`]); beyond it the oldest is closed.
+    pub max_pending_https_connections: usize,
+    /// How long an authenticated REST request's body may take to arrive (default
+    /// [`crate::http::BODY_READ_TIMEOUT`]). Tests set it short.
+    pub body_read_timeout: std::time::Duration,
 }
 
 impl Config {
@@ -97,7 +108,10 @@ impl Config {
             hostnames: Vec::new(),
             max_active_jobs: DEFAULT_MAX_ACTIVE_JOBS,
             max_mqtt_connections: crate::mqtt::MAX_CONNECTIONS,
+            max_pending_mqtt_connections: crate::mqtt::MAX_PENDING_CONNECTIONS,
             max_https_connections: crate::http::MAX_CONNECTIONS,
+            max_pending_https_connections: crate::http::MAX_PENDING_CONNECTIONS,
+            body_read_timeout: crate::http::BODY_READ_TIMEOUT,
         }
     }
 }
@@ -130,7 +144,10 @@ impl TryFrom<Args> for Config {
             hostnames: args.hostnames,
             max_active_jobs: args.max_active_jobs.max(1),
             max_mqtt_connections: crate::mqtt::MAX_CONNECTIONS,
+            max_pending_mqtt_connections: crate::mqtt::MAX_PENDING_CONNECTIONS,
             max_https_connections: crate::http::MAX_CONNECTIONS,
+            max_pending_https_connections: crate::http::MAX_PENDING_CONNECTIONS,
+            body_read_timeout: crate::http::BODY_READ_TIMEOUT,
         })
     }
 }

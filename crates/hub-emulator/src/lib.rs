@@ -4,8 +4,9 @@
 //! Module map:
 //! - [`config`]: command-line flags and data directory.
 //! - [`tls`]: the hub's local CA and server certificate.
-//! - `listener`: the accept loop both ports share (connection cap, TLS handshake in each
-//!   connection's task, accept backoff, shutdown).
+//! - `listener`: the accept loop both ports share (pending and admitted connection budgets, TLS
+//!   handshake in each connection's task, accept backoff, shutdown).
+//! - [`limits`]: the open-file limit, raised at start, with the budgets fitted under it.
 //! - [`store`]: durable state in SQLite.
 //! - [`hub`]: registry, twins, policies and the device-session router (shared state).
 //! - [`twins`]: twin sections, merge patches, `$version` and `$metadata`.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod http;
 pub mod hub;
 pub mod jobs;
+pub mod limits;
 mod listener;
 pub mod mqtt;
 pub mod query;
@@ -39,6 +41,7 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{Args, Config};
 pub use hub::Hub;
+pub use listener::ConnectionBudget;
 
 /// How long shutdown waits for sessions and requests to finish.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(4);
@@ -170,6 +173,30 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
     })
 }
 
+/// Both ports' budgets from `config`, fitted under the open-file limit (raised first).
+fn connection_budgets(config: &Config) -> (ConnectionBudget, ConnectionBudget) {
+    let mqtt = ConnectionBudget {
+        admitted: config.max_mqtt_connections.max(1),
+        pending: config.max_pending_mqtt_connections.max(1),
+    };
+    let https = ConnectionBudget {
+        admitted: config.max_https_connections.max(1),
+        pending: config.max_pending_https_connections.max(1),
+    };
+    let open_files = limits::raise_open_file_limit();
+    let (mqtt, https, lowered) = limits::fit_budgets(mqtt, https, open_files);
+    if lowered {
+        tracing::warn!(
+            open_files = open_files.unwrap_or_default(),
+            mqtt_sessions = mqtt.admitted,
+            https_connections = https.admitted,
+            "the open-file limit is too low for the configured connection budgets; they were \
+             lowered to fit (raise the hard limit, e.g. `ulimit -Hn` or LimitNOFILE=, for more)"
+        );
+    }
+    (mqtt, https)
+}
+
 fn host_with_port(host: &str, port: u16, default_port: u16) -> String {
     if port == default_port {
         host.to_owned()
@@ -220,6 +247,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
             source,
         })?;
 
+    let (mqtt_budget, https_budget) = connection_budgets(&config);
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
     let jobs = jobs::Jobs::open(hub.clone(), config.max_active_jobs)?;
@@ -228,21 +256,19 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     tracker.spawn(mqtt::serve(
         mqtt_listener,
         acceptor.clone(),
-        config.max_mqtt_connections,
+        mqtt_budget,
         hub.clone(),
         shutdown.clone(),
         tracker.clone(),
     ));
-    let router = http::router(http::AppState::new(
-        hub.clone(),
-        jobs.clone(),
-        shutdown.clone(),
-        tracker.clone(),
-    ));
+    let router = http::router(http::AppState {
+        body_read_timeout: config.body_read_timeout,
+        ..http::AppState::new(hub.clone(), jobs.clone(), shutdown.clone(), tracker.clone())
+    });
     tracker.spawn(http::serve(
         https_listener,
         acceptor,
-        config.max_https_connections,
+        https_budget,
         router,
         shutdown.clone(),
         tracker.clone(),

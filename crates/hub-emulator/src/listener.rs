@@ -1,16 +1,27 @@
-//! The accept loop both ports share (MQTT over TLS and HTTPS): the connection cap, one backoff
-//! policy for accept errors, and one task per connection that does the TLS handshake under a
-//! deadline and then hands the stream to the port's [`Handler`].
+//! The accept loop both ports share (MQTT over TLS and HTTPS): the two connection budgets, one
+//! backoff policy for accept errors, and one task per connection that does the TLS handshake
+//! under a deadline and then hands the stream to the port's [`Handler`].
+//!
+//! Budgets: a connection starts *pending* (TLS handshake, MQTT CONNECT, an HTTP request whose
+//! token has not been checked) and becomes *admitted* once it authenticates
+//! ([`Admission::admit`]). The pending budget is small and never blocks `accept`: when it is
+//! full, the oldest pending connection is evicted (closed) to make room, so clients that open
+//! connections and never authenticate (half-open TLS, silent sockets, slow headers) cannot lock
+//! out a device whose handshake takes milliseconds; only a flood of newer connections can push
+//! it out. The admitted budget bounds authenticated sessions; a client that authenticates while
+//! it is full is told so by its protocol (MQTT CONNACK 3, HTTP `Connection: close`). Together
+//! the two bound the descriptors the port can hold, whatever clients do.
 //!
 //! Invariants: the loop never awaits a client (no handshake, no read), so one slow or hostile
-//! client cannot stall accepting others; a permit is taken before `accept`, so at the cap new
-//! clients wait in the kernel's backlog; a connection holds its permit for as long as anything
-//! serves it ([`ConnectionPermit`]); the loop, its backoff and pending handshakes all stop at
-//! shutdown.
+//! client cannot stall accepting others; a connection keeps its place in a budget for as long
+//! as anything serves it ([`Admission`] is shared by whatever outlives the connection's task,
+//! e.g. an upgraded WebSocket session); the loop, its backoff and pending handshakes all stop
+//! at shutdown.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -27,6 +38,23 @@ use tracing::{Instrument as _, Span, debug, warn};
 /// cap keeps the log quiet while still noticing recovery within a second.
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(1));
 
+/// How many connections one port may hold: `admitted` authenticated ones, plus `pending` ones
+/// that have not authenticated yet (at least one each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionBudget {
+    /// Authenticated connections (device sessions, REST clients that sent a valid token).
+    pub admitted: usize,
+    /// Connections still in their TLS handshake, before CONNECT or before a valid token.
+    pub pending: usize,
+}
+
+impl ConnectionBudget {
+    /// The most descriptors the port's connections can take.
+    pub fn total(self) -> usize {
+        self.admitted.saturating_add(self.pending)
+    }
+}
+
 /// What one port does with a connection once its TLS handshake is done.
 pub(crate) trait Handler: Clone + Send + Sync + 'static {
     /// The port's name in logs.
@@ -37,7 +65,8 @@ pub(crate) trait Handler: Clone + Send + Sync + 'static {
     /// The span the connection's task runs in, handshake included.
     fn span(&self, peer: SocketAddr) -> Span;
 
-    /// Serves one connection; it closes when this returns (unless something kept its permit).
+    /// Serves one connection; it closes when this returns (unless something kept its
+    /// admission). The listener stops it if the connection is evicted while still pending.
     fn handle(self, connection: Accepted) -> impl Future<Output = ()> + Send;
 }
 
@@ -47,33 +76,166 @@ pub(crate) struct Accepted {
     pub(crate) stream: TlsStream<TcpStream>,
     /// When `accept` returned: the start of any connect deadline.
     pub(crate) accepted_at: Instant,
-    pub(crate) permit: ConnectionPermit,
+    pub(crate) admission: Admission,
 }
 
-/// A connection's place under its port's cap, freed when the last clone is dropped. Whatever
+/// A connection's place in its port's budgets, freed when the last clone is dropped. Whatever
 /// outlives the connection's task (an upgraded WebSocket session) keeps a clone, so it still
-/// counts against the cap.
+/// counts.
 #[derive(Debug, Clone)]
-pub(crate) struct ConnectionPermit {
-    _held: Arc<OwnedSemaphorePermit>,
+pub(crate) struct Admission {
+    inner: Arc<AdmissionInner>,
+}
+
+#[derive(Debug)]
+struct AdmissionInner {
+    stage: Mutex<Stage>,
+    admitted: Arc<Semaphore>,
+    /// Cancelled when the connection is evicted from the pending budget.
+    evicted: CancellationToken,
+}
+
+#[derive(Debug)]
+enum Stage {
+    /// In the pending order (leaves it when replaced or dropped).
+    Pending {
+        _place: PendingPlace,
+    },
+    Admitted {
+        _permit: OwnedSemaphorePermit,
+    },
+}
+
+/// The admitted budget is full: the connection stays pending (and evictable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AdmittedFull;
+
+impl Admission {
+    /// Moves the connection into the admitted budget (idempotent). When that budget is full the
+    /// connection stays pending: the caller tells the client (CONNACK 3, `Connection: close`).
+    pub(crate) fn admit(&self) -> Result<(), AdmittedFull> {
+        let mut stage = self
+            .inner
+            .stage
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if matches!(*stage, Stage::Admitted { .. }) {
+            return Ok(());
+        }
+        let permit = Arc::clone(&self.inner.admitted)
+            .try_acquire_owned()
+            .map_err(|_| AdmittedFull)?;
+        // Dropping the pending place takes the connection out of the eviction order.
+        *stage = Stage::Admitted { _permit: permit };
+        Ok(())
+    }
+
+    /// Resolves when the connection is evicted from the pending budget (never once admitted).
+    pub(crate) async fn evicted(&self) {
+        self.inner.evicted.cancelled().await;
+    }
+}
+
+/// The pending budget: connections in arrival order; a new one beyond the cap evicts the
+/// oldest. A std mutex, held for a map operation and never across an await.
+#[derive(Debug)]
+struct PendingQueue {
+    cap: usize,
+    order: Mutex<PendingOrder>,
+}
+
+#[derive(Debug, Default)]
+struct PendingOrder {
+    next: u64,
+    waiting: BTreeMap<u64, CancellationToken>,
+}
+
+/// One connection's place in the pending order; leaves it when dropped.
+#[derive(Debug)]
+struct PendingPlace {
+    id: u64,
+    queue: Arc<PendingQueue>,
+}
+
+impl PendingQueue {
+    /// Enters a new connection, evicting the oldest ones while the queue is at its cap.
+    fn enter(self: &Arc<Self>, evicted: CancellationToken) -> PendingPlace {
+        let mut order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
+        while order.waiting.len() >= self.cap {
+            let Some((_, oldest)) = order.waiting.pop_first() else {
+                break;
+            };
+            oldest.cancel();
+        }
+        let id = order.next;
+        order.next += 1;
+        order.waiting.insert(id, evicted);
+        PendingPlace {
+            id,
+            queue: Arc::clone(self),
+        }
+    }
+}
+
+impl Drop for PendingPlace {
+    fn drop(&mut self) {
+        let mut order = self
+            .queue
+            .order
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        order.waiting.remove(&self.id);
+    }
+}
+
+/// Both budgets of one port.
+#[derive(Debug)]
+struct Budgets {
+    pending: Arc<PendingQueue>,
+    admitted: Arc<Semaphore>,
+}
+
+impl Budgets {
+    fn new(budget: ConnectionBudget) -> Budgets {
+        Budgets {
+            pending: Arc::new(PendingQueue {
+                cap: budget.pending.max(1),
+                order: Mutex::default(),
+            }),
+            admitted: Arc::new(Semaphore::new(budget.admitted.max(1))),
+        }
+    }
+
+    /// A new connection's admission: pending, possibly evicting the oldest pending one.
+    fn enter(&self) -> Admission {
+        let evicted = CancellationToken::new();
+        let place = self.pending.enter(evicted.clone());
+        Admission {
+            inner: Arc::new(AdmissionInner {
+                stage: Mutex::new(Stage::Pending { _place: place }),
+                admitted: Arc::clone(&self.admitted),
+                evicted,
+            }),
+        }
+    }
 }
 
 /// Accepts TLS connections on one port and runs each on its own task.
 pub(crate) struct Listener<H> {
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    limit: Arc<Semaphore>,
+    budgets: Budgets,
     handler: H,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
 
 impl<H: Handler> Listener<H> {
-    /// A listener holding at most `max_connections` connections at once (at least one).
+    /// A listener holding at most `budget` connections at once.
     pub(crate) fn new(
         listener: TcpListener,
         acceptor: TlsAcceptor,
-        max_connections: usize,
+        budget: ConnectionBudget,
         handler: H,
         shutdown: CancellationToken,
         tracker: TaskTracker,
@@ -81,7 +243,7 @@ impl<H: Handler> Listener<H> {
         Listener {
             listener,
             acceptor,
-            limit: Arc::new(Semaphore::new(max_connections.max(1))),
+            budgets: Budgets::new(budget),
             handler,
             shutdown,
             tracker,
@@ -92,14 +254,6 @@ impl<H: Handler> Listener<H> {
     pub(crate) async fn run(self) {
         let mut backoff = ACCEPT_BACKOFF.0;
         loop {
-            let permit = tokio::select! {
-                biased;
-                () = self.shutdown.cancelled() => break,
-                permit = Arc::clone(&self.limit).acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break, // the semaphore is never closed
-                },
-            };
             let accepted = tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => break,
@@ -122,14 +276,12 @@ impl<H: Handler> Listener<H> {
                 }
             };
             let accepted_at = Instant::now();
-            let permit = ConnectionPermit {
-                _held: Arc::new(permit),
-            };
+            let admission = self.budgets.enter();
             let span = self.handler.span(peer);
             let task = connection(
                 socket,
                 accepted_at,
-                permit,
+                admission,
                 self.acceptor.clone(),
                 self.handler.clone(),
                 self.shutdown.clone(),
@@ -140,11 +292,12 @@ impl<H: Handler> Listener<H> {
     }
 }
 
-/// One connection's task: the TLS handshake, then the handler.
+/// One connection's task: the TLS handshake, then the handler; both end early if the
+/// connection is evicted while it is still pending.
 async fn connection<H: Handler>(
     socket: TcpStream,
     accepted_at: Instant,
-    permit: ConnectionPermit,
+    admission: Admission,
     acceptor: TlsAcceptor,
     handler: H,
     shutdown: CancellationToken,
@@ -156,6 +309,10 @@ async fn connection<H: Handler>(
     let handshake = tokio::select! {
         biased;
         () = shutdown.cancelled() => return,
+        () = admission.evicted() => {
+            debug!("evicted during the TLS handshake: newer connections need the pending budget");
+            return;
+        }
         handshake = tokio::time::timeout_at(deadline, acceptor.accept(socket)) => handshake,
     };
     let stream = match handshake {
@@ -172,13 +329,84 @@ async fn connection<H: Handler>(
             return;
         }
     };
-    // This task keeps its own clone, so the slot stays taken until the handler is done even if
-    // the handler drops the one it gets.
+    // This task keeps its own clone, so the place stays taken until the handler is done even
+    // if the handler drops the one it gets.
     let connection = Accepted {
         stream,
         accepted_at,
-        permit: permit.clone(),
+        admission: admission.clone(),
     };
-    handler.handle(connection).await;
-    drop(permit);
+    tokio::select! {
+        () = handler.handle(connection) => {}
+        () = admission.evicted() => {
+            debug!("evicted before authenticating: newer connections need the pending budget");
+        }
+    }
+    drop(admission);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budgets(admitted: usize, pending: usize) -> Budgets {
+        Budgets::new(ConnectionBudget { admitted, pending })
+    }
+
+    fn is_evicted(admission: &Admission) -> bool {
+        admission.inner.evicted.is_cancelled()
+    }
+
+    #[test]
+    fn a_full_pending_budget_evicts_its_oldest_connection() {
+        let budgets = budgets(10, 3);
+        let first: Vec<Admission> = (0..3).map(|_| budgets.enter()).collect();
+        assert!(first.iter().all(|a| !is_evicted(a)));
+        let newer = budgets.enter();
+        assert!(is_evicted(&first[0]), "the oldest makes room");
+        assert!(!is_evicted(&first[1]) && !is_evicted(&first[2]) && !is_evicted(&newer));
+        // A connection that left frees its place: no eviction for the next one.
+        drop(first);
+        let _more: Vec<Admission> = (0..2).map(|_| budgets.enter()).collect();
+        assert!(!is_evicted(&newer));
+    }
+
+    #[test]
+    fn an_admitted_connection_leaves_the_pending_order_and_is_never_evicted() {
+        let budgets = budgets(2, 2);
+        let device = budgets.enter();
+        assert_eq!(device.admit(), Ok(()));
+        assert_eq!(device.admit(), Ok(()), "admitting twice takes one place");
+        let flood: Vec<Admission> = (0..10).map(|_| budgets.enter()).collect();
+        assert!(!is_evicted(&device));
+        assert_eq!(flood.iter().filter(|a| !is_evicted(a)).count(), 2);
+        assert_eq!(budgets.admitted.available_permits(), 1);
+        let second = &flood[9];
+        assert_eq!(second.admit(), Ok(()));
+        assert_eq!(
+            flood[8].admit(),
+            Err(AdmittedFull),
+            "the admitted budget is full"
+        );
+        assert!(!is_evicted(&flood[8]), "a refused admission stays pending");
+        drop(device);
+        assert_eq!(
+            flood[8].admit(),
+            Ok(()),
+            "a place freed by a session that ended"
+        );
+    }
+
+    #[test]
+    fn an_admission_shared_by_an_upgraded_session_holds_its_place_until_the_last_clone() {
+        let budgets = budgets(1, 1);
+        let connection = budgets.enter();
+        let session = connection.clone();
+        drop(connection);
+        assert_eq!(session.admit(), Ok(()));
+        let other = budgets.enter();
+        assert_eq!(other.admit(), Err(AdmittedFull));
+        drop(session);
+        assert_eq!(other.admit(), Ok(()));
+    }
 }

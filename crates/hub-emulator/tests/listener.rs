@@ -1,6 +1,6 @@
 //! The shared listener on both ports, with real sockets on 127.0.0.1:0 and the hub's real TLS:
-//! the connection caps (an upgraded MQTT-over-WebSocket session included), prompt shutdown, and
-//! clients that never start their TLS handshake.
+//! the pending and admitted connection budgets (an upgraded MQTT-over-WebSocket session
+//! included), body deadlines, prompt shutdown, and clients that never start their TLS handshake.
 
 mod support;
 
@@ -18,6 +18,7 @@ use rumqttc::{
 };
 use rustls_pki_types::ServerName;
 use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
@@ -28,22 +29,24 @@ use support::TestHub;
 
 /// Upper bound for anything a test waits for.
 const WAIT: Duration = Duration::from_secs(10);
-/// How long a client stuck at a cap is watched to show it is not served. Well under the hub's
-/// 10 s handshake timeout, so a server that accepted it would have answered by then.
-const HELD_BACK: Duration = Duration::from_millis(700);
-
-/// Registers `id` and returns a device SAS token for it.
+/// Registers `id` (unless it is already) and returns a device SAS token for it.
 async fn device_token(hub: &TestHub, id: &str) -> String {
-    let device = hub
+    let created = hub
         .running
         .hub()
         .create_or_update_device(id, &json!({"deviceId": id}), None)
-        .await
-        .expect("create device");
-    let key = device["authentication"]["symmetricKey"]["primaryKey"]
-        .as_str()
+        .await;
+    if let Err(e) = created
+        && !matches!(e, hub_emulator::hub::OperationError::DeviceAlreadyExists(_))
+    {
+        panic!("create {id}: {e}");
+    }
+    let key = hub
+        .running
+        .hub()
+        .device_primary_key(id)
         .expect("primary key");
-    let key = SharedKey::from_base64(key).expect("base64 key");
+    let key = SharedKey::from_base64(&key).expect("base64 key");
     sas::generate(
         &sas::device_resource_uri("localhost", id, None),
         &key,
@@ -67,6 +70,31 @@ impl Drop for Device {
 
 impl Device {
     async fn connect(hub: &TestHub, id: &str, websocket: bool) -> Device {
+        match Device::try_connect(hub, id, websocket).await {
+            Ok(device) => device,
+            Err(code) => panic!("{id} was refused: {code:?}"),
+        }
+    }
+
+    /// Connects, retrying while the hub refuses; panics with `why` after [`WAIT`].
+    async fn connect_once_admitted(hub: &TestHub, id: &str, websocket: bool, why: &str) -> Device {
+        let retried = timeout(WAIT, async {
+            loop {
+                match Device::try_connect(hub, id, websocket).await {
+                    Ok(device) => break device,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        retried.await.unwrap_or_else(|_| panic!("{id} not {why}"))
+    }
+
+    /// Connects, or returns the CONNACK code that refused the device.
+    async fn try_connect(
+        hub: &TestHub,
+        id: &str,
+        websocket: bool,
+    ) -> Result<Device, ConnectReturnCode> {
         let tls = TlsConfiguration::Rustls(Arc::clone(&hub.tls));
         let mut options = if websocket {
             let port = hub.running.https_addr.port();
@@ -91,19 +119,22 @@ impl Device {
                 .expect("CONNACK within the wait")
             {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    assert_eq!(ack.code, ConnectReturnCode::Success);
+                    if ack.code != ConnectReturnCode::Success {
+                        return Err(ack.code);
+                    }
                     break;
                 }
                 Ok(_) => {}
+                Err(rumqttc::ConnectionError::ConnectionRefused(code)) => return Err(code),
                 Err(e) => panic!("{id} cannot connect: {e}"),
             }
         }
         // Polling answers keep-alives; stop at the first error, since polling again reconnects.
         let pump = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
-        Device {
+        Ok(Device {
             _client: client,
             pump,
-        }
+        })
     }
 }
 
@@ -117,69 +148,200 @@ async fn handshake(
     TlsConnector::from(tls).connect(name, tcp).await
 }
 
-/// Starts a handshake on its own task and checks that the hub holds it back (the port is at its
-/// cap); returns the task so the test can see it served once a slot frees.
-async fn held_back_handshake(
-    hub: &TestHub,
-    addr: SocketAddr,
-) -> JoinHandle<io::Result<TlsStream<TcpStream>>> {
-    let mut waiting = tokio::spawn(handshake(Arc::clone(&hub.tls), addr));
-    if let Ok(done) = timeout(HELD_BACK, &mut waiting).await {
-        panic!(
-            "a connection beyond the cap was served: {:?}",
-            done.map(|r| r.map(|_| "handshake done"))
-        );
+/// How many of `sockets` the hub has closed (EOF or reset) within `wait`.
+async fn closed_by_the_hub(sockets: &mut [TcpStream], wait: Duration) -> usize {
+    let mut closed = 0;
+    for socket in sockets.iter_mut() {
+        let mut byte = [0_u8; 1];
+        if let Ok(Ok(0) | Err(_)) = timeout(wait, socket.read(&mut byte)).await {
+            closed += 1;
+        }
     }
-    waiting
+    closed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upgraded_websocket_session_counts_against_the_https_cap() {
+async fn at_the_websocket_and_https_cap_devices_are_refused_and_rest_is_answered_then_closed() {
     let hub = TestHub::start_with(Config {
         max_https_connections: 1,
         ..Config::ephemeral()
     })
     .await;
-    let https = hub.running.https_addr;
     let device = Device::connect(&hub, "ws-dev", true).await;
 
     // The session's upgrade request has been answered, so hyper no longer holds the connection:
-    // only the session itself keeps the one HTTPS slot taken.
-    let waiting = held_back_handshake(&hub, https).await;
-
-    drop(device);
-    let stream = timeout(WAIT, waiting)
-        .await
-        .expect("served once the WebSocket session ended")
-        .expect("task")
-        .expect("TLS handshake");
-    drop(stream);
+    // only the session itself keeps the one admitted HTTPS place taken.
+    let refused = Device::try_connect(&hub, "ws-dev-2", true).await;
+    assert_eq!(refused.err(), Some(ConnectReturnCode::ServiceUnavailable));
+    // REST is still answered, on a connection the hub then closes.
     let answer = hub.call(Method::GET, "/statistics/devices", None).await;
     assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.header("connection"), Some("close"));
+
+    drop(device);
+    let second = Device::connect_once_admitted(
+        &hub,
+        "ws-dev-2",
+        true,
+        "admitted once the first WebSocket session ended",
+    )
+    .await;
+    drop(second);
     hub.running.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn at_the_mqtt_cap_new_clients_wait_until_a_slot_frees() {
+async fn at_the_mqtt_session_cap_a_device_gets_connack_3_until_a_place_frees() {
     let hub = TestHub::start_with(Config {
         max_mqtt_connections: 1,
         ..Config::ephemeral()
     })
     .await;
-    let mqtt = hub.running.mqtt_addr;
     let device = Device::connect(&hub, "tls-dev", false).await;
-
-    let waiting = held_back_handshake(&hub, mqtt).await;
-    // The HTTPS port has its own cap: WebSocket devices still get in.
+    let refused = Device::try_connect(&hub, "tls-dev-2", false).await;
+    assert_eq!(refused.err(), Some(ConnectReturnCode::ServiceUnavailable));
+    // The HTTPS port has its own budget: WebSocket devices still get in.
     let ws_device = Device::connect(&hub, "ws-dev", true).await;
 
     drop(device);
-    let stream = timeout(WAIT, waiting)
+    let second = Device::connect_once_admitted(
+        &hub,
+        "tls-dev-2",
+        false,
+        "admitted once the first device left",
+    )
+    .await;
+    drop((second, ws_device));
+    hub.running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_authenticate_cannot_lock_devices_or_rest_clients_out() {
+    const PENDING: usize = 4;
+    let hub = TestHub::start_with(Config {
+        max_pending_mqtt_connections: PENDING,
+        max_pending_https_connections: PENDING,
+        ..Config::ephemeral()
+    })
+    .await;
+    let (mqtt, https) = (hub.running.mqtt_addr, hub.running.https_addr);
+    // Far more idle clients than either pending budget: silent TCP, and TLS done but no CONNECT
+    // or request. Before the pending budget they held their slots for the whole 10 s connect
+    // timeout (30 s header timeout on HTTPS).
+    let mut silent = Vec::new();
+    let mut idle_tls = Vec::new();
+    for _ in 0..3 * PENDING {
+        for addr in [mqtt, https] {
+            silent.push(TcpStream::connect(addr).await.expect("TCP connect"));
+            idle_tls.push(handshake(Arc::clone(&hub.tls), addr).await.expect("TLS"));
+        }
+    }
+
+    let quick = Duration::from_secs(3);
+    let tls_device = timeout(quick, Device::connect(&hub, "tls-dev", false))
         .await
-        .expect("served once the first device left")
-        .expect("task")
-        .expect("TLS handshake");
-    drop((stream, ws_device));
+        .expect("a device connects over TLS while idle clients wait");
+    let ws_device = timeout(quick, Device::connect(&hub, "ws-dev", true))
+        .await
+        .expect("a device connects over WebSocket while idle clients wait");
+    let answer = timeout(quick, hub.call(Method::GET, "/statistics/devices", None))
+        .await
+        .expect("the HTTPS port answers while idle clients wait");
+    assert_eq!(answer.status, StatusCode::OK);
+
+    // The hub closed the oldest idle clients to stay within its pending budgets.
+    let closed = closed_by_the_hub(&mut silent, Duration::from_millis(200)).await;
+    assert!(
+        closed >= silent.len() - 2 * PENDING,
+        "only {closed} of {} silent connections were closed",
+        silent.len()
+    );
+    let mut idle_closed = 0;
+    for stream in &mut idle_tls {
+        let mut byte = [0_u8; 1];
+        if let Ok(Ok(0) | Err(_)) =
+            timeout(Duration::from_millis(200), stream.read(&mut byte)).await
+        {
+            idle_closed += 1;
+        }
+    }
+    assert!(
+        idle_closed >= idle_tls.len() - 2 * PENDING,
+        "only {idle_closed} of {} idle TLS connections were closed",
+        idle_tls.len()
+    );
+    drop((tls_device, ws_device, silent, idle_tls));
+    hub.running.shutdown().await;
+}
+
+/// Sends an authenticated (or not) PATCH whose body never finishes, on a raw TLS connection;
+/// returns the response head the hub sent and how long it took.
+async fn trickled_patch(hub: &TestHub, token: Option<&str>) -> (String, Duration) {
+    let mut stream = handshake(Arc::clone(&hub.tls), hub.running.https_addr)
+        .await
+        .expect("TLS");
+    let auth = token
+        .map(|t| format!("Authorization: {t}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "PATCH /twins/{}?api-version=2021-04-12 HTTP/1.1\r\nHost: localhost\r\n{auth}\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"tags\":",
+        hub_emulator::hub::TUTORIAL_DEVICE_ID
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    stream.flush().await.expect("flush");
+    let started = Instant::now();
+    let mut response = Vec::new();
+    let mut chunk = [0_u8; 1024];
+    while !response.windows(4).any(|w| w == b"\r\n\r\n") {
+        match timeout(WAIT, stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => response.extend_from_slice(&chunk[..n]),
+            Err(_) => panic!("no answer within {WAIT:?} to a trickled body"),
+        }
+    }
+    (
+        String::from_utf8_lossy(&response).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickled_body_gets_401_at_once_without_a_token_and_408_at_the_body_deadline_with_one() {
+    let hub = TestHub::start_with(Config {
+        body_read_timeout: Duration::from_secs(1),
+        ..Config::ephemeral()
+    })
+    .await;
+    let (head, took) = trickled_patch(&hub, None).await;
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    assert!(took < Duration::from_millis(900), "401 took {took:?}");
+
+    let token = hub.policy_token("iothubowner", support::now() + 600);
+    let (head, took) = trickled_patch(&hub, Some(&token)).await;
+    assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    assert!(
+        took >= Duration::from_millis(900),
+        "408 came after {took:?}"
+    );
+    // Nothing of the half-sent patch was applied.
+    let twin = hub
+        .call(
+            Method::GET,
+            &format!("/twins/{}", hub_emulator::hub::TUTORIAL_DEVICE_ID),
+            None,
+        )
+        .await;
+    assert_eq!(twin.status, StatusCode::OK);
+    assert!(
+        twin.body
+            .get("tags")
+            .is_none_or(|t| t.as_object().is_some_and(|m| m.is_empty()))
+    );
     hub.running.shutdown().await;
 }
 

@@ -22,8 +22,40 @@ use crate::error::Error;
 use crate::output::{Output, note};
 use crate::report::{DeviceOutcome, OutcomeSummary, describe_job, table};
 
-/// How often a waiting command polls the job.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// How a waiting command paces its polls of a job: the first poll after [`PollPace::FIRST`], each
+/// next one half again as long, up to [`PollPace::LONGEST`]. A fast job's end shows within a
+/// fraction of a second, and a long wait costs at most 30 calls a minute, within the jobs
+/// operations throttle of every tier ("Jobs operations (create, update, list, delete): 1.67/sec/
+/// unit (100/min/unit)" on F1, S1 and S2; Microsoft Learn, "IoT Hub quotas and throttling").
+#[derive(Debug, Clone)]
+pub struct PollPace {
+    next: Duration,
+}
+
+impl PollPace {
+    /// The pause before the first poll.
+    pub const FIRST: Duration = Duration::from_millis(250);
+    /// The longest pause between polls.
+    pub const LONGEST: Duration = Duration::from_secs(2);
+
+    /// A pace that starts over.
+    pub fn new() -> PollPace {
+        PollPace { next: Self::FIRST }
+    }
+
+    /// The pause before the next poll.
+    pub fn next_pause(&mut self) -> Duration {
+        let pause = self.next;
+        self.next = (self.next * 3 / 2).min(Self::LONGEST);
+        pause
+    }
+}
+
+impl Default for PollPace {
+    fn default() -> Self {
+        PollPace::new()
+    }
+}
 
 /// The WHERE clause a target stands for.
 pub fn condition(target: &TargetArgs) -> Result<String, Error> {
@@ -325,6 +357,7 @@ pub async fn wait(
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut last: Option<String> = None;
+    let mut pace = PollPace::new();
     let job = loop {
         let job = client.get_job(job_id).await?;
         let stats = job.device_job_statistics.unwrap_or_default();
@@ -345,7 +378,7 @@ pub async fn wait(
             break job;
         }
         tokio::select! {
-            () = tokio::time::sleep(POLL_INTERVAL) => {}
+            () = tokio::time::sleep(pace.next_pause()) => {}
             () = shutdown.cancelled() => {
                 bar.finish_and_clear();
                 let msg = format!(
@@ -488,4 +521,34 @@ pub async fn results(client: &ServiceClient, job_id: &str, out: Output) -> Resul
             summary.failed, summary.unfinished
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polls_start_fast_and_stay_within_thirty_a_minute() {
+        let mut pace = PollPace::new();
+        let pauses: Vec<Duration> = (0..200).map(|_| pace.next_pause()).collect();
+        assert_eq!(pauses[0], PollPace::FIRST);
+        assert!(
+            pauses.windows(2).all(|w| w[0] <= w[1]),
+            "pauses never shrink"
+        );
+        assert_eq!(pauses.last().copied(), Some(PollPace::LONGEST));
+        // The first minute holds the few fast first polls plus at most 30 at the longest pause.
+        let mut elapsed = Duration::ZERO;
+        let first_minute = pauses
+            .iter()
+            .take_while(|p| {
+                elapsed += **p;
+                elapsed <= Duration::from_secs(60)
+            })
+            .count();
+        assert!(
+            first_minute <= 36,
+            "{first_minute} polls in the first minute"
+        );
+    }
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
+use hub_core::error::ErrorCode;
 use hub_core::job::{JobRequest, JobResponse, JobStatus};
 use hub_core::method::CloudToDeviceMethod;
 use hub_core::service_client::{ServiceClient, ServiceError, escape_sql_string};
@@ -156,6 +157,17 @@ pub async fn run(
     } else {
         client_side(client, args, out, shutdown).await
     }
+}
+
+/// Whether the hub refused a job for its cap on active jobs (429004, or IoT Hub's older 403003
+/// `JobQuotaExceeded`).
+fn is_active_job_cap(error: &ServiceError) -> bool {
+    error.hub().and_then(|h| h.code).is_some_and(|code| {
+        matches!(
+            code,
+            ErrorCode::ThrottlingMaxActiveJobCountExceeded | ErrorCode::JobQuotaExceeded
+        )
+    })
 }
 
 fn status_lines(out: Output, jobs: &[(&str, &str, bool, Option<&str>)]) {
@@ -403,23 +415,42 @@ async fn hub_jobs(
     out.line(format!(
         "Direct method job scheduled with Job Id: {method_id}"
     ));
-    if let Err(e) = client.create_job(&twin_req).await {
-        // Nothing half-done: take the first job back.
-        if let Err(cancel) = client.cancel_job(&method_id).await {
-            note(format!(
-                "could not cancel job {method_id} after the twin job failed: {cancel}"
-            ));
+    // F1 and S1 hubs allow one active job at a time ("Maximum concurrent jobs: 1 (Free, S1)",
+    // Microsoft Learn, "IoT Hub quotas and throttling"), and a scheduled job already counts: the
+    // twin job is then created once the method job has ended, so the pair runs on every tier.
+    let mut deferred_twin = match client.create_job(&twin_req).await {
+        Ok(_) => {
+            out.line("");
+            out.line(format!("Device twin job scheduled with Job Id: {twin_id}"));
+            None
         }
-        return Err(e.into());
+        Err(e) if is_active_job_cap(&e) => {
+            out.line("");
+            out.line(format!(
+                "The hub allows no more active jobs (F1 and S1 allow one): the device twin job \
+                 {twin_id} will be scheduled when the method job ends."
+            ));
+            Some(twin_req.clone())
+        }
+        Err(e) => {
+            // Nothing half-done: take the first job back.
+            if let Err(cancel) = client.cancel_job(&method_id).await {
+                note(format!(
+                    "could not cancel job {method_id} after the twin job failed: {cancel}"
+                ));
+            }
+            return Err(e.into());
+        }
+    };
+    let mut scheduled = vec![json!({
+        "jobId": method_id, "kind": "method", "startTime": method_req.start_time
+    })];
+    if deferred_twin.is_none() {
+        scheduled
+            .push(json!({ "jobId": twin_id, "kind": "twin", "startTime": twin_req.start_time }));
     }
-    out.line("");
-    out.line(format!("Device twin job scheduled with Job Id: {twin_id}"));
     out.json_line(&json!({
-        "event": "scheduled", "deviceId": args.device_id, "mode": "hub-jobs",
-        "jobs": [
-            { "jobId": method_id, "kind": "method", "startTime": method_req.start_time },
-            { "jobId": twin_id, "kind": "twin", "startTime": twin_req.start_time },
-        ]
+        "event": "scheduled", "deviceId": args.device_id, "mode": "hub-jobs", "jobs": scheduled,
     }));
 
     let mut ticker = tokio::time::interval(args.status_interval);
@@ -429,7 +460,12 @@ async fn hub_jobs(
             _ = ticker.tick() => {}
             () = shutdown.cancelled() => {
                 let mut undone = Vec::new();
-                for (id, what) in [(&method_id, METHOD_NAME), (&twin_id, "twin update")] {
+                let created: &[(&String, &str)] = if deferred_twin.is_some() {
+                    &[(&method_id, METHOD_NAME)]
+                } else {
+                    &[(&method_id, METHOD_NAME), (&twin_id, "twin update")]
+                };
+                for &(id, what) in created {
                     match client.get_job(id).await {
                         Ok(job) if job.is_terminal() => {}
                         _ => match client.cancel_job(id).await {
@@ -438,13 +474,45 @@ async fn hub_jobs(
                         },
                     }
                 }
+                if deferred_twin.is_some() {
+                    undone.push(format!("job {twin_id} (twin update) was never scheduled"));
+                }
                 return Ok(interrupted(out, undone));
             }
         }
         let m = client.get_job(&method_id).await?;
-        let t = client.get_job(&twin_id).await?;
+        if m.is_terminal()
+            && let Some(mut request) = deferred_twin.take()
+        {
+            // Its start time may have passed while it waited: it starts now, then.
+            let now = time::OffsetDateTime::now_utc();
+            let planned =
+                hub_core::timestamp::parse(request.start_time.as_deref().unwrap_or_default()).ok();
+            if planned.is_none_or(|at| at < now) {
+                request.start_time = Some(hub_core::timestamp::format_millis(now));
+            }
+            client.create_job(&request).await?;
+            out.line("");
+            out.line(format!("Device twin job scheduled with Job Id: {twin_id}"));
+            out.json_line(&json!({
+                "event": "scheduled", "deviceId": args.device_id, "mode": "hub-jobs",
+                "jobs": [{ "jobId": twin_id, "kind": "twin", "startTime": request.start_time }],
+            }));
+        }
         let state = |j: &JobResponse| j.status.as_ref().map(|s| s.as_str().to_owned());
-        let (ms, ts) = (state(&m), state(&t));
+        let ms = state(&m);
+        if deferred_twin.is_some() {
+            status_lines(
+                out,
+                &[
+                    (&method_id, "method", m.is_terminal(), ms.as_deref()),
+                    (&twin_id, "twin", false, Some("waiting to be scheduled")),
+                ],
+            );
+            continue;
+        }
+        let t = client.get_job(&twin_id).await?;
+        let ts = state(&t);
         status_lines(
             out,
             &[

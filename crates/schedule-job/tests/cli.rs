@@ -125,6 +125,44 @@ async fn tutorial_as_hub_jobs() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn tutorial_as_hub_jobs_runs_both_jobs_on_a_hub_that_allows_one_active_job() {
+    // F1 and S1: one active job at a time. The twin job used to fail with 429004.
+    let hub = TestHub::start_with(hub_emulator::Config {
+        max_active_jobs: 1,
+        ..hub_emulator::Config::ephemeral()
+    })
+    .await;
+    let mut device = hub.connect("myDeviceId").await;
+    let mut args = FAST.to_vec();
+    args.extend(["--hub-jobs", "--output", "json"]);
+    let run = hub.cli(&args).await;
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    let lines = run.json_lines();
+    let scheduled: Vec<&Value> = lines.iter().filter(|l| l["event"] == "scheduled").collect();
+    assert_eq!(
+        scheduled.len(),
+        2,
+        "the twin job is scheduled later: {lines:?}"
+    );
+    let done = lines.last().unwrap();
+    assert_eq!(done["ok"], true, "{done}");
+    assert_eq!(done["method"]["status"], 200);
+    let got = collect(&mut device, Duration::from_millis(500)).await;
+    assert!(
+        got.iter()
+            .any(|r| matches!(r, Received::Desired(p) if p["building"] == 43)),
+        "{got:?}"
+    );
+    let jobs = jobs_on_hub(&hub).await;
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    assert!(
+        jobs.iter()
+            .all(|j| j.status.as_ref().map(|s| s.as_str()) == Some("completed")),
+        "{jobs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn unknown_device_is_refused_before_anything_runs() {
     let hub = TestHub::start().await;
     let run = hub

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use hub_core::connection_string::{
-    ConnectionString, DeviceConnectionString, ServiceConnectionString,
+    ConnectionString, DeviceAuth, DeviceConnectionString, HostAddr, ServiceConnectionString,
 };
 use hub_core::device_client::{MIN_SAS_TTL, Transport};
 
@@ -32,6 +32,8 @@ pub use hub_core::hub_env::ENV_DEVICE_CONNECTION_STRING;
   sim-device --ca-file ./hub/ca.pem --hub-env ./hub/hub.env
   sim-device --count 1000 --register           # 1000 devices (simDevice-1..1000), created if missing
   sim-device --count 50 --id-prefix door- --register -v   # a line per event besides the summaries
+  IOTHUB_CONNECTION_STRING='HostName=myhub.azure-devices.net;SharedAccessKeyName=iothubowner;SharedAccessKey=...' \\
+    sim-device --count 100 --register          # a fleet needs only the hub's service connection string
 
 Configuration, first found wins: flags; IOTHUB_DEVICE_CONNECTION_STRING, IOTHUB_CA_FILE and
 IOTHUB_CONNECTION_STRING; the hub-emulator's hub.env (by default
@@ -163,39 +165,6 @@ impl Config {
             _ => None,
         };
 
-        let mut note = None;
-        let (cs_text, cs_origin) = match (&args.connection_string, &hub_env) {
-            (Some(cs), _) => (
-                cs.clone(),
-                "--connection-string / IOTHUB_DEVICE_CONNECTION_STRING".to_owned(),
-            ),
-            (None, Some(env)) => match &env.settings.device_connection_string {
-                Some(cs) => {
-                    note = Some(format!(
-                        "using the local hub-emulator's settings from {}",
-                        env.path.display()
-                    ));
-                    (cs.clone(), env.path.display().to_string())
-                }
-                None => {
-                    return Err(SimError::HubEnv {
-                        path: env.path.clone(),
-                        reason: format!("it has no {ENV_DEVICE_CONNECTION_STRING} line"),
-                    });
-                }
-            },
-            (None, None) => return Err(SimError::NotConfigured { hub_env: env_path }),
-        };
-        let connection_string = parse_device_cs(&cs_text, &cs_origin)?;
-
-        // The CA from hub.env only goes with hub.env's own hub: a user-supplied connection
-        // string for Azure must not silently trust the emulator's CA.
-        let ca_file = args.ca_file.clone().or_else(|| {
-            hub_env
-                .as_ref()
-                .filter(|_| args.connection_string.is_none() || explicit_env)
-                .and_then(|e| e.settings.ca_file.clone())
-        });
         let service_text = args.service_connection_string.clone().or_else(|| {
             hub_env
                 .as_ref()
@@ -205,6 +174,59 @@ impl Config {
             Some(text) => Some(parse_service_cs(&text)?),
             None => None,
         };
+        // hub.env's device connection string belongs to the local hub: a fleet given its own
+        // service connection string (flag or variable) goes to that string's hub instead.
+        let fleet_of_given_service =
+            args.count.is_some() && args.service_connection_string.is_some() && !explicit_env;
+        let device_text = args.connection_string.clone().or_else(|| {
+            hub_env
+                .as_ref()
+                .filter(|_| !fleet_of_given_service)
+                .and_then(|e| e.settings.device_connection_string.clone())
+        });
+        // A fleet only needs the hub's host from a device connection string (each device's key
+        // comes from the registry), so a user of a real hub who has only its service connection
+        // string, as the Azure portal gives it, can run one: the devices connect to the same
+        // host on MQTT's own port.
+        let fleet_host_only = args.count.is_some() && device_text.is_none();
+        let mut note = None;
+        let connection_string = match (&service_connection_string, fleet_host_only) {
+            (Some(service), true) => fleet_base(service)?,
+            _ => {
+                let (cs_text, cs_origin) = match (&args.connection_string, &hub_env) {
+                    (Some(cs), _) => (
+                        cs.clone(),
+                        "--connection-string / IOTHUB_DEVICE_CONNECTION_STRING".to_owned(),
+                    ),
+                    (None, Some(env)) => match &env.settings.device_connection_string {
+                        Some(cs) => {
+                            note = Some(format!(
+                                "using the local hub-emulator's settings from {}",
+                                env.path.display()
+                            ));
+                            (cs.clone(), env.path.display().to_string())
+                        }
+                        None => {
+                            return Err(SimError::HubEnv {
+                                path: env.path.clone(),
+                                reason: format!("it has no {ENV_DEVICE_CONNECTION_STRING} line"),
+                            });
+                        }
+                    },
+                    (None, None) => return Err(SimError::NotConfigured { hub_env: env_path }),
+                };
+                parse_device_cs(&cs_text, &cs_origin)?
+            }
+        };
+
+        // The CA from hub.env only goes with hub.env's own hub: a user-supplied connection
+        // string for Azure must not silently trust the emulator's CA.
+        let ca_file = args.ca_file.clone().or_else(|| {
+            hub_env
+                .as_ref()
+                .filter(|_| args.connection_string.is_none() || explicit_env)
+                .and_then(|e| e.settings.ca_file.clone())
+        });
         let fleet = match args.count {
             Some(0) => return Err(SimError::Usage("--count must be at least 1".into())),
             Some(count) => Some(Fleet {
@@ -245,6 +267,24 @@ impl Config {
             label: String::new(),
         })
     }
+}
+
+/// The connection string a fleet's devices share when only the service connection string is
+/// known: the service's host (without an HTTPS port; MQTT uses its own) and no secret, since
+/// each device's key is looked up in the registry ([`crate::run`] replaces id and key).
+fn fleet_base(service: &ServiceConnectionString) -> Result<DeviceConnectionString, SimError> {
+    let host =
+        HostAddr::new(service.host_name.host(), None).map_err(|e| SimError::ConnectionString {
+            origin: "the service connection string (IOTHUB_CONNECTION_STRING)".to_owned(),
+            reason: e.to_string(),
+        })?;
+    Ok(DeviceConnectionString {
+        host_name: host,
+        device_id: String::new(),
+        module_id: None,
+        auth: DeviceAuth::X509,
+        gateway_host_name: None,
+    })
 }
 
 fn parse_device_cs(text: &str, origin: &str) -> Result<DeviceConnectionString, SimError> {
@@ -315,6 +355,37 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
         assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn a_fleet_needs_only_the_service_connection_string_of_its_hub() {
+        let args = Args::try_parse_from([
+            "sim-device",
+            "--count",
+            "3",
+            "--service-connection-string",
+            "HostName=myhub.azure-devices.net;SharedAccessKeyName=iothubowner;SharedAccessKey=a2V5",
+        ])
+        .expect("flags parse");
+        let config = Config::from_args(args).expect("a fleet from the service connection string");
+        assert_eq!(
+            config.connection_string.host_name.to_string(),
+            "myhub.azure-devices.net"
+        );
+        assert_eq!(config.connection_string.host_name.port(), None);
+        assert_eq!(config.fleet.map(|f| f.count), Some(3));
+        assert!(config.service_connection_string.is_some());
+
+        // One device still needs its own connection string.
+        let args = Args::try_parse_from([
+            "sim-device",
+            "--hub-env",
+            "/nonexistent/hub.env",
+            "--service-connection-string",
+            "HostName=myhub.azure-devices.net;SharedAccessKeyName=iothubowner;SharedAccessKey=a2V5",
+        ])
+        .expect("flags parse");
+        assert!(Config::from_args(args).is_err());
     }
 
     #[test]

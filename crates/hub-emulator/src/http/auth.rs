@@ -5,8 +5,8 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Request, State};
-use axum::http::HeaderMap;
-use axum::http::header::AUTHORIZATION;
+use axum::http::header::{AUTHORIZATION, CONNECTION};
+use axum::http::{HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 
@@ -15,6 +15,7 @@ use hub_core::policy::Permission;
 use super::AppState;
 use super::error::ApiError;
 use crate::hub::AuthError;
+use crate::listener::Admission;
 
 /// Middleware on every service route: refuses a request without a valid policy token with 401
 /// before the handler runs, so before any byte of its body is read or parsed (the body
@@ -26,13 +27,28 @@ use crate::hub::AuthError;
 /// issue 13) means an unauthenticated client gets 401 `IotHubUnauthorizedAccess`, never a 400
 /// about its body, and cannot make the hub read and parse up to
 /// [`MAX_BODY_BYTES`](super::MAX_BODY_BYTES).
+///
+/// A request that passes also admits its connection into the port's authenticated budget
+/// ([`Admission::admit`]); when that budget is full the request is still answered, with
+/// `Connection: close` so the connection does not linger in the evictable pending budget.
 pub async fn authenticate(
     State(state): State<AppState>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     check(&state, request.headers(), None)?;
-    Ok(next.run(request).await)
+    // In-process routers (tests driving the router without a listener) carry no admission.
+    let admitted = request
+        .extensions()
+        .get::<Admission>()
+        .is_none_or(|admission| admission.admit().is_ok());
+    let mut response = next.run(request).await;
+    if !admitted {
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(response)
 }
 
 /// Checks that the request carries a valid policy token that grants `needed`.

@@ -1,13 +1,19 @@
 //! Request extractors whose rejections are IoT Hub errors instead of axum's plain-text ones:
-//! a JSON body ([`JsonBody`]), a path id ([`IdPath`]) and the `If-Match` header.
+//! a JSON body ([`JsonBody`]), a path id ([`IdPath`]) and the `If-Match` header; and
+//! [`read_body`], the middleware that reads an authenticated request's body under a deadline.
 
-use axum::extract::{FromRequest, FromRequestParts, Path, Request};
-use axum::http::header::IF_MATCH;
+use axum::body::Body;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::header::{CONNECTION, IF_MATCH};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse as _, Response};
 use bytes::Bytes;
+use hub_core::error::ErrorCode;
 use serde::de::DeserializeOwned;
 
+use super::AppState;
 use super::error::ApiError;
 
 /// A JSON request body. Malformed JSON is 400 `ArgumentInvalid` naming the problem (line and
@@ -46,6 +52,53 @@ where
             .map(JsonBody)
             .map_err(|e| ApiError::argument(format!("the request body is not valid JSON: {e}")))
     }
+}
+
+/// Middleware (inside authentication): reads the whole body, at most
+/// [`MAX_BODY_BYTES`](super::MAX_BODY_BYTES), within [`BODY_READ_TIMEOUT`](super::BODY_READ_TIMEOUT)
+/// of the headers, so no handler ever waits on a client that trickles its body (project issue
+/// 13). Too large: 413 `MessageTooLarge`; too slow: 408, and the connection closes (its unread
+/// rest cannot be skipped).
+pub async fn read_body(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let read = axum::body::to_bytes(body, super::MAX_BODY_BYTES);
+    let bytes = match tokio::time::timeout(state.body_read_timeout, read).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(error)) => {
+            let too_large = std::error::Error::source(&error)
+                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+            return Err(if too_large {
+                ApiError::too_large(format!(
+                    "the request body is larger than the {} bytes this operation accepts",
+                    super::MAX_BODY_BYTES
+                ))
+            } else {
+                ApiError::argument(format!("the request body could not be read: {error}"))
+            });
+        }
+        Err(_) => {
+            let mut response = ApiError::with_status(
+                StatusCode::REQUEST_TIMEOUT,
+                ErrorCode::ArgumentInvalid,
+                format!(
+                    "the request body did not arrive within {:?} of its headers",
+                    state.body_read_timeout
+                ),
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            return Ok(response);
+        }
+    };
+    Ok(next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await)
 }
 
 /// The single `{id}` segment of a route, percent-decoded.

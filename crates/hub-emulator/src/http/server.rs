@@ -1,7 +1,11 @@
 //! The HTTPS port's [`Handler`] for the shared [`crate::listener`]: HTTP/1.1 with upgrades on each
 //! TLS connection, so MQTT-over-WebSocket shares the port. Every request carries its
-//! connection's [`ConnectionPermit`], so an upgraded WebSocket session keeps counting against
-//! this port's cap after hyper has let go of the connection.
+//! connection's [`Admission`]: the authentication middleware admits the connection once a
+//! request's token checks out, and an upgraded WebSocket session keeps counting against this
+//! port's budgets after hyper has let go of the connection.
+//! Timeouts: [`HEADER_READ_TIMEOUT`] bounds both a request's headers and an idle keep-alive
+//! connection (hyper starts it whenever it waits for a request head); bodies are bounded by
+//! [`super::BODY_READ_TIMEOUT`] where they are read.
 //! Shutdown: stop accepting at once; idle connections close; in-flight requests get
 //! [`IN_FLIGHT_DEADLINE`] (a second less than the hub's [`crate::DRAIN_DEADLINE`], so the hub's
 //! drain sees these tasks end) before their connection is dropped.
@@ -22,25 +26,30 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Span;
 
-use crate::listener::{Accepted, ConnectionPermit, Handler, Listener};
+use crate::listener::{Accepted, Admission, ConnectionBudget, Handler, Listener};
 
-/// Most HTTPS connections served at once by default ([`crate::Config::max_https_connections`]),
-/// upgraded WebSocket sessions included; further clients wait in the listen backlog.
+/// Most authenticated HTTPS connections held at once by default
+/// ([`crate::Config::max_https_connections`]), MQTT-over-WebSocket sessions included; a request
+/// that authenticates beyond it is still answered, then its connection is closed.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Most HTTPS connections not authenticated yet (TLS handshake, a first request not yet
+/// checked, a WebSocket before CONNECT) by default
+/// ([`crate::Config::max_pending_https_connections`]); beyond it the oldest is closed.
+pub const MAX_PENDING_CONNECTIONS: usize = 256;
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long in-flight requests may run once shutdown has begun.
 pub const IN_FLIGHT_DEADLINE: Duration =
     crate::DRAIN_DEADLINE.saturating_sub(Duration::from_secs(1));
-/// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send a request's headers, and how long a keep-alive
+/// connection may stay idle between requests.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves `router` over TLS until `shutdown`, at most `max_connections` connections at once;
-/// each connection runs on `tracker`.
+/// Serves `router` over TLS until `shutdown`, within `budget`; each connection runs on `tracker`.
 pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    max_connections: usize,
+    budget: ConnectionBudget,
     router: Router,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -49,16 +58,9 @@ pub async fn serve(
         router,
         shutdown: shutdown.clone(),
     };
-    Listener::new(
-        listener,
-        acceptor,
-        max_connections,
-        handler,
-        shutdown,
-        tracker,
-    )
-    .run()
-    .await;
+    Listener::new(listener, acceptor, budget, handler, shutdown, tracker)
+        .run()
+        .await;
 }
 
 /// Serves HTTP/1.1 on a TLS connection until the client or the hub closes it.
@@ -77,10 +79,10 @@ impl Handler for Https {
     }
 
     async fn handle(self, connection: Accepted) {
-        let permit: ConnectionPermit = connection.permit;
+        let admission: Admission = connection.admission;
         let router = TowerToHyperService::new(self.router);
         let service = service_fn(move |mut request: Request<Incoming>| {
-            request.extensions_mut().insert(permit.clone());
+            request.extensions_mut().insert(admission.clone());
             router.call(request)
         });
         let connection = http1::Builder::new()

@@ -2,12 +2,14 @@
 //! checks of a service request's SAS token against a policy and permission, and of a device's
 //! MQTT CONNECT (client id, username, SAS signed with the device's key or a policy's).
 
+use std::fmt;
+
 use serde::{Deserialize, Serialize};
 
 use hub_core::policy::{Permission, Permissions, Policy};
 use hub_core::sas::SasToken;
 
-use super::record::random_key;
+use super::record::{DeviceRecord, random_key};
 use super::{AuthError, Hub, OperationError, lock};
 
 /// Clock skew tolerated on SAS expiry.
@@ -170,15 +172,16 @@ impl Hub {
         ))
     }
 
-    /// Authenticates an MQTT CONNECT: client id, username and SAS password.
-    /// Returns the token's expiry (Unix seconds).
+    /// Authenticates an MQTT CONNECT: client id, username and SAS password. The grant it
+    /// returns is checked again when the session registers ([`Hub::attach_session`]), so a
+    /// device disabled, deleted or given new keys in between does not get a session.
     pub fn authenticate_device(
         &self,
         client_id: &str,
         username: &str,
         password: &str,
         now_unix: u64,
-    ) -> Result<u64, AuthError> {
+    ) -> Result<DeviceGrant, AuthError> {
         let device_id = client_id;
         // Username is `{host}/{deviceId}/?api-version=...`; any api-version is accepted.
         let mut parts = username.splitn(3, '/');
@@ -230,7 +233,7 @@ impl Hub {
                 device.status == "enabled",
             )
         };
-        match token.key_name.as_deref() {
+        let credential = match token.key_name.as_deref() {
             Some(policy) => {
                 let Some((keys, permissions)) =
                     self.inner.policies.iter().find(|(k, _)| k.name == policy)
@@ -243,16 +246,99 @@ impl Hub {
                 if !permissions.contains(Permission::DeviceConnect) {
                     return Err(AuthError::MissingPermission(Permission::DeviceConnect));
                 }
+                Credential::Policy
             }
-            None => self.verify_with_keys(
-                &token,
-                primary.as_deref().unwrap_or_default(),
-                secondary.as_deref().unwrap_or_default(),
-            )?,
-        }
+            None => {
+                self.verify_with_keys(
+                    &token,
+                    primary.as_deref().unwrap_or_default(),
+                    secondary.as_deref().unwrap_or_default(),
+                )?;
+                Credential::DeviceKeys { primary, secondary }
+            }
+        };
         if !enabled {
             return Err(AuthError::DeviceDisabled(device_id.to_owned()));
         }
-        Ok(token.expiry)
+        Ok(DeviceGrant {
+            expiry: Some(token.expiry),
+            credential,
+        })
+    }
+}
+
+/// What authenticated a device connection, kept until its session is registered.
+pub struct DeviceGrant {
+    /// When the token expires (Unix seconds); `None` for sessions made by tests.
+    pub(super) expiry: Option<u64>,
+    credential: Credential,
+}
+
+enum Credential {
+    /// A shared access policy with DeviceConnect (policies do not change while the hub runs).
+    Policy,
+    /// The device's own keys as they were when the token was verified.
+    DeviceKeys {
+        primary: Option<String>,
+        secondary: Option<String>,
+    },
+    /// A session opened by a unit test, with no token.
+    #[cfg(test)]
+    Test,
+}
+
+impl DeviceGrant {
+    /// When the token expires (Unix seconds), if it does.
+    pub fn expiry(&self) -> Option<u64> {
+        self.expiry
+    }
+
+    /// A grant for in-crate tests: no token, no expiry, still refused for a missing or
+    /// disabled device.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> DeviceGrant {
+        DeviceGrant {
+            expiry: None,
+            credential: Credential::Test,
+        }
+    }
+
+    /// Whether `device` still admits this grant: registered, enabled and, for a device-key
+    /// token, with the keys that verified it. Called under the state lock by
+    /// [`Hub::attach_session`], the same lock a registry change is applied under before it closes
+    /// the device's sessions, so either the change sees the new session and closes it, or the
+    /// session sees the change and is refused.
+    pub(super) fn still_valid(
+        &self,
+        device_id: &str,
+        device: Option<&DeviceRecord>,
+    ) -> Result<(), AuthError> {
+        let Some(device) = device else {
+            return Err(AuthError::Refused(format!(
+                "device {device_id} was deleted while it connected"
+            )));
+        };
+        if device.status != "enabled" {
+            return Err(AuthError::DeviceDisabled(device_id.to_owned()));
+        }
+        match &self.credential {
+            Credential::DeviceKeys { primary, secondary }
+                if *primary != device.primary_key || *secondary != device.secondary_key =>
+            {
+                Err(AuthError::Refused(format!(
+                    "the keys of device {device_id} changed while it connected"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+// Keys are secrets: never printed.
+impl fmt::Debug for DeviceGrant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DeviceGrant")
+            .field("expiry", &self.expiry)
+            .finish_non_exhaustive()
     }
 }

@@ -47,7 +47,7 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use tokio::sync::{Notify, OwnedMutexGuard, oneshot};
 
-pub use auth::{PolicyKeys, SAS_SKEW_SECS};
+pub use auth::{DeviceGrant, PolicyKeys, SAS_SKEW_SECS};
 pub use error::{AuthError, OperationError};
 pub use methods::{MAX_METHOD_PAYLOAD, MethodCall, MethodOutcome, validate_method_name};
 pub use record::{NEVER, timestamp};

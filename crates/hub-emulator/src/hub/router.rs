@@ -13,7 +13,8 @@ use hub_core::topic::Topic;
 
 use serde::{Deserialize, Serialize};
 
-use super::{DeviceChange, Hub, State, lock};
+use super::auth::DeviceGrant;
+use super::{AuthError, DeviceChange, Hub, State, lock};
 
 /// How many messages may wait for one device session before the hub drops it.
 pub const SESSION_QUEUE: usize = 64;
@@ -130,12 +131,16 @@ impl Hub {
     /// discarded durably first [MQTT-3.1.2-6]. A session is stored from the first subscription
     /// made on a CleanSession = 0 connection (a device that never subscribed has none, as IoT
     /// Hub does not know its preference yet); IoT Hub documents no expiry, so none is applied.
+    ///
+    /// `grant` is checked again under the state lock (project issue 13): a device disabled,
+    /// deleted or re-keyed after its CONNECT was authenticated is refused here instead of keeping
+    /// a session the registry change already tried to close.
     pub async fn attach_session(
         &self,
         device_id: &str,
-        token_expiry: Option<u64>,
+        grant: &DeviceGrant,
         clean_session: bool,
-    ) -> OpenedSession {
+    ) -> Result<OpenedSession, AuthError> {
         if clean_session {
             self.store_session(device_id, None).await;
         }
@@ -146,6 +151,7 @@ impl Hub {
         // The session table and the registry's connection state change under both locks (state
         // first), so a detach racing with a newer attach cannot leave the device `Disconnected`.
         let mut state = lock(&self.inner.state);
+        grant.still_valid(device_id, state.devices.get(device_id))?;
         let restored = if clean_session {
             None
         } else {
@@ -169,17 +175,17 @@ impl Hub {
             // Calls waiting for this device to subscribe can go now.
             self.inner.presence.notify_waiters();
         }
-        OpenedSession {
+        Ok(OpenedSession {
             ticket: SessionTicket {
                 device_id: device_id.to_owned(),
                 conn_id,
                 kill,
                 outbound,
-                token_expiry,
+                token_expiry: grant.expiry,
                 clean_session,
             },
             restored,
-        }
+        })
     }
 
     /// Stores (`Some`) or discards (`None`) the device's persistent session, if that changes it.

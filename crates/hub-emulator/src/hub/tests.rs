@@ -300,3 +300,71 @@ async fn the_writer_can_drop_the_last_handle_to_the_hub() {
         "the writer must not wait for itself"
     );
 }
+
+/// A device token for `id` signed with its primary key, valid for an hour.
+fn device_login(hub: &Hub, id: &str) -> (String, String, u64) {
+    let key = hub.device_primary_key(id).expect("registered device");
+    let key = hub_core::connection_string::SharedKey::from_base64(&key).expect("base64 key");
+    let now = 1_700_000_000;
+    let token = hub_core::sas::generate(
+        &hub_core::sas::device_resource_uri("localhost", id, None),
+        &key,
+        None,
+        now + 3600,
+    );
+    (
+        format!("localhost/{id}/?api-version=2021-04-12"),
+        token,
+        now,
+    )
+}
+
+#[tokio::test]
+async fn a_device_disabled_deleted_or_rekeyed_after_authenticating_gets_no_session() {
+    let hub = hub();
+    let changes: [(&str, Option<Value>); 3] = [
+        ("disabled", Some(json!({"status": "disabled"}))),
+        (
+            "rekeyed",
+            Some(json!({"authentication": {"symmetricKey": {
+            "primaryKey": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            "secondaryKey": "BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBA="}}})),
+        ),
+        ("deleted", None),
+    ];
+    for (id, change) in changes {
+        hub.create_or_update_device(id, &json!({"deviceId": id}), None)
+            .await
+            .expect("create");
+        let (username, password, now) = device_login(&hub, id);
+        let grant = hub
+            .authenticate_device(id, &username, &password, now)
+            .expect("the token is valid");
+        // The registry changes between CONNECT's authentication and the session's registration.
+        match change {
+            Some(update) => {
+                hub.create_or_update_device(id, &update, Some("*"))
+                    .await
+                    .expect("update");
+            }
+            None => hub.delete_device(id, None).await.expect("delete"),
+        }
+        let attached = hub.attach_session(id, &grant, true).await;
+        assert!(attached.is_err(), "{id}: a session was registered");
+        assert!(
+            !lock(&hub.inner.sessions).contains_key(id),
+            "{id}: the session table has it"
+        );
+    }
+    // Unchanged, the same sequence registers the session.
+    let (username, password, now) = device_login(&hub, TUTORIAL_DEVICE_ID);
+    let grant = hub
+        .authenticate_device(TUTORIAL_DEVICE_ID, &username, &password, now)
+        .expect("the token is valid");
+    let opened = hub.attach_session(TUTORIAL_DEVICE_ID, &grant, true).await;
+    assert!(opened.is_ok());
+    assert_eq!(
+        hub.get_device(TUTORIAL_DEVICE_ID).expect("device")["connectionState"],
+        "Connected"
+    );
+}

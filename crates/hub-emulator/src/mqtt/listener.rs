@@ -46,6 +46,7 @@ impl Handler for Mqtt {
             self.hub,
             self.shutdown,
             deadline,
+            connection.admission,
         )
         .await;
     }

@@ -19,24 +19,29 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::hub::Hub;
-use crate::listener::Listener;
+use crate::listener::{ConnectionBudget, Listener};
 
 /// Largest MQTT packet accepted from a device (remaining length): IoT Hub's 256 KB message limit.
 /// A larger length field, or bytes that are not MQTT, drop the connection.
 pub const MAX_INBOUND_PACKET: usize = 256 * 1024;
 /// How long a new connection has for the TLS handshake (or WebSocket upgrade) plus CONNECT.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How many MQTT-over-TLS connections (authenticated or not) the hub holds at once by default
-/// ([`crate::Config::max_mqtt_connections`]); further clients wait in the kernel's accept
-/// backlog. MQTT over WebSocket counts against the HTTPS port's cap instead.
+/// How many authenticated MQTT-over-TLS sessions the hub holds at once by default
+/// ([`crate::Config::max_mqtt_connections`]); a device that authenticates beyond it gets CONNACK
+/// 3 (server unavailable) and retries. MQTT over WebSocket counts against the HTTPS port's
+/// budget instead. The hub lowers it to fit the process's open-file limit.
 pub const MAX_CONNECTIONS: usize = 20_000;
+/// How many MQTT-over-TLS connections may be in their TLS handshake or before CONNECT at once
+/// by default ([`crate::Config::max_pending_mqtt_connections`]); beyond it the oldest is closed.
+/// Devices authenticate within milliseconds of connecting, so this only bounds clients that
+/// never do.
+pub const MAX_PENDING_CONNECTIONS: usize = 1024;
 
-/// Accepts device connections until `shutdown`, at most `max_connections` at once; each session
-/// runs on `tracker`.
+/// Accepts device connections until `shutdown`, within `budget`; each session runs on `tracker`.
 pub async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    max_connections: usize,
+    budget: ConnectionBudget,
     hub: Hub,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -46,14 +51,7 @@ pub async fn serve(
         shutdown: shutdown.clone(),
     };
     let acceptor = listener::without_alpn(&acceptor);
-    Listener::new(
-        listener,
-        acceptor,
-        max_connections,
-        handler,
-        shutdown,
-        tracker,
-    )
-    .run()
-    .await;
+    Listener::new(listener, acceptor, budget, handler, shutdown, tracker)
+        .run()
+        .await;
 }

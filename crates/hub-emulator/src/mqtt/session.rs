@@ -31,6 +31,7 @@ use crate::hub::{
     AuthError, GrantedQos, Hub, OperationError, Outbound, SAS_SKEW_SECS, SessionTicket,
     Subscriptions,
 };
+use crate::listener::Admission;
 
 /// Size of a fresh read or write buffer, and how much a read buffer grows by at least.
 const READ_CHUNK: usize = 512;
@@ -63,16 +64,24 @@ const DESIRED_PREFIX: &str = "$iothub/twin/PATCH/properties/desired/";
 
 /// Serves one connection from its first byte to its close. `connect_deadline` bounds the time
 /// until CONNECT has been read (the TLS handshake or WebSocket upgrade already used part of it).
+///
+/// `admission` is the connection's place in its port's budgets: pending (evictable) until the
+/// device authenticates, then admitted; it is held until the session ends.
 pub(crate) async fn run<T: MqttIo>(
     mut transport: T,
     hub: Hub,
     shutdown: CancellationToken,
     connect_deadline: Instant,
+    admission: Admission,
 ) {
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
     let connect = tokio::select! {
         connect = tokio::time::timeout_at(connect_deadline, read_connect(&mut transport, &mut rbuf)) => connect,
         () = shutdown.cancelled() => return,
+        () = admission.evicted() => {
+            debug!("evicted before CONNECT: newer connections need the pending budget");
+            return;
+        }
     };
     let connect = match connect {
         Ok(Ok(connect)) => connect,
@@ -97,7 +106,7 @@ pub(crate) async fn run<T: MqttIo>(
         }
     };
     let keep_alive_secs = connect.keep_alive;
-    let accepted = match authenticate(&hub, connect).await {
+    let accepted = match authenticate(&hub, connect, &admission).await {
         Ok(accepted) => accepted,
         Err(Refusal { code, reason }) => {
             info!(code = ?code, %reason, "connection refused");
@@ -148,6 +157,8 @@ pub(crate) async fn run<T: MqttIo>(
     let mut wbuf = std::mem::take(&mut session.wbuf);
     // Unregister before closing so the registry shows `Disconnected` by the time the peer sees EOF.
     drop(session);
+    // The budget place goes with the session, before the close below may wait on the peer.
+    drop(admission);
     if end.can_write() {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             if !wbuf.is_empty() {
@@ -239,8 +250,13 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Checks CONNECT as IoT Hub does and registers the session.
-async fn authenticate(hub: &Hub, connect: Connect) -> Result<Accepted, Refusal> {
+/// Checks CONNECT as IoT Hub does, takes an admitted place for the connection and registers
+/// the session.
+async fn authenticate(
+    hub: &Hub,
+    connect: Connect,
+    admission: &Admission,
+) -> Result<Accepted, Refusal> {
     if connect.protocol != Protocol::V4 {
         return Err(Refusal::new(
             ConnectReturnCode::RefusedProtocolVersion,
@@ -272,15 +288,19 @@ async fn authenticate(hub: &Hub, connect: Connect) -> Result<Accepted, Refusal> 
     };
     let now = now_unix();
     // The password is a secret: only the hub's error text (which never contains it) is logged.
-    let expiry = hub
+    let grant = hub
         .authenticate_device(&device_id, &login.username, &login.password, now)
-        .map_err(|e| {
-            let code = match e {
-                AuthError::Malformed(_) => ConnectReturnCode::BadUserNamePassword,
-                _ => ConnectReturnCode::NotAuthorized,
-            };
-            Refusal::new(code, e.to_string())
-        })?;
+        .map_err(refusal)?;
+    // MQTT 3.1.1 §3.2.2.3: return code 3, "the network connection has been made but the MQTT
+    // service is unavailable", is what a device's retry policy expects of a busy server (the
+    // Azure IoT SDKs treat it as retryable).
+    if admission.admit().is_err() {
+        return Err(Refusal::new(
+            ConnectReturnCode::ServiceUnavailable,
+            "the hub holds as many device connections as it is configured for; the device retries",
+        ));
+    }
+    let expiry = grant.expiry().unwrap_or(u64::MAX);
     // The hub accepts tokens up to SAS_SKEW_SECS past `se`, so that is when the session ends.
     let remaining = Duration::from_secs(expiry.saturating_add(SAS_SKEW_SECS).saturating_sub(now));
     let token_deadline = Instant::now() + remaining.min(FAR_FUTURE);
@@ -290,14 +310,24 @@ async fn authenticate(hub: &Hub, connect: Connect) -> Result<Accepted, Refusal> 
         secs => Some((Duration::from_millis(u64::from(secs) * 1500)).min(MAX_KEEP_ALIVE)),
     };
     let opened = hub
-        .attach_session(&device_id, Some(expiry), connect.clean_session)
-        .await;
+        .attach_session(&device_id, &grant, connect.clean_session)
+        .await
+        .map_err(refusal)?;
     Ok(Accepted {
         ticket: opened.ticket,
         restored: opened.restored,
         keep_alive,
         token_deadline,
     })
+}
+
+/// The CONNACK refusal for an authentication failure.
+fn refusal(error: AuthError) -> Refusal {
+    let code = match error {
+        AuthError::Malformed(_) => ConnectReturnCode::BadUserNamePassword,
+        _ => ConnectReturnCode::NotAuthorized,
+    };
+    Refusal::new(code, error.to_string())
 }
 
 /// Why a session ended.
@@ -829,13 +859,26 @@ impl Session<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::DeviceGrant;
     use crate::store::Store;
 
     async fn session<'h>(hub: &'h Hub, device_id: &str) -> Session<'h> {
+        // Only registered, enabled devices get sessions.
+        match hub
+            .create_or_update_device(device_id, &json!({ "deviceId": device_id }), None)
+            .await
+        {
+            Ok(_) | Err(OperationError::DeviceAlreadyExists(_)) => {}
+            Err(e) => panic!("cannot register {device_id}: {e}"),
+        }
         Session {
             attached: Attached {
                 hub,
-                ticket: hub.attach_session(device_id, None, true).await.ticket,
+                ticket: hub
+                    .attach_session(device_id, &DeviceGrant::for_tests(), true)
+                    .await
+                    .expect("the device is registered and enabled")
+                    .ticket,
             },
             granted: Subscriptions::default(),
             inflight: Vec::new(),

@@ -3,8 +3,9 @@
 //! byte stream the TLS listener sees, served by the same session code.
 //!
 //! Invariants: frame boundaries mean nothing to MQTT here: a frame may hold part of a packet or
-//! several packets. A session holds its HTTPS connection's permit until it ends, so it counts
-//! against the HTTPS port's connection cap although hyper has let go of the connection.
+//! several packets. A session holds its HTTPS connection's admission until it ends, so it counts
+//! against the HTTPS port's budgets although hyper has let go of the connection: pending (and
+//! evictable) until CONNECT authenticates, then admitted.
 
 use std::io;
 
@@ -22,7 +23,7 @@ use tracing::{Instrument as _, debug, info_span};
 use super::transport::MqttIo;
 use super::{CONNECT_TIMEOUT, MAX_INBOUND_PACKET, session};
 use crate::http::AppState;
-use crate::listener::ConnectionPermit;
+use crate::listener::Admission;
 
 /// The path IoT Hub serves MQTT over WebSocket on (hub-core's, which its clients dial).
 pub use hub_core::device_client::WEBSOCKET_PATH;
@@ -39,7 +40,7 @@ pub fn routes() -> Router<AppState> {
 
 async fn upgrade(
     State(state): State<AppState>,
-    Extension(permit): Extension<ConnectionPermit>,
+    Extension(admission): Extension<Admission>,
     ws: WebSocketUpgrade,
 ) -> Response {
     // The connect deadline starts at the upgrade request (TLS is already done by then).
@@ -61,8 +62,7 @@ async fn upgrade(
         .on_upgrade(move |socket| {
             tracker.track_future(
                 async move {
-                    session::run(WsTransport { socket }, hub, shutdown, deadline).await;
-                    drop(permit);
+                    session::run(WsTransport { socket }, hub, shutdown, deadline, admission).await;
                 }
                 .instrument(span),
             )

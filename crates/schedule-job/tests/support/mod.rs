@@ -43,11 +43,16 @@ pub struct TestDevice {
 
 impl TestHub {
     pub async fn start() -> TestHub {
+        TestHub::start_with(Config::ephemeral()).await
+    }
+
+    /// A hub with `config`'s limits (its data directory is the test's own).
+    pub async fn start_with(config: Config) -> TestHub {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = Config {
             data_dir: Some(dir.path().to_owned()),
             durable: false,
-            ..Config::ephemeral()
+            ..config
         };
         let hub = hub_emulator::start(config).await.expect("hub starts");
         let env_path = dir.path().join("hub.env");
