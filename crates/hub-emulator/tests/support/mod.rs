@@ -17,6 +17,8 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 use serde_json::Value;
 
+pub mod attack;
+
 /// Seconds since the epoch (for SAS expiries).
 pub fn now() -> u64 {
     SystemTime::now()
