@@ -65,6 +65,25 @@ pub async fn read_body(
     next: Next,
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
+    // A declared length over the limit is refused from the headers: waiting for a body that
+    // will be refused anyway would let a client hold the request open.
+    let declared = parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > super::MAX_BODY_BYTES as u64) {
+        let mut response = ApiError::too_large(format!(
+            "the request body is larger than the {} bytes this operation accepts",
+            super::MAX_BODY_BYTES
+        ))
+        .into_response();
+        // Its unread body cannot be skipped: the connection ends with this answer.
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+        return Ok(response);
+    }
     let read = axum::body::to_bytes(body, super::MAX_BODY_BYTES);
     let bytes = match tokio::time::timeout(state.body_read_timeout, read).await {
         Ok(Ok(bytes)) => bytes,
