@@ -101,6 +101,9 @@ pub struct Config {
     /// Most HTTPS connections not authenticated yet (default
     /// [`crate::http::MAX_PENDING_CONNECTIONS`]); beyond it the oldest is closed.
     pub max_pending_https_connections: usize,
+    /// How long a connection that has not authenticated is safe from eviction when the pending
+    /// budget is full (default [`crate::PENDING_EVICTION_AGE`]).
+    pub pending_eviction_age: std::time::Duration,
     /// How long an authenticated REST request's body may take to arrive (default
     /// [`crate::http::BODY_READ_TIMEOUT`]). Tests set it short.
     pub body_read_timeout: std::time::Duration,
@@ -122,6 +125,7 @@ impl Config {
             max_pending_mqtt_connections: crate::mqtt::MAX_PENDING_CONNECTIONS,
             max_https_connections: crate::http::MAX_CONNECTIONS,
             max_pending_https_connections: crate::http::MAX_PENDING_CONNECTIONS,
+            pending_eviction_age: crate::listener::PENDING_EVICTION_AGE,
             body_read_timeout: crate::http::BODY_READ_TIMEOUT,
         }
     }
@@ -185,6 +189,7 @@ impl TryFrom<Args> for Config {
             max_pending_mqtt_connections: crate::mqtt::MAX_PENDING_CONNECTIONS,
             max_https_connections: crate::http::MAX_CONNECTIONS,
             max_pending_https_connections: crate::http::MAX_PENDING_CONNECTIONS,
+            pending_eviction_age: crate::listener::PENDING_EVICTION_AGE,
             body_read_timeout: crate::http::BODY_READ_TIMEOUT,
         })
     }

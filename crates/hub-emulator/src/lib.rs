@@ -43,7 +43,7 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{Args, Config};
 pub use hub::Hub;
-pub use listener::ConnectionBudget;
+pub use listener::{ConnectionBudget, PENDING_EVICTION_AGE};
 
 /// How long shutdown waits for sessions and requests to finish.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(4);
@@ -180,10 +180,12 @@ fn connection_budgets(config: &Config) -> (ConnectionBudget, ConnectionBudget) {
     let mqtt = ConnectionBudget {
         admitted: config.max_mqtt_connections.max(1),
         pending: config.max_pending_mqtt_connections.max(1),
+        evict_after: config.pending_eviction_age,
     };
     let https = ConnectionBudget {
         admitted: config.max_https_connections.max(1),
         pending: config.max_pending_https_connections.max(1),
+        evict_after: config.pending_eviction_age,
     };
     let open_files = limits::raise_open_file_limit();
     let (mqtt, https, lowered) = limits::fit_budgets(mqtt, https, open_files);

@@ -89,7 +89,11 @@ mod tests {
     use super::*;
 
     fn budget(admitted: usize, pending: usize) -> ConnectionBudget {
-        ConnectionBudget { admitted, pending }
+        ConnectionBudget {
+            admitted,
+            pending,
+            evict_after: std::time::Duration::ZERO,
+        }
     }
 
     #[test]

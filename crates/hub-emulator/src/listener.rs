@@ -4,11 +4,13 @@
 //!
 //! Budgets: a connection starts *pending* (TLS handshake, MQTT CONNECT, an HTTP request whose
 //! token has not been checked) and becomes *admitted* once it authenticates
-//! ([`Admission::admit`]). The pending budget is small and never blocks `accept`: when it is
-//! full, the oldest pending connection is evicted (closed) to make room, so clients that open
-//! connections and never authenticate (half-open TLS, silent sockets, slow headers) cannot lock
-//! out a device whose handshake takes milliseconds; only a flood of newer connections can push
-//! it out. The admitted budget bounds authenticated sessions; a client that authenticates while
+//! ([`Admission::admit`]). The pending budget is small: when it is full, the oldest pending
+//! connection is evicted (closed) to make room once it has been pending for
+//! [`ConnectionBudget::evict_after`], so clients that open connections and never authenticate
+//! (half-open TLS, silent sockets, slow headers) cannot lock out a device whose handshake takes
+//! milliseconds. Younger connections are not evicted: when the budget is full of them (a fleet
+//! reconnecting at once after a restart), `accept` waits for a place instead, so a flood of
+//! legitimate handshakes is served at the hub's pace rather than thrashing. The admitted budget bounds authenticated sessions; a client that authenticates while
 //! it is full is told so by its protocol (MQTT CONNACK 3, HTTP `Connection: close`). Together
 //! the two bound the descriptors the port can hold, whatever clients do.
 //!
@@ -25,7 +27,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -38,6 +40,11 @@ use tracing::{Instrument as _, Span, debug, warn};
 /// cap keeps the log quiet while still noticing recovery within a second.
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(1));
 
+/// How long a pending connection is safe from eviction by default: well over a legitimate TLS
+/// handshake plus CONNECT even on a busy hub (milliseconds to a few hundred), far under the
+/// 10 s a client that never authenticates would otherwise hold its place.
+pub const PENDING_EVICTION_AGE: Duration = Duration::from_secs(1);
+
 /// How many connections one port may hold: `admitted` authenticated ones, plus `pending` ones
 /// that have not authenticated yet (at least one each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +53,8 @@ pub struct ConnectionBudget {
     pub admitted: usize,
     /// Connections still in their TLS handshake, before CONNECT or before a valid token.
     pub pending: usize,
+    /// How long a pending connection is safe from eviction.
+    pub evict_after: Duration,
 }
 
 impl ConnectionBudget {
@@ -136,18 +145,22 @@ impl Admission {
     }
 }
 
-/// The pending budget: connections in arrival order; a new one beyond the cap evicts the
-/// oldest. A std mutex, held for a map operation and never across an await.
+/// The pending budget: connections in arrival order; room for a new one is made by evicting
+/// the oldest once it is old enough. A std mutex, held for a map operation and never across an
+/// await.
 #[derive(Debug)]
 struct PendingQueue {
     cap: usize,
+    evict_after: Duration,
     order: Mutex<PendingOrder>,
+    /// Signalled when a connection leaves the order (the accept loop may be waiting for room).
+    left: Notify,
 }
 
 #[derive(Debug, Default)]
 struct PendingOrder {
     next: u64,
-    waiting: BTreeMap<u64, CancellationToken>,
+    waiting: BTreeMap<u64, (CancellationToken, Instant)>,
 }
 
 /// One connection's place in the pending order; leaves it when dropped.
@@ -158,18 +171,56 @@ struct PendingPlace {
 }
 
 impl PendingQueue {
-    /// Enters a new connection, evicting the oldest ones while the queue is at its cap.
+    /// Makes room for one more connection by evicting connections pending for at least
+    /// `evict_after`, oldest first; when the queue is full of younger ones, says when the
+    /// oldest becomes evictable.
+    fn make_room(&self, now: Instant) -> Result<(), Instant> {
+        let mut order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
+        while order.waiting.len() >= self.cap {
+            let Some(mut oldest) = order.waiting.first_entry() else {
+                break;
+            };
+            let evictable_at = oldest.get().1 + self.evict_after;
+            if evictable_at > now {
+                return Err(evictable_at);
+            }
+            oldest.get_mut().0.cancel();
+            oldest.remove();
+        }
+        Ok(())
+    }
+
+    /// Waits until a new connection fits (see [`PendingQueue::make_room`]).
+    async fn room(&self) {
+        loop {
+            // Registered before the check: a place freed in between is not missed (notify_one
+            // keeps the wake-up for the next waiter).
+            let left = self.left.notified();
+            match self.make_room(Instant::now()) {
+                Ok(()) => return,
+                Err(evictable_at) => {
+                    tokio::select! {
+                        () = left => {}
+                        () = tokio::time::sleep_until(evictable_at) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Enters a new connection; the caller made room first ([`PendingQueue::room`]), anything
+    /// still over the cap evicts the oldest.
     fn enter(self: &Arc<Self>, evicted: CancellationToken) -> PendingPlace {
         let mut order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
         while order.waiting.len() >= self.cap {
-            let Some((_, oldest)) = order.waiting.pop_first() else {
+            let Some((_, (oldest, _))) = order.waiting.pop_first() else {
                 break;
             };
             oldest.cancel();
         }
         let id = order.next;
         order.next += 1;
-        order.waiting.insert(id, evicted);
+        order.waiting.insert(id, (evicted, Instant::now()));
         PendingPlace {
             id,
             queue: Arc::clone(self),
@@ -185,6 +236,8 @@ impl Drop for PendingPlace {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         order.waiting.remove(&self.id);
+        drop(order);
+        self.queue.left.notify_one();
     }
 }
 
@@ -200,7 +253,9 @@ impl Budgets {
         Budgets {
             pending: Arc::new(PendingQueue {
                 cap: budget.pending.max(1),
+                evict_after: budget.evict_after,
                 order: Mutex::default(),
+                left: Notify::new(),
             }),
             admitted: Arc::new(Semaphore::new(budget.admitted.max(1))),
         }
@@ -254,6 +309,13 @@ impl<H: Handler> Listener<H> {
     pub(crate) async fn run(self) {
         let mut backoff = ACCEPT_BACKOFF.0;
         loop {
+            // Room in the pending budget first: at the cap, new clients wait in the kernel's
+            // backlog until a pending connection leaves or grows old enough to be evicted.
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => break,
+                () = self.budgets.pending.room() => {}
+            }
             let accepted = tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => break,
@@ -350,7 +412,11 @@ mod tests {
     use super::*;
 
     fn budgets(admitted: usize, pending: usize) -> Budgets {
-        Budgets::new(ConnectionBudget { admitted, pending })
+        Budgets::new(ConnectionBudget {
+            admitted,
+            pending,
+            evict_after: Duration::ZERO,
+        })
     }
 
     fn is_evicted(admission: &Admission) -> bool {
@@ -395,6 +461,33 @@ mod tests {
             Ok(()),
             "a place freed by a session that ended"
         );
+    }
+
+    #[tokio::test]
+    async fn young_pending_connections_are_not_evicted_the_accept_loop_waits_for_room() {
+        let budgets = Budgets::new(ConnectionBudget {
+            admitted: 10,
+            pending: 2,
+            evict_after: Duration::from_millis(200),
+        });
+        let first = budgets.enter();
+        let second = budgets.enter();
+        let now = Instant::now();
+        let evictable_at = budgets.pending.make_room(now).expect_err("both are young");
+        assert!(evictable_at > now && evictable_at <= now + Duration::from_millis(200));
+        assert!(!is_evicted(&first) && !is_evicted(&second));
+        // A connection that leaves makes room at once.
+        drop(second);
+        tokio::time::timeout(Duration::from_millis(50), budgets.pending.room())
+            .await
+            .expect("room once a connection left");
+        let third = budgets.enter();
+        // Once old enough, the oldest is evicted to make room.
+        tokio::time::timeout(Duration::from_secs(2), budgets.pending.room())
+            .await
+            .expect("room once the oldest may be evicted");
+        assert!(is_evicted(&first));
+        assert!(!is_evicted(&third));
     }
 
     #[test]

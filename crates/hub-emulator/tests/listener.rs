@@ -221,6 +221,8 @@ async fn connections_that_never_authenticate_cannot_lock_devices_or_rest_clients
     let hub = TestHub::start_with(Config {
         max_pending_mqtt_connections: PENDING,
         max_pending_https_connections: PENDING,
+        // Short, so that setting up the idle clients themselves does not wait long for room.
+        pending_eviction_age: Duration::from_millis(100),
         ..Config::ephemeral()
     })
     .await;
@@ -276,7 +278,11 @@ async fn connections_that_never_authenticate_cannot_lock_devices_or_rest_clients
 
 /// Sends an authenticated (or not) PATCH whose body never finishes, on a raw TLS connection;
 /// returns the response head the hub sent and how long it took.
-async fn trickled_patch(hub: &TestHub, token: Option<&str>) -> (String, Duration) {
+async fn trickled_patch(
+    hub: &TestHub,
+    token: Option<&str>,
+    content_length: usize,
+) -> (String, Duration) {
     let mut stream = handshake(Arc::clone(&hub.tls), hub.running.https_addr)
         .await
         .expect("TLS");
@@ -285,7 +291,7 @@ async fn trickled_patch(hub: &TestHub, token: Option<&str>) -> (String, Duration
         .unwrap_or_default();
     let head = format!(
         "PATCH /twins/{}?api-version=2021-04-12 HTTP/1.1\r\nHost: localhost\r\n{auth}\
-         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"tags\":",
+         Content-Type: application/json\r\nContent-Length: {content_length}\r\n\r\n{{\"tags\":",
         hub_emulator::hub::TUTORIAL_DEVICE_ID
     );
     stream.write_all(head.as_bytes()).await.expect("write");
@@ -313,12 +319,16 @@ async fn a_trickled_body_gets_401_at_once_without_a_token_and_408_at_the_body_de
         ..Config::ephemeral()
     })
     .await;
-    let (head, took) = trickled_patch(&hub, None).await;
+    let (head, took) = trickled_patch(&hub, None, 1000).await;
     assert!(head.starts_with("HTTP/1.1 401"), "{head}");
     assert!(took < Duration::from_millis(900), "401 took {took:?}");
 
     let token = hub.policy_token("iothubowner", support::now() + 600);
-    let (head, took) = trickled_patch(&hub, Some(&token)).await;
+    // Declared over the 256 KB limit: 413 from the headers, without waiting for the body.
+    let (head, took) = trickled_patch(&hub, Some(&token), 10 << 20).await;
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(took < Duration::from_millis(900), "413 took {took:?}");
+    let (head, took) = trickled_patch(&hub, Some(&token), 1000).await;
     assert!(head.starts_with("HTTP/1.1 408"), "{head}");
     assert!(
         head.to_ascii_lowercase().contains("connection: close"),
@@ -404,5 +414,26 @@ async fn a_client_that_never_handshakes_does_not_stall_accepting_others() {
         .await
         .expect("a WebSocket device connects while silent clients wait");
     drop((device, silent));
+    hub.running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_devices_connecting_at_once_is_queued_not_evicted() {
+    // Far more simultaneous handshakes than the pending budget, as after a hub restart: young
+    // pending connections are not evicted, so every device gets in (new ones wait for room).
+    let hub = TestHub::start_with(Config {
+        max_pending_mqtt_connections: 2,
+        ..Config::ephemeral()
+    })
+    .await;
+    let ids: Vec<String> = (0..16).map(|i| format!("flood-{i}")).collect();
+    for id in &ids {
+        device_token(&hub, id).await;
+    }
+    let connects = ids.iter().map(|id| Device::try_connect(&hub, id, false));
+    let devices = futures_util::future::join_all(connects).await;
+    let refused: Vec<_> = devices.iter().filter_map(|d| d.as_ref().err()).collect();
+    assert!(refused.is_empty(), "refused: {refused:?}");
+    drop(devices);
     hub.running.shutdown().await;
 }
