@@ -678,9 +678,19 @@ fn parse_host(key: &'static str, value: &str) -> Result<HostAddr, ConnectionStri
 }
 
 fn parse_key(value: &str) -> Result<SharedKey, ConnectionStringError> {
-    SharedKey::from_base64(value).map_err(|_| ConnectionStringError::InvalidBase64 {
+    let key = SharedKey::from_base64(value).map_err(|_| ConnectionStringError::InvalidBase64 {
         key: SHARED_ACCESS_KEY,
-    })
+    })?;
+    // Padding alone (`SharedAccessKey==`) decodes to no bytes: an empty key, refused like an empty
+    // value (found by the connection_string fuzz target: it was accepted, then written back as
+    // `SharedAccessKey=`, which does not parse).
+    if key.as_bytes().is_empty() {
+        return Err(ConnectionStringError::EmptyValue {
+            key: SHARED_ACCESS_KEY,
+            expected: expected_value(SHARED_ACCESS_KEY),
+        });
+    }
+    Ok(key)
 }
 
 fn reject(
@@ -915,6 +925,22 @@ mod tests {
             t.to_secret_string(),
             format!("HostName=h;DeviceId=dev1;SharedAccessSignature={token}")
         );
+    }
+
+    #[test]
+    fn refuses_a_key_of_padding_only() {
+        // Fuzzing regression (fuzz/ connection_string): `==` decoded to an empty key.
+        for key in ["=", "==", "==="] {
+            for s in [
+                format!("HostName=localhost;DeviceId=dev1;SharedAccessKey={key}"),
+                format!("HostName=h;SharedAccessKeyName=iothubowner;SharedAccessKey={key}"),
+            ] {
+                assert!(
+                    err(&s).contains("`SharedAccessKey` has an empty value"),
+                    "{s}"
+                );
+            }
+        }
     }
 
     #[test]

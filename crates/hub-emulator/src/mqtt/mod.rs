@@ -55,3 +55,22 @@ pub async fn serve(
         .run()
         .await;
 }
+
+/// Runs one device session over `bytes`, as if a device had sent exactly them on a connection it
+/// then closed, and returns every byte the hub wrote back. The same `session::run` as a TLS
+/// connection, over an in-memory stream: the fuzz targets in `fuzz/` drive CONNECT parsing,
+/// authentication and the packets after it with no socket. Needs a tokio runtime with time.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub async fn fuzz_session(hub: Hub, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = tokio::io::join(bytes, Vec::new());
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    session::run(
+        transport::ByteStream(&mut stream),
+        hub,
+        CancellationToken::new(),
+        deadline,
+    )
+    .await;
+    stream.into_inner().1
+}

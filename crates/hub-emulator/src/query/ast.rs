@@ -489,6 +489,17 @@ impl Expr {
         }
     }
 
+    /// Whether `-` can be written straight before `self` and parse back as `Neg(self)`: not a
+    /// non-negative number (`- 5` is the literal `-5`) nor anything binding looser than `-`.
+    fn is_unary_operand(&self) -> bool {
+        match self {
+            Expr::Neg(_) | Expr::Path(_) | Expr::Call { .. } => true,
+            Expr::Literal(Literal::Number(Number::Int(n))) => *n < 0,
+            Expr::Literal(Literal::Number(Number::Float(x))) => *x < 0.0,
+            _ => false,
+        }
+    }
+
     /// Writes `self`, parenthesised when it binds looser than `min`.
     fn write_at(&self, f: &mut fmt::Formatter<'_>, min: u8) -> fmt::Result {
         if self.precedence() < min {
@@ -508,6 +519,10 @@ impl fmt::Display for Expr {
                 f.write_str("NOT ")?;
                 inner.write_at(f, PREC_NOT)
             }
+            // An operand that is itself unary needs no parentheses, and must not get them: the
+            // parser counts each `(` as a nesting level, so `-(-(...))` for a chain of 33 or more
+            // minus signs did not re-parse (found by the fuzz/ query target).
+            Expr::Neg(inner) if inner.is_unary_operand() => write!(f, "- {inner}"),
             Expr::Neg(inner) => write!(f, "-({inner})"),
             Expr::Binary { op, left, right } => {
                 let prec = op.precedence();

@@ -597,6 +597,27 @@ fn deep_nesting_is_an_error_not_a_crash() {
 }
 
 #[test]
+fn printed_minus_chains_reparse() {
+    // Fuzzing regression (fuzz/ query): 57 minus signs parse, but were printed as 57 nested
+    // `-(...)`, 114 levels, which the parser refused.
+    for (chain, operand) in [
+        (57, "x"),
+        (64, "x"),
+        (63, "-5"),
+        (3, "-1.5"),
+        (2, "(5)"),
+        (2, "IS_NULL(x)"),
+    ] {
+        let text = format!(
+            "SELECT * FROM devices WHERE {}{operand} > 1",
+            "-".repeat(chain)
+        );
+        let query = parse(&text).unwrap();
+        assert_eq!(parse(&query.to_string()), Ok(query), "{text}");
+    }
+}
+
+#[test]
 fn display_is_canonical_text() {
     let cases = [
         (
