@@ -139,6 +139,18 @@ impl Admission {
         Ok(())
     }
 
+    /// An admission in a budget of its own (one place of each kind), for the socket-free
+    /// fuzzing entry point.
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn alone() -> Admission {
+        Budgets::new(ConnectionBudget {
+            admitted: 1,
+            pending: 1,
+            evict_after: PENDING_EVICTION_AGE,
+        })
+        .enter()
+    }
+
     /// Resolves when the connection is evicted from the pending budget (never once admitted).
     pub(crate) async fn evicted(&self) {
         self.inner.evicted.cancelled().await;

@@ -70,6 +70,7 @@ pub async fn fuzz_session(hub: Hub, bytes: &[u8]) -> Vec<u8> {
         hub,
         CancellationToken::new(),
         deadline,
+        crate::listener::Admission::alone(),
     )
     .await;
     stream.into_inner().1
