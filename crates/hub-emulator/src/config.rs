@@ -87,6 +87,9 @@ pub struct Config {
     pub max_active_jobs: usize,
     /// The tier and units whose throttles apply (None: no throttles).
     pub tier: Option<hub_core::tier::Quotas>,
+    /// How much of a throttle's rate passes at once, and how long shaped requests may queue
+    /// (defaults [`crate::throttle::BURST`], [`crate::throttle::BACKLOG`]; tests shrink them).
+    pub throttle_shaping: (std::time::Duration, std::time::Duration),
     /// Most authenticated MQTT-over-TLS sessions held at once (default
     /// [`crate::mqtt::MAX_CONNECTIONS`]); beyond it a device gets CONNACK 3 and retries. Lowered
     /// at start to fit the open-file limit. Tests set it small.
@@ -121,6 +124,7 @@ impl Config {
             hostnames: Vec::new(),
             max_active_jobs: DEFAULT_MAX_ACTIVE_JOBS,
             tier: None,
+            throttle_shaping: (crate::throttle::BURST, crate::throttle::BACKLOG),
             max_mqtt_connections: crate::mqtt::MAX_CONNECTIONS,
             max_pending_mqtt_connections: crate::mqtt::MAX_PENDING_CONNECTIONS,
             max_https_connections: crate::http::MAX_CONNECTIONS,
@@ -185,6 +189,7 @@ impl TryFrom<Args> for Config {
                 .or(tier.map(|q| q.max_active_jobs()))
                 .unwrap_or(DEFAULT_MAX_ACTIVE_JOBS),
             tier,
+            throttle_shaping: (crate::throttle::BURST, crate::throttle::BACKLOG),
             max_mqtt_connections: crate::mqtt::MAX_CONNECTIONS,
             max_pending_mqtt_connections: crate::mqtt::MAX_PENDING_CONNECTIONS,
             max_https_connections: crate::http::MAX_CONNECTIONS,

@@ -254,9 +254,12 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     let (mqtt_budget, https_budget) = connection_budgets(&config);
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let (burst, backlog) = config.throttle_shaping;
     let throttles = config
         .tier
-        .map_or_else(throttle::Throttles::unlimited, throttle::Throttles::of);
+        .map_or_else(throttle::Throttles::unlimited, |quotas| {
+            throttle::Throttles::shaped(quotas, burst, backlog)
+        });
     let jobs = jobs::Jobs::open(hub.clone(), config.active_job_cap(), throttles.job_pace())?;
     jobs.spawn(shutdown.clone(), &tracker);
     let acceptor = TlsAcceptor::from(tls.server_config.clone());
@@ -265,6 +268,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         acceptor.clone(),
         mqtt_budget,
         hub.clone(),
+        throttles.clone(),
         shutdown.clone(),
         tracker.clone(),
     ));

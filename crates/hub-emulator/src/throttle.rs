@@ -160,15 +160,22 @@ impl Throttles {
         Throttles { inner: None }
     }
 
-    /// The throttles of `quotas`' tier and units.
+    /// The throttles of `quotas`' tier and units, with IoT Hub's shaping ([`BURST`],
+    /// [`BACKLOG`]).
     pub fn of(quotas: Quotas) -> Throttles {
+        Throttles::shaped(quotas, BURST, BACKLOG)
+    }
+
+    /// The throttles of `quotas` with another burst and backlog (tests shrink them to reach
+    /// refusals with a handful of requests).
+    pub fn shaped(quotas: Quotas, burst: Duration, backlog: Duration) -> Throttles {
         let shapers = Operation::ALL
             .into_iter()
             .filter_map(|operation| {
                 let rate = quotas.rate(operation)?;
                 Some((
                     operation,
-                    Mutex::new(Shaper::new(rate.per_second, BURST, BACKLOG)),
+                    Mutex::new(Shaper::new(rate.per_second, burst, backlog)),
                 ))
             })
             .collect();

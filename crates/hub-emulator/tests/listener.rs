@@ -437,3 +437,45 @@ async fn a_flood_of_devices_connecting_at_once_is_queued_not_evicted() {
     drop(devices);
     hub.running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_tier_connects_beyond_its_new_connection_rate_get_connack_3() {
+    // S1 allows 100 new connections a second; with no burst and no queue, connects closer than
+    // 10 ms apart are refused with CONNACK 3 (server unavailable) and may retry.
+    let hub = TestHub::start_with(Config {
+        tier: Some(hub_core::tier::Tier::S1.with_units(1).expect("S1")),
+        throttle_shaping: (Duration::ZERO, Duration::ZERO),
+        ..Config::ephemeral()
+    })
+    .await;
+    let ids: Vec<String> = (0..20).map(|i| format!("throttled-{i}")).collect();
+    for id in &ids {
+        device_token(&hub, id).await;
+    }
+    let connects = ids.iter().map(|id| Device::try_connect(&hub, id, false));
+    let results = futures_util::future::join_all(connects).await;
+    let refused: Vec<&ConnectReturnCode> =
+        results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        !refused.is_empty(),
+        "20 simultaneous connects all passed a 100/s throttle"
+    );
+    assert!(
+        refused
+            .iter()
+            .all(|code| **code == ConnectReturnCode::ServiceUnavailable),
+        "{refused:?}"
+    );
+    assert!(
+        results.iter().any(Result::is_ok),
+        "the first connect passes"
+    );
+    // Retried at the rate, every device gets in.
+    drop(results);
+    for id in &ids {
+        let device = Device::connect_once_admitted(&hub, id, false, "admitted at the rate").await;
+        drop(device);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    hub.running.shutdown().await;
+}

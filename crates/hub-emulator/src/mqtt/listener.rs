@@ -18,6 +18,7 @@ use crate::listener::{Accepted, Handler};
 #[derive(Debug, Clone)]
 pub(super) struct Mqtt {
     pub(super) hub: Hub,
+    pub(super) throttles: crate::throttle::Throttles,
     pub(super) shutdown: CancellationToken,
 }
 
@@ -47,6 +48,7 @@ impl Handler for Mqtt {
             self.shutdown,
             deadline,
             connection.admission,
+            self.throttles,
         )
         .await;
     }

@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::hub::Hub;
 use crate::listener::{ConnectionBudget, Listener};
+use crate::throttle::Throttles;
 
 /// Largest MQTT packet accepted from a device (remaining length): IoT Hub's 256 KB message limit.
 /// A larger length field, or bytes that are not MQTT, drop the connection.
@@ -43,11 +44,13 @@ pub async fn serve(
     acceptor: TlsAcceptor,
     budget: ConnectionBudget,
     hub: Hub,
+    throttles: Throttles,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
     let handler = listener::Mqtt {
         hub,
+        throttles,
         shutdown: shutdown.clone(),
     };
     let acceptor = listener::without_alpn(&acceptor);
@@ -71,6 +74,7 @@ pub async fn fuzz_session(hub: Hub, bytes: &[u8]) -> Vec<u8> {
         CancellationToken::new(),
         deadline,
         crate::listener::Admission::alone(),
+        Throttles::unlimited(),
     )
     .await;
     stream.into_inner().1

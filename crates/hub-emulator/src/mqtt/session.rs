@@ -32,6 +32,9 @@ use crate::hub::{
     Subscriptions,
 };
 use crate::listener::Admission;
+use crate::throttle::{Throttled, Throttles};
+use hub_core::error::ErrorCode;
+use hub_core::tier::Operation;
 
 /// Size of a fresh read or write buffer, and how much a read buffer grows by at least.
 const READ_CHUNK: usize = 512;
@@ -73,6 +76,7 @@ pub(crate) async fn run<T: MqttIo>(
     shutdown: CancellationToken,
     connect_deadline: Instant,
     admission: Admission,
+    throttles: Throttles,
 ) {
     let mut rbuf = BytesMut::with_capacity(READ_CHUNK);
     let connect = tokio::select! {
@@ -106,7 +110,7 @@ pub(crate) async fn run<T: MqttIo>(
         }
     };
     let keep_alive_secs = connect.keep_alive;
-    let accepted = match authenticate(&hub, connect, &admission).await {
+    let accepted = match authenticate(&hub, connect, &admission, &throttles).await {
         Ok(accepted) => accepted,
         Err(Refusal { code, reason }) => {
             info!(code = ?code, %reason, "connection refused");
@@ -127,6 +131,7 @@ pub(crate) async fn run<T: MqttIo>(
             ticket: accepted.ticket,
         },
         granted: accepted.restored.unwrap_or_default(),
+        throttles,
         inflight: Vec::new(),
         last_packet_id: 0,
         wbuf: BytesMut::with_capacity(READ_CHUNK),
@@ -256,6 +261,7 @@ async fn authenticate(
     hub: &Hub,
     connect: Connect,
     admission: &Admission,
+    throttles: &Throttles,
 ) -> Result<Accepted, Refusal> {
     if connect.protocol != Protocol::V4 {
         return Err(Refusal::new(
@@ -293,7 +299,14 @@ async fn authenticate(
         .map_err(refusal)?;
     // MQTT 3.1.1 §3.2.2.3: return code 3, "the network connection has been made but the MQTT
     // service is unavailable", is what a device's retry policy expects of a busy server (the
-    // Azure IoT SDKs treat it as retryable).
+    // Azure IoT SDKs treat it as retryable). It answers a throttled connect (the tier's "new
+    // device connections" rate) as well as a full session budget.
+    if let Err(throttled) = throttles.pass(Operation::NewConnection, 1).await {
+        return Err(Refusal::new(
+            ConnectReturnCode::ServiceUnavailable,
+            throttled.to_string(),
+        ));
+    }
     if admission.admit().is_err() {
         return Err(Refusal::new(
             ConnectReturnCode::ServiceUnavailable,
@@ -407,6 +420,8 @@ struct Session<'h> {
     attached: Attached<'h>,
     /// What this session is subscribed to (restored from a persistent session, or subscribed).
     granted: Subscriptions,
+    /// The tier's throttles (twin reads and updates).
+    throttles: Throttles,
     /// Packet ids of hub-to-device QoS 1 publishes not yet acknowledged.
     inflight: Vec<u16>,
     last_packet_id: u16,
@@ -527,6 +542,16 @@ fn twin_error(error: &OperationError) -> (u16, Bytes) {
     (code.http_status(), Bytes::from(body.to_string()))
 }
 
+/// The twin response for a throttled request: 429 with IoT Hub's `ThrottlingException` body.
+fn throttled_answer(throttled: &Throttled) -> (u16, Bytes) {
+    let code = ErrorCode::ThrottlingException;
+    let body = json!({
+        "Message": format!("ErrorCode:{};{throttled}", code.name()),
+        "ExceptionMessage": "",
+    });
+    (code.http_status(), Bytes::from(body.to_string()))
+}
+
 impl Session<'_> {
     fn device_id(&self) -> &str {
         &self.attached.ticket.device_id
@@ -630,7 +655,7 @@ impl Session<'_> {
                     .hub
                     .method_response(self.device_id(), &rid, status, publish.payload);
             }
-            Topic::TwinGet { rid } => self.twin_get(rid)?,
+            Topic::TwinGet { rid } => self.twin_get(rid).await?,
             Topic::TwinPatchReported { rid } => self.twin_patch(rid, &publish.payload).await?,
             _ => {
                 return Err(End::Forbidden(format!(
@@ -645,14 +670,18 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn twin_get(&mut self, rid: String) -> Result<(), End> {
+    async fn twin_get(&mut self, rid: String) -> Result<(), End> {
         let Some(qos) = self.granted.twin_responses else {
             warn!(%rid, "twin GET without a subscription to $iothub/twin/res/#; IoT Hub sends no answer");
             return Ok(());
         };
-        let (status, body) = match self.attached.hub.device_twin(self.device_id()) {
-            Some(twin) => (200, Bytes::from(twin.to_string())),
-            None => twin_error(&OperationError::DeviceNotFound(self.device_id().to_owned())),
+        let throttled = self.throttles.pass(Operation::TwinRead, 1).await;
+        let (status, body) = match (throttled, self.attached.hub.device_twin(self.device_id())) {
+            (Err(throttled), _) => throttled_answer(&throttled),
+            (Ok(()), Some(twin)) => (200, Bytes::from(twin.to_string())),
+            (Ok(()), None) => {
+                twin_error(&OperationError::DeviceNotFound(self.device_id().to_owned()))
+            }
         };
         let topic = Topic::TwinResponse {
             status,
@@ -664,6 +693,21 @@ impl Session<'_> {
     }
 
     async fn twin_patch(&mut self, rid: String, payload: &[u8]) -> Result<(), End> {
+        // A throttled patch is not applied; the device hears 429 on its twin response topic.
+        if let Err(throttled) = self.throttles.pass(Operation::TwinUpdate, 1).await {
+            debug!(%rid, "reported properties patch throttled");
+            let Some(qos) = self.granted.twin_responses else {
+                return Ok(());
+            };
+            let (status, body) = throttled_answer(&throttled);
+            let topic = Topic::TwinResponse {
+                status,
+                rid,
+                version: None,
+            }
+            .to_string();
+            return self.publish(topic, body, qos_of(qos));
+        }
         let result = match serde_json::from_slice::<Value>(payload) {
             Ok(patch) => {
                 self.attached
@@ -881,6 +925,7 @@ mod tests {
                     .ticket,
             },
             granted: Subscriptions::default(),
+            throttles: Throttles::unlimited(),
             inflight: Vec::new(),
             last_packet_id: 0,
             wbuf: BytesMut::new(),
@@ -917,6 +962,50 @@ mod tests {
         ] {
             assert_eq!(session.granted_for(foreign), None, "{foreign}");
         }
+    }
+
+    #[tokio::test]
+    async fn twin_requests_beyond_the_tier_rate_are_answered_429_and_not_applied() {
+        let hub = Hub::open(Store::in_memory(), vec!["localhost".into()]).expect("hub");
+        let mut session = session(&hub, "dev-a").await;
+        session.granted.twin_responses = Some(GrantedQos::AtMostOnce);
+        // S1's twin updates (50/s) and reads (100/s) with no burst and no queue: the second
+        // request in a row is over the rate.
+        let s1 = hub_core::tier::Tier::S1.with_units(1).expect("S1");
+        session.throttles = Throttles::shaped(s1, Duration::ZERO, Duration::ZERO);
+        let answers = |session: &mut Session<'_>| {
+            let text = String::from_utf8_lossy(&session.wbuf).into_owned();
+            session.wbuf.clear();
+            text
+        };
+        session
+            .twin_patch("1".into(), br#"{"first":1}"#)
+            .await
+            .expect("answered");
+        assert!(answers(&mut session).contains("$iothub/twin/res/204/?$rid=1"));
+        session
+            .twin_patch("2".into(), br#"{"second":2}"#)
+            .await
+            .expect("answered");
+        let refused = answers(&mut session);
+        assert!(
+            refused.contains("$iothub/twin/res/429/?$rid=2"),
+            "{refused}"
+        );
+        assert!(
+            refused.contains("ErrorCode:ThrottlingException;"),
+            "{refused}"
+        );
+        let twin = hub.device_twin("dev-a").expect("twin");
+        assert_eq!(twin["reported"]["first"], 1, "{twin}");
+        assert!(
+            twin["reported"].get("second").is_none(),
+            "a throttled patch applied"
+        );
+        session.twin_get("3".into()).await.expect("answered");
+        assert!(answers(&mut session).contains("$iothub/twin/res/200/?$rid=3"));
+        session.twin_get("4".into()).await.expect("answered");
+        assert!(answers(&mut session).contains("$iothub/twin/res/429/?$rid=4"));
     }
 
     #[tokio::test]

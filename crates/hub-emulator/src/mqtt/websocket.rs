@@ -49,6 +49,7 @@ async fn upgrade(
         hub,
         shutdown,
         tracker,
+        throttles,
         ..
     } = state;
     let span = info_span!("mqtt_ws", device_id = tracing::field::Empty);
@@ -62,7 +63,8 @@ async fn upgrade(
         .on_upgrade(move |socket| {
             tracker.track_future(
                 async move {
-                    session::run(WsTransport { socket }, hub, shutdown, deadline, admission).await;
+                    let transport = WsTransport { socket };
+                    session::run(transport, hub, shutdown, deadline, admission, throttles).await;
                 }
                 .instrument(span),
             )
