@@ -274,3 +274,49 @@ async fn wrong_key_untrusted_ca_and_unreachable_hub() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn throttled_creations_are_retried_because_the_hub_did_not_run_them() {
+    // S1's registry throttle (100 a minute) with no burst and no queue: back-to-back creations
+    // are refused with 429 ThrottlingException until 0.6 s has passed.
+    let hub = TestHub::start_with(hub_emulator::Config {
+        tier: Some(hub_core::tier::Tier::S1.with_units(1).unwrap()),
+        throttle_shaping: (Duration::ZERO, Duration::ZERO),
+        ..hub_emulator::Config::ephemeral()
+    })
+    .await;
+    let patient = ServiceClient::builder(hub.service.clone())
+        .ca_pem(hub.hub.env.ca_pem.as_bytes())
+        .unwrap()
+        .retry(RetryPolicy {
+            max_attempts: 12,
+            base_delay: Duration::from_millis(300),
+            max_delay: Duration::from_secs(2),
+            max_retry_after: Duration::from_secs(30),
+        })
+        .build()
+        .unwrap();
+    for id in ["thr-1", "thr-2", "thr-3"] {
+        patient
+            .create_device(&Device::new(id))
+            .await
+            .unwrap_or_else(|e| panic!("{id}: {e}"));
+    }
+    // Without retries the second of two back-to-back creations is refused, with IoT Hub's code.
+    let impatient = ServiceClient::builder(hub.service.clone())
+        .ca_pem(hub.hub.env.ca_pem.as_bytes())
+        .unwrap()
+        .retry(RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        })
+        .build()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    impatient
+        .create_device(&Device::new("thr-4"))
+        .await
+        .unwrap();
+    let refused = impatient.create_device(&Device::new("thr-5")).await;
+    assert_eq!(kind(refused), HubErrorKind::Throttled);
+}

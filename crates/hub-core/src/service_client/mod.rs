@@ -23,6 +23,7 @@ use serde_json::Value;
 
 use crate::connection_string::ServiceConnectionString;
 use crate::device::Device;
+use crate::error::ErrorCode;
 use crate::job::{DeviceJob, JobRequest, JobResponse, JobStatus, JobType};
 use crate::method::{CloudToDeviceMethod, CloudToDeviceMethodResult};
 use crate::twin::Twin;
@@ -661,6 +662,16 @@ impl ServiceClient {
                 (ServiceError::Hub(h), Idempotency::Idempotent) => {
                     (retry::is_retryable_status(h.status), h.retry_after)
                 }
+                // A throttled request was refused, not executed ("If the limits are reached,
+                // IoT Hub responds with error code 429 and the client should back off and
+                // retry", Microsoft Learn, "IoT Hub quotas and throttling"), so even a call
+                // that must not run twice may be sent again. Not the active-job cap: that
+                // lasts until a job ends, longer than any backoff here.
+                (ServiceError::Hub(h), Idempotency::NotIdempotent) => (
+                    h.status == 429
+                        && h.code != Some(ErrorCode::ThrottlingMaxActiveJobCountExceeded),
+                    h.retry_after,
+                ),
                 _ => (false, None),
             };
             let delay = retryable

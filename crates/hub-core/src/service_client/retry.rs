@@ -1,8 +1,9 @@
 //! When and how long the service client waits before trying a request again.
 //!
-//! Only idempotent calls are retried on 408/429/5xx or a lost connection; a call that must not
-//! run twice (a method invocation, a job or device creation) is retried only when the connection
-//! could not be opened, because then the hub never saw it.
+//! Only idempotent calls are retried on 408/5xx or a lost connection; a call that must not run
+//! twice (a method invocation, a job or device creation) is retried only when the connection
+//! could not be opened, because then the hub never saw it, or when the hub throttled it (429:
+//! refused, not executed; except the active-job cap, which a backoff does not outlast).
 
 use std::time::Duration;
 
