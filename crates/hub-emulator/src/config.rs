@@ -133,11 +133,9 @@ impl Config {
             body_read_timeout: crate::http::BODY_READ_TIMEOUT,
         }
     }
-}
 
-impl Config {
-    /// How many jobs may be active at once: `max_active_jobs` (at least one, so that a basic
-    /// tier's "no jobs" is refused by the tier, not by a zero cap).
+    /// How many jobs may be active at once: `max_active_jobs`, at least one (`--max-active-jobs
+    /// 0` would refuse every job with a 429 that no wait can clear).
     pub fn active_job_cap(&self) -> usize {
         self.max_active_jobs.max(1)
     }

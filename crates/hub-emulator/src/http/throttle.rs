@@ -4,9 +4,9 @@
 //! `ThrottlingException` (429001) in IoT Hub's error body, with its `iothub-errorcode` header and
 //! no `Retry-After` (IoT Hub sends none).
 
+use axum::body::HttpBody as _;
 use axum::extract::{Request, State};
 use axum::http::Method;
-use axum::http::header::CONTENT_LENGTH;
 use axum::middleware::Next;
 use axum::response::Response;
 use hub_core::error::ErrorCode;
@@ -38,11 +38,13 @@ pub async fn throttle(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    // The body is already read whole (`read_body` runs first), so its size is exact even for a
+    // chunked request without Content-Length.
     let content_length = request
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
+        .body()
+        .size_hint()
+        .exact()
+        .and_then(|n| usize::try_from(n).ok())
         .unwrap_or(0);
     if let Some((operation, cost)) =
         classify(request.method(), request.uri().path(), content_length)

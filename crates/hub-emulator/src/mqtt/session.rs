@@ -534,19 +534,17 @@ fn encode(wbuf: &mut BytesMut, packet: &Packet) {
 /// The `$iothub/twin/res/{status}` status and body for a failed twin request: the HTTP status
 /// of the IoT Hub error code, and IoT Hub's classic error JSON.
 fn twin_error(error: &OperationError) -> (u16, Bytes) {
-    let code = error.code();
-    let body = json!({
-        "Message": format!("ErrorCode:{};{error}", code.name()),
-        "ExceptionMessage": "",
-    });
-    (code.http_status(), Bytes::from(body.to_string()))
+    error_answer(error.code(), error)
 }
 
 /// The twin response for a throttled request: 429 with IoT Hub's `ThrottlingException` body.
 fn throttled_answer(throttled: &Throttled) -> (u16, Bytes) {
-    let code = ErrorCode::ThrottlingException;
+    error_answer(ErrorCode::ThrottlingException, throttled)
+}
+
+fn error_answer(code: ErrorCode, text: impl fmt::Display) -> (u16, Bytes) {
     let body = json!({
-        "Message": format!("ErrorCode:{};{throttled}", code.name()),
+        "Message": format!("ErrorCode:{};{text}", code.name()),
         "ExceptionMessage": "",
     });
     (code.http_status(), Bytes::from(body.to_string()))
@@ -694,40 +692,28 @@ impl Session<'_> {
 
     async fn twin_patch(&mut self, rid: String, payload: &[u8]) -> Result<(), End> {
         // A throttled patch is not applied; the device hears 429 on its twin response topic.
-        if let Err(throttled) = self.throttles.pass(Operation::TwinUpdate, 1).await {
-            debug!(%rid, "reported properties patch throttled");
-            let Some(qos) = self.granted.twin_responses else {
-                return Ok(());
-            };
-            let (status, body) = throttled_answer(&throttled);
-            let topic = Topic::TwinResponse {
-                status,
-                rid,
-                version: None,
-            }
-            .to_string();
-            return self.publish(topic, body, qos_of(qos));
-        }
-        let result = match serde_json::from_slice::<Value>(payload) {
-            Ok(patch) => {
-                self.attached
+        let result = match self.throttles.pass(Operation::TwinUpdate, 1).await {
+            Err(throttled) => Err(throttled_answer(&throttled)),
+            Ok(()) => match serde_json::from_slice::<Value>(payload) {
+                Ok(patch) => self
+                    .attached
                     .hub
                     .patch_reported(self.device_id(), patch)
                     .await
-            }
-            Err(e) => Err(OperationError::InvalidArgument(format!(
-                "the reported properties patch is not valid JSON: {e}"
-            ))),
+                    .map_err(|error| twin_error(&error)),
+                Err(e) => Err(twin_error(&OperationError::InvalidArgument(format!(
+                    "the reported properties patch is not valid JSON: {e}"
+                )))),
+            },
         };
         let (status, version, body) = match result {
             Ok(version) => (204, Some(version), Bytes::new()),
-            Err(error) => {
-                debug!(%rid, %error, "reported properties patch refused");
-                let (status, body) = twin_error(&error);
+            Err((status, body)) => {
+                debug!(%rid, status, "reported properties patch refused");
                 (status, None, body)
             }
         };
-        // The patch is applied either way; only the answer needs the subscription.
+        // Applied (or refused) either way; only the answer needs the subscription.
         let Some(qos) = self.granted.twin_responses else {
             warn!(%rid, "reported patch without a subscription to $iothub/twin/res/#; IoT Hub sends no answer");
             return Ok(());
