@@ -61,6 +61,15 @@ pub struct Args {
     /// Units of the tier (F1 has exactly one).
     #[arg(long, value_name = "N", default_value_t = 1, requires = "tier")]
     pub units: u32,
+    /// How much of a throttle's rate passes at once before shaping starts, e.g. `1s` [default:
+    /// 60s, IoT Hub's minute ranges]. Shrink it to reach shaping and 429s with a handful of
+    /// calls in your own tests.
+    #[arg(long, value_name = "DURATION", requires = "tier", value_parser = hub_core::duration::parse)]
+    pub throttle_burst: Option<std::time::Duration>,
+    /// How long shaped calls may queue before they are refused with 429, e.g. `0s` [default:
+    /// 10s].
+    #[arg(long, value_name = "DURATION", requires = "tier", value_parser = hub_core::duration::parse)]
+    pub throttle_backlog: Option<std::time::Duration>,
 }
 
 /// The default data directory: `$XDG_DATA_HOME/iothub-emulator` or its platform equivalent.
@@ -187,7 +196,10 @@ impl TryFrom<Args> for Config {
                 .or(tier.map(|q| q.max_active_jobs()))
                 .unwrap_or(DEFAULT_MAX_ACTIVE_JOBS),
             tier,
-            throttle_shaping: (crate::throttle::BURST, crate::throttle::BACKLOG),
+            throttle_shaping: (
+                args.throttle_burst.unwrap_or(crate::throttle::BURST),
+                args.throttle_backlog.unwrap_or(crate::throttle::BACKLOG),
+            ),
             max_mqtt_connections: crate::mqtt::MAX_CONNECTIONS,
             max_pending_mqtt_connections: crate::mqtt::MAX_PENDING_CONNECTIONS,
             max_https_connections: crate::http::MAX_CONNECTIONS,
