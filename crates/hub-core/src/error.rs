@@ -59,6 +59,11 @@ error_codes! {
     JobQuotaExceeded = 403003,
     /// 403004: device queue full.
     DeviceMaximumQueueDepthExceeded = 403004,
+    /// 403010: "This operation is not valid for the current IoT Hub tier" (Microsoft Learn, "IoT
+    /// Hub API common error codes"): twins, direct methods and jobs on a basic tier. The number
+    /// and text are Microsoft's; the name is not published (clients key on the number), so this
+    /// one is ours, made from that text.
+    OperationNotValidForTier = 403010,
     /// 403012: the device is disabled.
     DeviceDisabled = 403012,
     /// 404001: the device is not registered.

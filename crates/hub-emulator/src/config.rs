@@ -170,14 +170,6 @@ impl TryFrom<Args> for Config {
             }
         }
         let tier = match args.tier {
-            // Basic tiers lack twins, methods and jobs; refusing those as IoT Hub does is not
-            // built yet, and a "B1" hub that serves them would pass what Azure refuses.
-            Some(tier) if tier.is_basic() => {
-                return Err(format!(
-                    "--tier {tier}: basic tiers are not emulated yet (their refusal of twins, \
-                     methods and jobs is not built); use F1, S1, S2 or S3"
-                ));
-            }
             Some(tier) => Some(
                 tier.with_units(args.units)
                     .map_err(|e| format!("--units: {e}"))?,

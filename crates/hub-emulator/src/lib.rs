@@ -380,9 +380,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
         );
     }
     match &tier {
+        Some(quotas) if quotas.tier.is_basic() => println!(
+            "# tier {quotas}: IoT Hub's throttles for it apply (bursts pass, then calls are \
+             shaped, then refused with 429); twins, direct methods and jobs are refused with \
+             403010, as a basic tier refuses them"
+        ),
         Some(quotas) => println!(
-            "# tier {quotas}: IoT Hub's throttles for it apply to REST calls (bursts pass, then \
-             calls are shaped, then refused with 429); active jobs at once: {active_jobs}"
+            "# tier {quotas}: IoT Hub's throttles for it apply (bursts pass, then calls are \
+             shaped, then refused with 429); active jobs at once: {active_jobs}"
         ),
         None => println!(
             "# no tier: IoT Hub's per-second throttles are not enforced (--tier S1 to enforce \

@@ -142,3 +142,52 @@ async fn without_a_tier_a_job_is_not_paced() {
     );
     hub.running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_basic_tier_serves_the_registry_and_refuses_twins_methods_jobs_with_403010() {
+    let hub = TestHub::start_with(Config {
+        tier: Some(Tier::B1.with_units(1).expect("B1")),
+        ..Config::ephemeral()
+    })
+    .await;
+    let created = hub
+        .call(
+            Method::PUT,
+            "/devices/door1",
+            Some(&json!({ "deviceId": "door1" })),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::OK, "{:?}", created.body);
+    let read = hub.call(Method::GET, "/devices/door1", None).await;
+    assert_eq!(read.status, StatusCode::OK, "{:?}", read.body);
+    let method = json!({ "methodName": "lockDoor", "responseTimeoutInSeconds": 5 });
+    let job = json!({
+        "jobId": "j1", "type": "scheduleDeviceMethod", "queryCondition": "*",
+        "cloudToDeviceMethod": method, "startTime": "2026-01-01T00:00:00Z",
+        "maxExecutionTimeInSeconds": 60
+    });
+    let query = json!({ "query": "SELECT * FROM devices" });
+    let patch = json!({ "properties": { "desired": { "locked": true } } });
+    for (method, path, body) in [
+        (Method::GET, "/twins/door1", None),
+        (Method::PATCH, "/twins/door1", Some(&patch)),
+        (Method::POST, "/twins/door1/methods", Some(&method)),
+        (Method::PUT, "/jobs/v2/j1", Some(&job)),
+        (Method::GET, "/jobs/v2/query", None),
+        (Method::POST, "/devices/query", Some(&query)),
+    ] {
+        let answer = hub.call(method.clone(), path, body).await;
+        assert_eq!(answer.status, StatusCode::FORBIDDEN, "{method} {path}");
+        assert_eq!(
+            answer.header("iothub-errorcode"),
+            Some("OperationNotValidForTier"),
+            "{method} {path}"
+        );
+        let message = answer.body["Message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("not valid for the current IoT Hub tier (B1)"),
+            "{method} {path}: {message}"
+        );
+    }
+    hub.running.shutdown().await;
+}

@@ -2,7 +2,8 @@
 //! request belongs to, and the middleware that passes it through that class's shaper (after
 //! authentication, so a refused caller spends nothing of the hub's quota). A refusal is 429
 //! `ThrottlingException` (429001) in IoT Hub's error body, with its `iothub-errorcode` header and
-//! no `Retry-After` (IoT Hub sends none).
+//! no `Retry-After` (IoT Hub sends none). On a basic tier, what the tier lacks (twins, direct
+//! methods, Jobs v2, queries over twins) is refused here with 403010, as IoT Hub refuses it.
 
 use axum::body::HttpBody as _;
 use axum::extract::{Request, State};
@@ -10,7 +11,7 @@ use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use hub_core::error::ErrorCode;
-use hub_core::tier::{Operation, method_meter_steps};
+use hub_core::tier::{Operation, Tier, method_meter_steps};
 
 use super::AppState;
 use super::error::ApiError;
@@ -26,6 +27,7 @@ pub fn classify(method: &Method, path: &str, content_length: usize) -> Option<(O
         }
         (["twins", _], &Method::GET) => Operation::TwinRead,
         (["twins", _], _) => Operation::TwinUpdate,
+        // Jobs v2, the only jobs served (import/export jobs, which basic tiers have, are not).
         (["jobs", ..], _) => Operation::JobsOperation,
         _ => return None,
     };
@@ -46,16 +48,35 @@ pub async fn throttle(
         .exact()
         .and_then(|n| usize::try_from(n).ok())
         .unwrap_or(0);
-    if let Some((operation, cost)) =
-        classify(request.method(), request.uri().path(), content_length)
-        && let Err(throttled) = state.throttles.pass(operation, cost).await
+    let Some((operation, cost)) = classify(request.method(), request.uri().path(), content_length)
+    else {
+        return Ok(next.run(request).await);
+    };
+    if let Some(quotas) = state.throttles.quotas()
+        && quotas.rate(operation).is_none()
     {
+        return Err(not_in_tier(quotas.tier, operation));
+    }
+    if let Err(throttled) = state.throttles.pass(operation, cost).await {
         return Err(ApiError::new(
             ErrorCode::ThrottlingException,
             throttled.to_string(),
         ));
     }
     Ok(next.run(request).await)
+}
+
+/// IoT Hub's refusal of a feature the hub's tier lacks: 403 with 403010 ("This operation is not
+/// valid for the current IoT Hub tier", Microsoft Learn, "IoT Hub API common error codes").
+pub fn not_in_tier(tier: Tier, operation: Operation) -> ApiError {
+    ApiError::new(
+        ErrorCode::OperationNotValidForTier,
+        format!(
+            "This operation is not valid for the current IoT Hub tier ({tier}): {} need a \
+             standard tier (F1 or S1-S3); upgrade the hub, or start hub-emulator with --tier S1",
+            operation.name()
+        ),
+    )
 }
 
 #[cfg(test)]

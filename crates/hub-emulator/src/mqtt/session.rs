@@ -369,6 +369,8 @@ enum End {
     Dropped,
     /// The hub is shutting down.
     Shutdown,
+    /// A device-to-cloud send beyond the tier's throttle and its backlog.
+    Throttled(Throttled),
 }
 
 impl End {
@@ -392,6 +394,7 @@ impl fmt::Display for End {
             End::TokenExpired => f.write_str("the SAS token expired"),
             End::Dropped => f.write_str("replaced by a newer connection or dropped by the hub"),
             End::Shutdown => f.write_str("the hub is shutting down"),
+            End::Throttled(throttled) => write!(f, "closed: {throttled}"),
         }
     }
 }
@@ -420,7 +423,8 @@ struct Session<'h> {
     attached: Attached<'h>,
     /// What this session is subscribed to (restored from a persistent session, or subscribed).
     granted: Subscriptions,
-    /// The tier's throttles (twin reads and updates).
+    /// The tier: its throttles (twin reads and updates, device-to-cloud sends) and, on a basic
+    /// tier, the topics it lacks.
     throttles: Throttles,
     /// Packet ids of hub-to-device QoS 1 publishes not yet acknowledged.
     inflight: Vec<u16>,
@@ -598,6 +602,11 @@ impl Session<'_> {
         }
     }
 
+    /// Whether the hub runs as a basic tier (no twins, methods or jobs).
+    fn basic_tier(&self) -> bool {
+        self.throttles.quotas().is_some_and(|q| q.tier.is_basic())
+    }
+
     fn touch(&mut self) {
         let now = Instant::now();
         if now >= self.next_touch {
@@ -632,6 +641,20 @@ impl Session<'_> {
             debug!(topic = %publish.topic, "RETAIN ignored, as IoT Hub does");
         }
         self.touch();
+        // A basic tier has no twins: IoT Hub disconnects a device that publishes a twin request
+        // there (eclipse-threadx/getting-started#67: a reported-property publish on a Basic hub
+        // "results in a disconnect").
+        if matches!(
+            topic,
+            Topic::TwinGet { .. } | Topic::TwinPatchReported { .. }
+        ) && self.basic_tier()
+        {
+            return Err(End::Forbidden(format!(
+                "published on `{}`, but twins are not available on the hub's basic tier \
+                 (403010); use a standard tier (F1 or S1-S3)",
+                publish.topic
+            )));
+        }
         match topic {
             Topic::Telemetry {
                 device_id,
@@ -643,6 +666,14 @@ impl Session<'_> {
                         "published telemetry on `{}`, another identity's topic",
                         publish.topic
                     )));
+                }
+                // The tier's device-to-cloud throttle: a shaped send waits here, so its PUBACK
+                // (and the session's next read) comes late, the back-pressure a device sees from
+                // a throttled hub. MQTT 3.1.1 has no negative PUBACK, so a send refused by a full
+                // backlog can only be answered by closing the connection, which every SDK
+                // retries.
+                if let Err(throttled) = self.throttles.pass(Operation::DeviceToCloud, 1).await {
+                    return Err(End::Throttled(throttled));
                 }
                 self.telemetry += 1;
                 debug!(topic = %publish.topic, bytes = publish.payload.len(), "telemetry");
@@ -758,6 +789,17 @@ impl Session<'_> {
                     filter.path
                 ))
             })?;
+            // A basic tier has no direct methods or twins: the subscription is refused (SUBACK
+            // 0x80) and the connection kept, so the device can still send telemetry.
+            if matches!(
+                parsed,
+                TopicFilter::Methods | TopicFilter::TwinResponses | TopicFilter::TwinDesired
+            ) && self.basic_tier()
+            {
+                debug!(filter = %filter.path, "subscription refused: not available on a basic tier");
+                codes.push(SubscribeReasonCode::Failure);
+                continue;
+            }
             match parsed {
                 TopicFilter::Methods => granted.methods = Some(qos),
                 TopicFilter::TwinResponses => granted.twin_responses = Some(qos),
@@ -891,6 +933,7 @@ mod tests {
     use super::*;
     use crate::hub::DeviceGrant;
     use crate::store::Store;
+    use rumqttc::mqttbytes::v4::SubscribeFilter;
 
     async fn session<'h>(hub: &'h Hub, device_id: &str) -> Session<'h> {
         // Only registered, enabled devices get sessions.
@@ -992,6 +1035,96 @@ mod tests {
         assert!(answers(&mut session).contains("$iothub/twin/res/200/?$rid=3"));
         session.twin_get("4".into()).await.expect("answered");
         assert!(answers(&mut session).contains("$iothub/twin/res/429/?$rid=4"));
+    }
+
+    #[tokio::test]
+    async fn a_basic_tier_refuses_twin_and_method_topics_and_keeps_telemetry() {
+        let hub = Hub::open(Store::in_memory(), vec!["localhost".into()]).expect("hub");
+        let mut session = session(&hub, "dev-a").await;
+        let b1 = hub_core::tier::Tier::B1.with_units(1).expect("B1");
+        session.throttles = Throttles::of(b1);
+        let subscribe = Subscribe::new_many([
+            SubscribeFilter::new("$iothub/methods/POST/#".into(), QoS::AtMostOnce),
+            SubscribeFilter::new("$iothub/twin/res/#".into(), QoS::AtMostOnce),
+            SubscribeFilter::new(
+                "$iothub/twin/PATCH/properties/desired/#".into(),
+                QoS::AtMostOnce,
+            ),
+            SubscribeFilter::new(
+                "devices/dev-a/messages/devicebound/#".into(),
+                QoS::AtLeastOnce,
+            ),
+        ]);
+        session.on_subscribe(subscribe).await.expect("answered");
+        assert_eq!(session.granted.methods, None);
+        assert_eq!(session.granted.twin_responses, None);
+        assert_eq!(session.granted.desired, None);
+        assert_eq!(session.granted.c2d, Some(GrantedQos::AtLeastOnce));
+        // SUBACK: three failures (0x80), then QoS 1 granted.
+        assert!(
+            session.wbuf.ends_with(&[0x80, 0x80, 0x80, 0x01]),
+            "{:?}",
+            session.wbuf
+        );
+        let telemetry = Publish::new("devices/dev-a/messages/events/", QoS::AtMostOnce, "t");
+        session
+            .on_publish(telemetry)
+            .await
+            .expect("telemetry flows");
+        let twin_get = Publish::new("$iothub/twin/GET/?$rid=1", QoS::AtMostOnce, "");
+        let end = session
+            .on_publish(twin_get)
+            .await
+            .expect_err("disconnected");
+        assert!(
+            matches!(&end, End::Forbidden(why) if why.contains("basic tier")),
+            "{end}"
+        );
+        // A standard tier grants the same filters.
+        session.throttles = Throttles::of(hub_core::tier::Tier::S1.with_units(1).expect("S1"));
+        let subscribe = Subscribe::new("$iothub/twin/res/#", QoS::AtMostOnce);
+        session.on_subscribe(subscribe).await.expect("answered");
+        assert_eq!(session.granted.twin_responses, Some(GrantedQos::AtMostOnce));
+    }
+
+    #[tokio::test]
+    async fn telemetry_beyond_the_tier_rate_and_backlog_closes_the_connection() {
+        let hub = Hub::open(Store::in_memory(), vec!["localhost".into()]).expect("hub");
+        let mut session = session(&hub, "dev-a").await;
+        let telemetry = || Publish::new("devices/dev-a/messages/events/", QoS::AtLeastOnce, "t");
+        // Unthrottled: any number of sends pass.
+        for _ in 0..500 {
+            session.on_publish(telemetry()).await.expect("no tier");
+        }
+        // S1's device-to-cloud rate (100/s) with no burst and no queue: the second send in a
+        // row is over it and gets no PUBACK; the connection is closed instead.
+        let s1 = hub_core::tier::Tier::S1.with_units(1).expect("S1");
+        session.throttles = Throttles::shaped(s1, Duration::ZERO, Duration::ZERO);
+        session.wbuf.clear();
+        session
+            .on_publish(telemetry())
+            .await
+            .expect("within the rate");
+        assert!(!session.wbuf.is_empty(), "PUBACK for the first send");
+        session.wbuf.clear();
+        let end = session
+            .on_publish(telemetry())
+            .await
+            .expect_err("refused send");
+        assert!(matches!(end, End::Throttled(_)), "{end}");
+        assert!(session.wbuf.is_empty(), "no PUBACK for a refused send");
+        // With a backlog the send is shaped instead: it waits its turn, then is acknowledged.
+        session.throttles = Throttles::shaped(s1, Duration::ZERO, Duration::from_secs(1));
+        let started = Instant::now();
+        session.on_publish(telemetry()).await.expect("first");
+        session
+            .on_publish(telemetry())
+            .await
+            .expect("shaped, not refused");
+        assert!(
+            started.elapsed() >= Duration::from_millis(9),
+            "served at 100/s"
+        );
     }
 
     #[tokio::test]
