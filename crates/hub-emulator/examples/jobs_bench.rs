@@ -1,9 +1,13 @@
 //! Jobs benchmark: N devices connected over MQTT/TLS to an in-process durable hub, one
 //! `scheduleDeviceMethod` job over `*`, then one `scheduleUpdateTwin` job over `*`; prints how
 //! long each took from the job's start to `completed` and the device operations per second.
+//! With `--tiers`, each run's hub is that IoT Hub tier (`S1`, `S3x2` for two units, `none`), and
+//! each job's duration is printed beside the one the tier's jobs device-operations rate predicts
+//! (devices / rate) and their ratio.
 //!
 //! Run with (each device holds two sockets in this one process, so raise the open-file limit):
 //!   ulimit -n 20000; cargo run --release -p hub-emulator --example jobs_bench -- --devices 1000
+//!   cargo run --release -p hub-emulator --example jobs_bench -- --devices 100,1000 --tiers F1,S1,S2,S3
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hub_core::connection_string::{ServiceConnectionString, SharedKey};
+use hub_core::tier::{Quotas, Tier};
 use hub_emulator::Config;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use rustls_pki_types::CertificateDer;
@@ -87,27 +92,105 @@ fn spawn_device(
     });
 }
 
+/// One run's figures for one job.
+struct JobRun {
+    id: &'static str,
+    /// startTime to endTime, as the hub recorded them.
+    engine: f64,
+}
+
+/// `S1`, `S3x2` (two units) or `none`.
+fn parse_tier(text: &str) -> Option<Quotas> {
+    if text.eq_ignore_ascii_case("none") {
+        return None;
+    }
+    let (tier, units) = text.split_once(['x', 'X']).unwrap_or((text, "1"));
+    let tier: Tier = tier
+        .parse()
+        .expect("--tiers: F1, S1, S2, S3, with xN for N units, or none");
+    Some(
+        tier.with_units(units.parse().expect("units"))
+            .expect("tier and units"),
+    )
+}
+
 #[tokio::main]
 async fn main() {
-    let mut devices: usize = 10_000;
+    let mut sizes: Vec<usize> = vec![10_000];
+    let mut tiers: Vec<Option<Quotas>> = vec![None];
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--devices" => {
-                devices = args
+                sizes = args
                     .next()
-                    .and_then(|n| n.parse().ok())
-                    .expect("--devices N")
+                    .map(|list| {
+                        list.split(',')
+                            .map(|n| n.parse().expect("--devices N[,N..]"))
+                            .collect()
+                    })
+                    .expect("--devices N[,N..]")
             }
-            other => panic!("unknown argument {other}; usage: jobs_bench [--devices N]"),
+            "--tiers" => {
+                tiers = args
+                    .next()
+                    .map(|list| list.split(',').map(parse_tier).collect())
+                    .expect("--tiers T[,T..]")
+            }
+            other => panic!(
+                "unknown argument {other}; usage: jobs_bench [--devices N[,N..]] [--tiers T[,T..]]"
+            ),
         }
     }
+    let mut table = Vec::new();
+    for &tier in &tiers {
+        for &devices in &sizes {
+            for job in run(tier, devices).await {
+                table.push((tier, devices, job));
+            }
+        }
+    }
+    if tiers.iter().any(Option::is_some) {
+        println!();
+        println!(
+            "| tier | devices | job | measured (start to end) | predicted (devices / jobs device-ops rate) | ratio |"
+        );
+        println!("|---|---|---|---|---|---|");
+        for (tier, devices, job) in &table {
+            let predicted = tier.and_then(|q| q.job_duration(*devices as u64));
+            let tier = tier.map_or("none".to_owned(), |q| q.to_string());
+            match predicted {
+                Some(p) => println!(
+                    "| {tier} | {devices} | {} | {:.2} s | {:.2} s | {:.3} |",
+                    job.id,
+                    job.engine,
+                    p.as_secs_f64(),
+                    job.engine / p.as_secs_f64()
+                ),
+                None => println!(
+                    "| {tier} | {devices} | {} | {:.2} s | - | - |",
+                    job.id, job.engine
+                ),
+            }
+        }
+    }
+}
+
+/// One hub of `tier` with `devices` connected devices: a method job, then a twin job.
+async fn run(tier: Option<Quotas>, devices: usize) -> Vec<JobRun> {
+    println!(
+        "== {} devices, {}",
+        devices,
+        tier.map_or("no tier".to_owned(), |q| format!("tier {q}"))
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let config = Config {
         data_dir: Some(dir.path().to_path_buf()),
         durable: true,
         mqtt_port: 0,
         https_port: 0,
+        tier,
+        max_active_jobs: tier.map_or(10, |q| q.max_active_jobs()),
         ..Config::ephemeral()
     };
     let running = hub_emulator::start(config).await.expect("hub starts");
@@ -197,6 +280,13 @@ async fn main() {
         "queryCondition": "*",
         "maxExecutionTimeInSeconds": 3600,
     });
+    // Within the jobs-operations throttle of every tier (100 a minute on S1).
+    let poll = if tier.is_some() {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_millis(10)
+    };
+    let mut runs = Vec::new();
     for (id, body) in [("bench-method", method), ("bench-twin", twin)] {
         let url = format!("{base}/jobs/v2/{id}?api-version=2021-04-12");
         let put = Instant::now();
@@ -228,7 +318,7 @@ async fn main() {
             {
                 break job;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(poll).await;
         };
         let wall = put.elapsed();
         let parse = |k: &str| hub_emulator::jobs::parse_time(job[k].as_str().unwrap_or_default());
@@ -247,6 +337,7 @@ async fn main() {
             devices as f64 / engine,
             wall.as_secs_f64(),
         );
+        runs.push(JobRun { id, engine });
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     println!(
@@ -256,4 +347,5 @@ async fn main() {
     );
     counters.stopping.store(true, Ordering::Relaxed);
     running.shutdown().await;
+    runs
 }

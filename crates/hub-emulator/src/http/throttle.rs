@@ -73,7 +73,8 @@ pub fn not_in_tier(tier: Tier, operation: Operation) -> ApiError {
         ErrorCode::OperationNotValidForTier,
         format!(
             "This operation is not valid for the current IoT Hub tier ({tier}): {} need a \
-             standard tier (F1 or S1-S3); upgrade the hub, or start hub-emulator with --tier S1",
+             standard tier (F1 or S1-S3); this hub-emulator runs with --tier {tier}, so start it \
+             with a standard tier or without --tier",
             operation.name()
         ),
     )
