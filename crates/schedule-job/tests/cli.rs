@@ -163,6 +163,40 @@ async fn tutorial_as_hub_jobs_runs_both_jobs_on_a_hub_that_allows_one_active_job
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn tutorial_as_hub_jobs_completes_both_jobs_on_f1_and_s1_with_their_throttles() {
+    for tier in [hub_core::tier::Tier::F1, hub_core::tier::Tier::S1] {
+        let quotas = tier.with_units(1).expect("tier");
+        let hub = TestHub::start_with(hub_emulator::Config {
+            tier: Some(quotas),
+            max_active_jobs: quotas.max_active_jobs(),
+            ..hub_emulator::Config::ephemeral()
+        })
+        .await;
+        let mut device = hub.connect("myDeviceId").await;
+        let mut args = FAST.to_vec();
+        args.extend(["--hub-jobs", "--output", "json"]);
+        let run = hub.cli(&args).await;
+        assert_eq!(run.code, Some(0), "{tier}: {run:#?}");
+        let done = run.json_lines().pop().unwrap_or_default();
+        assert_eq!(done["ok"], true, "{tier}: {done}");
+        assert_eq!(done["method"]["status"], 200, "{tier}: {done}");
+        let got = collect(&mut device, Duration::from_millis(500)).await;
+        assert!(
+            got.iter()
+                .any(|r| matches!(r, Received::Desired(p) if p["building"] == 43)),
+            "{tier}: {got:?}"
+        );
+        let jobs = jobs_on_hub(&hub).await;
+        assert_eq!(jobs.len(), 2, "{tier}: {jobs:?}");
+        assert!(
+            jobs.iter()
+                .all(|j| j.status.as_ref().map(|s| s.as_str()) == Some("completed")),
+            "{tier}: {jobs:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn unknown_device_is_refused_before_anything_runs() {
     let hub = TestHub::start().await;
     let run = hub
