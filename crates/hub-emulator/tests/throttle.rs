@@ -191,3 +191,87 @@ async fn a_basic_tier_serves_the_registry_and_refuses_twins_methods_jobs_with_40
     }
     hub.running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_rest_class_has_its_own_s1_throttle_and_methods_count_4_kb_steps() {
+    // A one-second burst and no queue: each class passes one second of its rate at once.
+    let hub = TestHub::start_with(Config {
+        tier: Some(Tier::S1.with_units(1).expect("S1")),
+        throttle_shaping: (Duration::from_secs(1), Duration::ZERO),
+        ..Config::ephemeral()
+    })
+    .await;
+    let throttled = |answer: &support::Answer| {
+        answer.status == StatusCode::TOO_MANY_REQUESTS
+            && answer.header("iothub-errorcode") == Some("ThrottlingException")
+    };
+    // Registry: 100 a minute is 1.67 a second, so one call fits the burst and the next does not.
+    let created = hub
+        .call(
+            Method::PUT,
+            "/devices/d1",
+            Some(&json!({ "deviceId": "d1" })),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::OK, "{:?}", created.body);
+    let again = hub.call(Method::GET, "/devices/d1", None).await;
+    assert!(throttled(&again), "registry: {:?}", again.status);
+    // Twin reads (100/s) and updates (50/s) are other classes: the registry's refusal leaves
+    // them whole.
+    // (More pass than a second's worth as the calls take time to arrive, but not all.)
+    let reads = join_all((0..300).map(|_| hub.call(Method::GET, "/twins/d1", None))).await;
+    let ok = reads.iter().filter(|a| a.status == StatusCode::OK).count();
+    assert!((100..300).contains(&ok), "twin reads passed: {ok}");
+    assert!(
+        reads
+            .iter()
+            .filter(|a| a.status != StatusCode::OK)
+            .all(throttled)
+    );
+    let patch = json!({ "tags": { "floor": 1 } });
+    let updates =
+        join_all((0..150).map(|_| hub.call(Method::PATCH, "/twins/d1", Some(&patch)))).await;
+    let ok = updates
+        .iter()
+        .filter(|a| a.status == StatusCode::OK)
+        .count();
+    assert!((50..150).contains(&ok), "twin updates passed: {ok}");
+    assert!(
+        updates
+            .iter()
+            .filter(|a| a.status != StatusCode::OK)
+            .all(throttled)
+    );
+    // Direct methods: 40 meter steps of 4 KB a second. A 100 KB payload is 25 steps: it fits;
+    // a second one does not (50 > 40), but a small call (1 step) still does. The device is
+    // offline, so a method that passes the throttle is answered 404103.
+    let big = json!({
+        "methodName": "lockDoor",
+        "payload": { "blob": "x".repeat(100 * 1024) },
+        "connectTimeoutInSeconds": 0,
+        "responseTimeoutInSeconds": 5
+    });
+    let small = json!({ "methodName": "lockDoor", "connectTimeoutInSeconds": 0 });
+    let first = hub
+        .call(Method::POST, "/twins/d1/methods", Some(&big))
+        .await;
+    assert_eq!(first.status, StatusCode::NOT_FOUND, "{:?}", first.body);
+    let second = hub
+        .call(Method::POST, "/twins/d1/methods", Some(&big))
+        .await;
+    assert!(
+        throttled(&second),
+        "a second 25-step call: {:?}",
+        second.status
+    );
+    let third = hub
+        .call(Method::POST, "/twins/d1/methods", Some(&small))
+        .await;
+    assert_eq!(
+        third.status,
+        StatusCode::NOT_FOUND,
+        "a 1-step call: {:?}",
+        third.body
+    );
+    hub.running.shutdown().await;
+}
