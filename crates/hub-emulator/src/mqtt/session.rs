@@ -27,6 +27,7 @@ use hub_core::topic::{Topic, TopicFilter};
 
 use super::MAX_INBOUND_PACKET;
 use super::transport::MqttIo;
+use crate::faults::TwinFault;
 use crate::hub::{
     AuthError, GrantedQos, Hub, OperationError, Outbound, SAS_SKEW_SECS, SessionTicket,
     Subscriptions,
@@ -338,6 +339,9 @@ async fn authenticate(
 fn refusal(error: AuthError) -> Refusal {
     let code = match error {
         AuthError::Malformed(_) => ConnectReturnCode::BadUserNamePassword,
+        // MQTT 3.1.1 §3.2.2.3, return code 3: "the MQTT service is unavailable", which device
+        // SDKs retry, as a device of a hub that is down for it does.
+        AuthError::HeldOffline(_) => ConnectReturnCode::ServiceUnavailable,
         _ => ConnectReturnCode::NotAuthorized,
     };
     Refusal::new(code, error.to_string())
@@ -673,13 +677,15 @@ impl Session<'_> {
             warn!(%rid, "twin GET without a subscription to $iothub/twin/res/#; IoT Hub sends no answer");
             return Ok(());
         };
+        let fault = self.attached.hub.faults().twin(self.device_id());
         let throttled = self.throttles.pass(Operation::TwinRead, 1).await;
-        let (status, body) = match (throttled, self.attached.hub.device_twin(self.device_id())) {
-            (Err(throttled), _) => throttled_answer(&throttled),
-            (Ok(()), Some(twin)) => (200, Bytes::from(twin.to_string())),
-            (Ok(()), None) => {
-                twin_error(&OperationError::DeviceNotFound(self.device_id().to_owned()))
-            }
+        let (status, body) = match (fault, throttled) {
+            (Some(TwinFault::Throttled), _) => self.fault_throttled_answer(),
+            (_, Err(throttled)) => throttled_answer(&throttled),
+            (_, Ok(())) => match self.attached.hub.device_twin(self.device_id()) {
+                Some(twin) => (200, Bytes::from(twin.to_string())),
+                None => twin_error(&OperationError::DeviceNotFound(self.device_id().to_owned())),
+            },
         };
         let topic = Topic::TwinResponse {
             status,
@@ -687,14 +693,47 @@ impl Session<'_> {
             version: None,
         }
         .to_string();
+        self.answer_twin(topic, body, qos, fault)
+    }
+
+    /// The twin answer of a device with an injected `twin-throttled` fault: 429 with IoT Hub's
+    /// ThrottlingException body, as a tier's throttle answers.
+    fn fault_throttled_answer(&self) -> (u16, Bytes) {
+        twin_error(&OperationError::TwinThrottled(self.device_id().to_owned()))
+    }
+
+    /// Publishes a twin answer: now, or `delay` late for a device with an injected `slow`
+    /// fault (queued for later, so the session goes on reading and answering pings meanwhile).
+    fn answer_twin(
+        &mut self,
+        topic: String,
+        body: Bytes,
+        qos: GrantedQos,
+        fault: Option<TwinFault>,
+    ) -> Result<(), End> {
+        if let Some(TwinFault::Delay(delay)) = fault {
+            self.attached.hub.send_later(
+                &self.attached.ticket,
+                delay,
+                Outbound::Publish {
+                    topic,
+                    payload: body,
+                },
+            );
+            return Ok(());
+        }
         self.publish(topic, body, qos_of(qos))
     }
 
     async fn twin_patch(&mut self, rid: String, payload: &[u8]) -> Result<(), End> {
-        // A throttled patch is not applied; the device hears 429 on its twin response topic.
-        let result = match self.throttles.pass(Operation::TwinUpdate, 1).await {
-            Err(throttled) => Err(throttled_answer(&throttled)),
-            Ok(()) => match serde_json::from_slice::<Value>(payload) {
+        // A throttled patch is not applied; the device hears 429 on its twin response topic. A
+        // slow device's patch is applied at once and answered late.
+        let fault = self.attached.hub.faults().twin(self.device_id());
+        let throttled = self.throttles.pass(Operation::TwinUpdate, 1).await;
+        let result = match (fault, throttled) {
+            (Some(TwinFault::Throttled), _) => Err(self.fault_throttled_answer()),
+            (_, Err(throttled)) => Err(throttled_answer(&throttled)),
+            (_, Ok(())) => match serde_json::from_slice::<Value>(payload) {
                 Ok(patch) => self
                     .attached
                     .hub
@@ -724,7 +763,7 @@ impl Session<'_> {
             version,
         }
         .to_string();
-        self.publish(topic, body, qos_of(qos))
+        self.answer_twin(topic, body, qos, fault)
     }
 
     async fn on_subscribe(&mut self, subscribe: Subscribe) -> Result<(), End> {
