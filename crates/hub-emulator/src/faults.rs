@@ -286,10 +286,16 @@ pub enum TwinFault {
 }
 
 /// The fault table: device id to its active fault.
-#[derive(Default)]
 pub struct Faults {
     table: Mutex<HashMap<String, ActiveFault>>,
-    limit: Option<usize>,
+    limit: usize,
+}
+
+impl Default for Faults {
+    /// The hub's table: at most [`MAX_FAULTS`] faults.
+    fn default() -> Faults {
+        Faults::with_limit(MAX_FAULTS)
+    }
 }
 
 impl std::fmt::Debug for Faults {
@@ -303,7 +309,7 @@ impl Faults {
     pub fn with_limit(limit: usize) -> Faults {
         Faults {
             table: Mutex::default(),
-            limit: Some(limit),
+            limit,
         }
     }
 
@@ -318,7 +324,7 @@ impl Faults {
     /// first, so only active ones count against the limit.
     pub fn set(&self, device_id: &str, spec: FaultSpec) -> Result<(), FaultError> {
         let now = Instant::now();
-        let limit = self.limit.unwrap_or(MAX_FAULTS);
+        let limit = self.limit;
         let mut table = self.lock();
         if !table.contains_key(device_id) && table.len() >= limit {
             table.retain(|_, fault| fault.is_active(now));

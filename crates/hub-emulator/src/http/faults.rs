@@ -102,10 +102,13 @@ pub async fn clear_faults(
     Ok(Json(json!({ "cleared": cleared })).into_response())
 }
 
+/// 404 for a device without an active fault. Not `DeviceNotFound` (404001): the device may well
+/// exist, and faults may name devices that do not; the code is `ArgumentInvalid`, as for a
+/// route the hub does not have.
 fn no_fault(id: &str) -> ApiError {
     ApiError::with_status(
         StatusCode::NOT_FOUND,
-        ErrorCode::DeviceNotFound,
+        ErrorCode::ArgumentInvalid,
         format!("device {id} has no active fault (it may have expired)"),
     )
 }
