@@ -362,6 +362,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     let data_dir = config.data_dir.clone();
     let tier = config.tier;
     let active_jobs = config.active_job_cap();
+    let faults: Vec<String> = config
+        .faults
+        .iter()
+        .map(|(device_id, spec)| format!("{device_id} ({})", spec.kind.name()))
+        .collect();
     let running = start(config).await?;
     // These lines are the hub's interface to people and scripts: keep them stable.
     println!(
@@ -397,6 +402,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
             "# no tier: IoT Hub's per-second throttles are not enforced (--tier S1 to enforce \
              them); active jobs at once: {active_jobs}"
         ),
+    }
+    if !faults.is_empty() {
+        println!(
+            "# faults injected (--fault): {}; list and clear them at /$emulator/faults (docs/faults.md)",
+            faults.join(", ")
+        );
     }
     println!("hub-emulator ready");
     shutdown.cancelled().await;

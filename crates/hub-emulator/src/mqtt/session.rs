@@ -678,11 +678,9 @@ impl Session<'_> {
             return Ok(());
         };
         let fault = self.attached.hub.faults().twin(self.device_id());
-        let throttled = self.throttles.pass(Operation::TwinRead, 1).await;
-        let (status, body) = match (fault, throttled) {
-            (Some(TwinFault::Throttled), _) => self.fault_throttled_answer(),
-            (_, Err(throttled)) => throttled_answer(&throttled),
-            (_, Ok(())) => match self.attached.hub.device_twin(self.device_id()) {
+        let (status, body) = match self.twin_refusal(fault, Operation::TwinRead).await {
+            Some(refused) => refused,
+            None => match self.attached.hub.device_twin(self.device_id()) {
                 Some(twin) => (200, Bytes::from(twin.to_string())),
                 None => twin_error(&OperationError::DeviceNotFound(self.device_id().to_owned())),
             },
@@ -696,10 +694,21 @@ impl Session<'_> {
         self.answer_twin(topic, body, qos, fault)
     }
 
-    /// The twin answer of a device with an injected `twin-throttled` fault: 429 with IoT Hub's
-    /// ThrottlingException body, as a tier's throttle answers.
-    fn fault_throttled_answer(&self) -> (u16, Bytes) {
-        twin_error(&OperationError::TwinThrottled(self.device_id().to_owned()))
+    /// The 429 answer of a twin request that is refused: by an injected `twin-throttled` fault
+    /// (without spending the tier's quota), or by the tier's throttle for `operation`. Either
+    /// way it is IoT Hub's ThrottlingException body.
+    async fn twin_refusal(
+        &self,
+        fault: Option<TwinFault>,
+        operation: Operation,
+    ) -> Option<(u16, Bytes)> {
+        if fault == Some(TwinFault::Throttled) {
+            return Some(twin_error(&OperationError::TwinThrottled(
+                self.device_id().to_owned(),
+            )));
+        }
+        let throttled = self.throttles.pass(operation, 1).await.err()?;
+        Some(throttled_answer(&throttled))
     }
 
     /// Publishes a twin answer: now, or `delay` late for a device with an injected `slow`
@@ -729,11 +738,9 @@ impl Session<'_> {
         // A throttled patch is not applied; the device hears 429 on its twin response topic. A
         // slow device's patch is applied at once and answered late.
         let fault = self.attached.hub.faults().twin(self.device_id());
-        let throttled = self.throttles.pass(Operation::TwinUpdate, 1).await;
-        let result = match (fault, throttled) {
-            (Some(TwinFault::Throttled), _) => Err(self.fault_throttled_answer()),
-            (_, Err(throttled)) => Err(throttled_answer(&throttled)),
-            (_, Ok(())) => match serde_json::from_slice::<Value>(payload) {
+        let result = match self.twin_refusal(fault, Operation::TwinUpdate).await {
+            Some(refused) => Err(refused),
+            None => match serde_json::from_slice::<Value>(payload) {
                 Ok(patch) => self
                     .attached
                     .hub
