@@ -23,18 +23,26 @@ use tokio::time::Instant;
 /// Most devices with an active fault at once, so a client cannot grow the table without limit.
 pub const MAX_FAULTS: usize = 10_000;
 
-/// How a device misbehaves.
+/// How a device misbehaves. Each imitates an answer IoT Hub gives (docs/faults.md has the
+/// table with sources).
 #[derive(Debug, Clone, PartialEq)]
 pub enum FaultKind {
-    /// Direct-method deliveries and twin operations of the device are `delay` late.
+    /// Direct-method deliveries and twin operations of the device are `delay` late. Past a
+    /// method's response timeout the call ends in 504101 GatewayTimeout, as for a device that
+    /// answers too late (Microsoft Learn, "Understand and invoke direct methods from IoT Hub":
+    /// "If the direct method times out [...] 504 GatewayTimeout").
     Slow {
         /// How late.
         delay: Duration,
     },
-    /// The device's connection is closed and its reconnects are refused with CONNACK 3.
+    /// The device's connection is closed and its reconnects are refused with CONNACK 3 (MQTT
+    /// 3.1.1 §3.2.2.3, "server unavailable", which the SDKs retry); a method gets 404103
+    /// DeviceNotOnline after its connect timeout (Microsoft Learn, "Understand and resolve
+    /// Azure IoT Hub error codes"), as for any disconnected device.
     Offline,
     /// The hub answers direct methods itself with `status` and `payload`, without delivering
-    /// them (only the method named `method`, when given).
+    /// them (only the method named `method`, when given): what a caller sees of a device
+    /// whose handler fails, since IoT Hub passes the device's status and payload through.
     Failing {
         /// The status of the answer.
         status: i32,
@@ -43,7 +51,9 @@ pub enum FaultKind {
         /// Only this method fails; others are delivered.
         method: Option<String>,
     },
-    /// The device's twin operations are answered 429 ThrottlingException.
+    /// The device's twin operations are answered 429 ThrottlingException (429001), as IoT Hub
+    /// answers twin reads and updates beyond its throttles (Microsoft Learn, "IoT Hub quotas
+    /// and throttling").
     TwinThrottled,
 }
 
