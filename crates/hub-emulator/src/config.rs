@@ -23,6 +23,7 @@ pub const DEFAULT_MAX_ACTIVE_JOBS: usize = 10;
   hub-emulator --https-port 443             # for clients that cannot take a port (Node service SDK)
   hub-emulator --data-dir ./hub --hostname myhub.azure-devices.net
   hub-emulator --in-memory --mqtt-port 0 --https-port 0   # throwaway hub on free ports
+  hub-emulator --fault dev1=offline,for=30s --fault dev2=slow:2s   # misbehaving devices
 
 Then, in other terminals: sim-device, and schedule-job. With the default data directory they
 find the hub by themselves (through its hub.env, rewritten at every start, --in-memory too);
@@ -70,6 +71,12 @@ pub struct Args {
     /// 10s].
     #[arg(long, value_name = "DURATION", requires = "tier", value_parser = hub_core::duration::parse)]
     pub throttle_backlog: Option<std::time::Duration>,
+    /// Make a device misbehave from the start, for your own tests' error paths (repeat it for
+    /// several devices): DEVICE=slow:DELAY, DEVICE=offline, DEVICE=failing:STATUS[,method=NAME]
+    /// or DEVICE=twin-throttled, each with an optional ,for=DURATION (default: until cleared
+    /// with DELETE /$emulator/faults/DEVICE). See docs/faults.md.
+    #[arg(long = "fault", value_name = "DEVICE=KIND[:ARG][,for=DURATION]", value_parser = crate::faults::parse_flag)]
+    pub faults: Vec<(String, crate::faults::FaultSpec)>,
 }
 
 /// The default data directory: `$XDG_DATA_HOME/iothub-emulator` or its platform equivalent.
@@ -119,6 +126,8 @@ pub struct Config {
     /// How long an authenticated REST request's body may take to arrive (default
     /// [`crate::http::BODY_READ_TIMEOUT`]). Tests set it short.
     pub body_read_timeout: std::time::Duration,
+    /// Faults injected at start (`--fault`), by device id; their `for` counts from the start.
+    pub faults: Vec<(String, crate::faults::FaultSpec)>,
 }
 
 impl Config {
@@ -140,6 +149,7 @@ impl Config {
             max_pending_https_connections: crate::http::MAX_PENDING_CONNECTIONS,
             pending_eviction_age: crate::listener::PENDING_EVICTION_AGE,
             body_read_timeout: crate::http::BODY_READ_TIMEOUT,
+            faults: Vec::new(),
         }
     }
 
@@ -198,6 +208,60 @@ impl TryFrom<Args> for Config {
             max_pending_https_connections: crate::http::MAX_PENDING_CONNECTIONS,
             pending_eviction_age: crate::listener::PENDING_EVICTION_AGE,
             body_read_timeout: crate::http::BODY_READ_TIMEOUT,
+            faults: args.faults,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::faults::FaultKind;
+
+    #[test]
+    fn fault_flags_reach_the_config() {
+        let args = Args::try_parse_from([
+            "hub-emulator",
+            "--data-dir",
+            "/tmp/hub-emulator-config-test",
+            "--fault",
+            "dev1=offline,for=30s",
+            "--fault",
+            "dev2=slow:250ms",
+        ])
+        .expect("flags parse");
+        let config = Config::try_from(args).expect("config");
+        let faults: Vec<(&str, &FaultKind, Option<std::time::Duration>)> = config
+            .faults
+            .iter()
+            .map(|(id, spec)| (id.as_str(), &spec.kind, spec.lasts))
+            .collect();
+        assert_eq!(
+            faults,
+            [
+                (
+                    "dev1",
+                    &FaultKind::Offline,
+                    Some(std::time::Duration::from_secs(30))
+                ),
+                (
+                    "dev2",
+                    &FaultKind::Slow {
+                        delay: std::time::Duration::from_millis(250)
+                    },
+                    None
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_fault_flag_is_refused_with_its_problem() {
+        let error =
+            Args::try_parse_from(["hub-emulator", "--fault", "dev1=sleepy"]).expect_err("refused");
+        assert!(
+            error.to_string().contains("unknown fault kind `sleepy`"),
+            "{error}"
+        );
     }
 }

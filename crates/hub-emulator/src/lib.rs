@@ -15,10 +15,13 @@
 //! - [`query`]: the IoT Hub query language (parser and evaluator).
 //! - [`throttle`]: the tier's operation throttles (traffic shaping, then 429).
 //! - [`jobs`]: Jobs v2, scheduled direct methods and twin updates over a query.
+//! - [`faults`]: injected device faults for users' own tests (slow, offline, failing methods,
+//!   throttled twins), set with `--fault` or `/$emulator/faults`.
 //!
 //! [`start`] binds the listeners and returns a [`RunningHub`]; [`run`] is the binary's loop.
 
 pub mod config;
+pub mod faults;
 pub mod http;
 pub mod hub;
 pub mod jobs;
@@ -76,6 +79,9 @@ pub enum StartError {
     /// The stored state could not be loaded.
     #[error("cannot load the hub's state: {0}")]
     State(#[from] hub::OperationError),
+    /// A `--fault` could not be set.
+    #[error("--fault: {0}")]
+    Fault(#[from] faults::FaultError),
     /// hub.env could not be written.
     #[error("cannot write {}: {source}", path.display())]
     Env {
@@ -227,6 +233,9 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     let mut host_names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
     host_names.extend(config.hostnames.iter().cloned());
     let hub = Hub::open(store, host_names)?;
+    for (device_id, spec) in &config.faults {
+        hub.set_fault(device_id, spec.clone())?;
+    }
 
     let mqtt_listener = bind(
         "MQTT over TLS",
@@ -353,6 +362,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
     let data_dir = config.data_dir.clone();
     let tier = config.tier;
     let active_jobs = config.active_job_cap();
+    let faults: Vec<String> = config
+        .faults
+        .iter()
+        .map(|(device_id, spec)| format!("{device_id} ({})", spec.kind.name()))
+        .collect();
     let running = start(config).await?;
     // These lines are the hub's interface to people and scripts: keep them stable.
     println!(
@@ -393,6 +407,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
             "# no tier: IoT Hub's per-second throttles are not enforced (--tier S1 to enforce \
              them); active jobs at once: {active_jobs}"
         ),
+    }
+    if !faults.is_empty() {
+        println!(
+            "# faults injected (--fault): {}; list and clear them at /$emulator/faults (docs/faults.md)",
+            faults.join(", ")
+        );
     }
     println!("hub-emulator ready");
     shutdown.cancelled().await;

@@ -81,19 +81,6 @@ impl TestHub {
         self.wait_job(id, limit, |j| j["status"] == status).await
     }
 
-    async fn device_jobs(&self, job_id: &str) -> Vec<Value> {
-        let query = format!("SELECT * FROM devices.jobs WHERE devices.jobs.jobId = '{job_id}'");
-        let answer = self
-            .call(
-                Method::POST,
-                "/devices/query",
-                Some(&json!({"query": query})),
-            )
-            .await;
-        let body = answer.ok();
-        body.as_array().expect("array of rows").clone()
-    }
-
     /// Registers a device (setup goes straight to the hub) with optional tags; returns its key.
     async fn register(&self, id: &str, tags: Option<Value>) -> String {
         let hub = self.running.hub();

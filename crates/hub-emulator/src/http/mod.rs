@@ -5,11 +5,13 @@
 //! Module map: `server` (the HTTPS port's connection handler: HTTP/1.1 with upgrades, graceful
 //! shutdown), [`error`] ([`ApiError`]),
 //! [`auth`] (SAS checks), `extract` (JSON body / path / `If-Match`), `throttle` (the tier's
-//! throttles per request), `registry`, `twins`, `query`.
+//! throttles per request), `registry`, `twins`, `query`, `faults` (the emulator's own
+//! fault-injection routes under `/$emulator/faults`).
 
 pub mod auth;
 pub mod error;
 mod extract;
+mod faults;
 mod query;
 mod registry;
 mod server;
@@ -109,6 +111,17 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/twins/{id}/methods", post(twins::invoke_method))
         .merge(crate::jobs::routes())
+        // The emulator's own routes (not IoT Hub's): fault injection for users' tests.
+        .route(
+            "/$emulator/faults",
+            get(faults::list_faults).delete(faults::clear_faults),
+        )
+        .route(
+            "/$emulator/faults/{id}",
+            get(faults::get_fault)
+                .put(faults::put_fault)
+                .delete(faults::delete_fault),
+        )
         // Innermost: the tier's throttle, once the body is in (a method's cost is its size).
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

@@ -25,7 +25,7 @@ pub async fn get_twin(
     IdPath(id): IdPath,
 ) -> Result<Response, ApiError> {
     require(&state, &headers, Permission::ServiceConnect)?;
-    Ok(with_etag(state.hub.get_twin(&id)?))
+    Ok(with_etag(state.hub.read_twin(&id).await?))
 }
 
 /// `PATCH /twins/{id}`: merges tags and desired properties (`null` deletes).

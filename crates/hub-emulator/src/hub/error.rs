@@ -37,6 +37,12 @@ pub enum OperationError {
     /// The device's session could not take the request.
     #[error("The device's connection is backed up; try again later.")]
     Throttled,
+    /// The device's twin operations are throttled by an injected `twin-throttled` fault
+    /// (see `crate::faults`); answered as IoT Hub answers a throttled twin operation.
+    #[error(
+        "Twin operations of device {0} are throttled (hub-emulator fault injection: twin-throttled); retry later."
+    )]
+    TwinThrottled(String),
     /// Durable state could not be written; nothing changed.
     #[error("{0}")]
     Store(#[from] StoreError),
@@ -65,7 +71,9 @@ impl OperationError {
             OperationError::DeviceNotOnline { .. } => ErrorCode::DeviceNotOnline,
             OperationError::GatewayTimeout => ErrorCode::GatewayTimeout,
             OperationError::MessageTooLarge(_) => ErrorCode::MessageTooLarge,
-            OperationError::Throttled => ErrorCode::ThrottlingException,
+            OperationError::Throttled | OperationError::TwinThrottled(_) => {
+                ErrorCode::ThrottlingException
+            }
             OperationError::Store(_)
             | OperationError::NotSaved(_)
             | OperationError::Internal(_)
@@ -89,4 +97,10 @@ pub enum AuthError {
     /// The device exists but is disabled.
     #[error("device {0} is disabled")]
     DeviceDisabled(String),
+    /// The device is held offline by an injected fault (see `crate::faults`): its credentials
+    /// are fine, the hub refuses the connection for now (CONNACK 3, which devices retry).
+    #[error(
+        "device {0} is held offline by an injected fault (hub-emulator fault injection: offline); it may connect once the fault ends"
+    )]
+    HeldOffline(String),
 }

@@ -11,6 +11,7 @@ use hub_core::topic::Topic;
 
 use super::router::Outbound;
 use super::{Hub, OperationError, lock};
+use crate::faults::MethodFault;
 
 /// Largest direct-method payload, each way.
 pub const MAX_METHOD_PAYLOAD: usize = 128 * 1024;
@@ -129,6 +130,13 @@ pub fn validate_method_name(name: &str) -> Result<(), OperationError> {
 
 impl Hub {
     /// Invokes a direct method and waits for the device's answer, as `POST /twins/{id}/methods`.
+    ///
+    /// An injected fault ([`crate::faults`]) of the device applies here, so the REST API and the
+    /// jobs engine see it alike: a failing device's call is answered by the hub without being
+    /// delivered; a slow device's request is delivered `delay` late, and that time counts
+    /// against the response timeout (a delay at least as long ends in 504101 GatewayTimeout
+    /// once the timeout is over, as a device that answers too late does); an offline device is
+    /// really disconnected, so the call takes the usual 404103 path.
     pub async fn invoke_method(
         &self,
         device_id: &str,
@@ -138,15 +146,39 @@ impl Hub {
             return Err(OperationError::DeviceNotFound(device_id.to_owned()));
         }
         let deadline = tokio::time::Instant::now() + call.connect_timeout;
+        let mut response_timeout = call.response_timeout;
+        match self.inner.faults.method(device_id, &call.name) {
+            Some(MethodFault::Answer { status, payload }) => {
+                tracing::debug!(%device_id, method = %call.name, status, "answered by an injected fault");
+                return Ok(MethodOutcome { status, payload });
+            }
+            Some(MethodFault::Delay(delay)) => {
+                // Online first: an unreachable slow device still gets 404103, not 504101.
+                self.wait_for_method_session(device_id, call, deadline, || {
+                    Ok(self.method_ready(device_id).then_some(()))
+                })
+                .await?;
+                if delay >= response_timeout {
+                    tokio::time::sleep(response_timeout).await;
+                    return Err(OperationError::GatewayTimeout);
+                }
+                tokio::time::sleep(delay).await;
+                response_timeout -= delay;
+            }
+            None => {}
+        }
         // Fast path: a connected, subscribed device needs no presence wait. (Registering with
         // `presence` takes its lock twice, for every call, from every REST connection.)
         let sent = self.try_send_method(device_id, call)?;
         let (rid, reply) = if let Some(sent) = sent {
             sent
         } else {
-            self.wait_and_send_method(device_id, call, deadline).await?
+            self.wait_for_method_session(device_id, call, deadline, || {
+                self.try_send_method(device_id, call)
+            })
+            .await?
         };
-        let answer = tokio::time::timeout(call.response_timeout, reply).await;
+        let answer = tokio::time::timeout(response_timeout, reply).await;
         lock(&self.inner.pending).remove(&rid);
         let (status, body) = match answer {
             Ok(Ok(answer)) => answer,
@@ -170,21 +202,23 @@ impl Hub {
         Ok(MethodOutcome { status, payload })
     }
 
-    /// Waits (up to `deadline`) for the device to connect and subscribe to methods, then sends.
-    async fn wait_and_send_method(
+    /// Waits (up to `deadline`) for the device to connect and subscribe to methods, retrying
+    /// `attempt` (which sends, or checks) at every change of presence until it gives `Some`.
+    async fn wait_for_method_session<T>(
         &self,
         device_id: &str,
         call: &MethodCall,
         deadline: tokio::time::Instant,
-    ) -> Result<(u64, MethodReply), OperationError> {
+        mut attempt: impl FnMut() -> Result<Option<T>, OperationError>,
+    ) -> Result<T, OperationError> {
         loop {
             // Registered before the check, so a subscription between the check and the wait
             // still wakes this call.
             let notified = self.inner.presence.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(sent) = self.try_send_method(device_id, call)? {
-                return Ok(sent);
+            if let Some(done) = attempt()? {
+                return Ok(done);
             }
             if !self.device_exists(device_id) {
                 return Err(OperationError::DeviceNotFound(device_id.to_owned()));

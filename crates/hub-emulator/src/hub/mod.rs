@@ -19,6 +19,8 @@
 //!    across an `.await`, a commit or a serialization of records; a read of many twins (a query,
 //!    a job's device selection) takes it once per [`TWIN_READ_CHUNK`] documents.
 //! 3. **`sessions`** (std mutex), then **`pending`** (std mutex): never held across an `.await`.
+//! 4. **`faults`** (the injected-fault table, [`Faults`]): a leaf, taken under any of the above
+//!    (a connect checks it under `state`) and never holding another lock.
 //!
 //! # Invariants
 //!
@@ -58,6 +60,7 @@ pub use router::{
 };
 pub use twins::TWIN_READ_CHUNK;
 
+use crate::faults::{FaultError, FaultKind, FaultSpec, Faults};
 use crate::store::{Store, Write};
 use methods::PendingMethod;
 use record::DeviceRecord;
@@ -78,6 +81,7 @@ struct Inner {
     presence: Notify,
     next_id: AtomicU64,
     store: Store,
+    faults: Faults,
 }
 
 /// A cheap handle to the hub's shared state.
@@ -188,6 +192,7 @@ impl Hub {
                 presence: Notify::new(),
                 next_id: AtomicU64::new(1),
                 store,
+                faults: Faults::default(),
             }),
         };
         if hub.inner.store.meta("created")?.is_none() {
@@ -203,6 +208,24 @@ impl Hub {
     /// The durable store (jobs keep their records there too).
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// The injected faults (see [`crate::faults`]).
+    pub fn faults(&self) -> &Faults {
+        &self.inner.faults
+    }
+
+    /// Makes the device misbehave as `spec` says, from now. An offline fault also closes the
+    /// device's connection now (its reconnects are refused while the fault lasts). The device
+    /// need not be registered yet: a test may set up its faults before its devices.
+    pub fn set_fault(&self, device_id: &str, spec: FaultSpec) -> Result<(), FaultError> {
+        let offline = spec.kind == FaultKind::Offline;
+        tracing::info!(%device_id, kind = spec.kind.name(), lasts = ?spec.lasts, "fault injected");
+        self.inner.faults.set(device_id, spec)?;
+        if offline {
+            self.kill_session(device_id);
+        }
+        Ok(())
     }
 
     /// The hub's primary host name.

@@ -152,6 +152,11 @@ impl Hub {
         // first), so a detach racing with a newer attach cannot leave the device `Disconnected`.
         let mut state = lock(&self.inner.state);
         grant.still_valid(device_id, state.devices.get(device_id))?;
+        // Checked under the state lock: a fault set meanwhile closes this session through
+        // `kill_session`, which waits for this lock, so no connect slips past an offline fault.
+        if self.inner.faults.is_offline(device_id) {
+            return Err(AuthError::HeldOffline(device_id.to_owned()));
+        }
         let restored = if clean_session {
             None
         } else {
@@ -257,6 +262,33 @@ impl Hub {
             // The cached document is refreshed on the next twin change or connection event;
             // rebuilding it on every packet would cost more than the query freshness is worth.
         }
+    }
+
+    /// Queues `message` for the session of `ticket` after `delay` (a slow device's twin answer,
+    /// see `crate::faults`), without holding up the session's loop meanwhile. Dropped if the
+    /// session ends first.
+    pub fn send_later(
+        &self,
+        ticket: &SessionTicket,
+        delay: std::time::Duration,
+        message: Outbound,
+    ) {
+        let tx = lock(&self.inner.sessions)
+            .get(&ticket.device_id)
+            .filter(|entry| entry.conn_id == ticket.conn_id)
+            .map(|entry| entry.tx.clone());
+        let Some(tx) = tx else { return };
+        let ended = ticket.kill.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {
+                    // A full queue means the device is not reading; the answer is lost, as an
+                    // answer to a backed-up device is.
+                    let _ = tx.try_send(message);
+                }
+                () = ended.cancelled() => {}
+            }
+        });
     }
 
     /// Closes a device's session, if any (device deleted or disabled).

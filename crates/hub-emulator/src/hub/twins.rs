@@ -9,6 +9,7 @@ use serde_json::{Map, Value, json};
 
 use super::record::{DeviceRecord, matches_etag};
 use super::{DeviceChange, Hub, OperationError, lock};
+use crate::faults::TwinFault;
 use crate::twins::{self, Section, TwinError};
 
 /// How many twin-job ids a twin remembers: more than the active-job cap (the default is 10), so
@@ -95,6 +96,18 @@ impl Hub {
             .ok_or_else(|| OperationError::DeviceNotFound(id.to_owned()))
     }
 
+    /// `GET /twins/{id}` as the service API serves it: [`Hub::get_twin`] after the device's
+    /// injected twin fault, if any (a slow device's read waits its delay, a throttled one is
+    /// refused with 429 ThrottlingException).
+    pub async fn read_twin(&self, id: &str) -> Result<Value, OperationError> {
+        match self.inner.faults.twin(id) {
+            Some(TwinFault::Throttled) => return Err(OperationError::TwinThrottled(id.to_owned())),
+            Some(TwinFault::Delay(delay)) => tokio::time::sleep(delay).await,
+            None => {}
+        }
+        self.get_twin(id)
+    }
+
     /// Twin documents in device-id order, starting after `after`, for queries and jobs
     /// (documents are shared, not copied). Read as [`Hub::twin_documents_from`] reads them:
     /// every device appears at most once, and every device that exists throughout appears.
@@ -168,6 +181,20 @@ impl Hub {
         job_id: Option<&str>,
     ) -> Vec<Result<Arc<Value>, OperationError>> {
         let parsed = twins::parse_service_update(body);
+        // Injected faults (see `crate::faults`): a throttled device's update is refused, and a
+        // batch with slow devices waits the longest of their delays, before any lock is taken.
+        let faults: Vec<Option<TwinFault>> =
+            ids.iter().map(|id| self.inner.faults.twin(id)).collect();
+        let slowest = faults
+            .iter()
+            .filter_map(|fault| match fault {
+                Some(TwinFault::Delay(delay)) => Some(*delay),
+                _ => None,
+            })
+            .max();
+        if let Some(delay) = slowest {
+            tokio::time::sleep(delay).await;
+        }
         let writing = self.write_locks(ids.iter().copied()).await;
         // Copies of the committed records: staging (merges, documents) runs without the state
         // lock; the write locks keep these records from changing meanwhile.
@@ -180,7 +207,11 @@ impl Hub {
         let now = self.now();
         let mut change = DeviceChange::default();
         let mut results: Vec<Result<Arc<Value>, OperationError>> = Vec::with_capacity(ids.len());
-        for (id, current) in ids.iter().zip(current) {
+        for ((id, current), fault) in ids.iter().zip(current).zip(faults) {
+            if fault == Some(TwinFault::Throttled) {
+                results.push(Err(OperationError::TwinThrottled((*id).to_owned())));
+                continue;
+            }
             let staged = match (&parsed, current) {
                 (Err(e), _) => Err(OperationError::Twin(e.clone())),
                 (Ok(_), None) => Err(OperationError::DeviceNotFound((*id).to_owned())),

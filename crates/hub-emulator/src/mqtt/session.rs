@@ -27,6 +27,7 @@ use hub_core::topic::{Topic, TopicFilter};
 
 use super::MAX_INBOUND_PACKET;
 use super::transport::MqttIo;
+use crate::faults::TwinFault;
 use crate::hub::{
     AuthError, GrantedQos, Hub, OperationError, Outbound, SAS_SKEW_SECS, SessionTicket,
     Subscriptions,
@@ -338,6 +339,9 @@ async fn authenticate(
 fn refusal(error: AuthError) -> Refusal {
     let code = match error {
         AuthError::Malformed(_) => ConnectReturnCode::BadUserNamePassword,
+        // MQTT 3.1.1 §3.2.2.3, return code 3: "the MQTT service is unavailable", which device
+        // SDKs retry, as a device of a hub that is down for it does.
+        AuthError::HeldOffline(_) => ConnectReturnCode::ServiceUnavailable,
         _ => ConnectReturnCode::NotAuthorized,
     };
     Refusal::new(code, error.to_string())
@@ -704,13 +708,13 @@ impl Session<'_> {
             warn!(%rid, "twin GET without a subscription to $iothub/twin/res/#; IoT Hub sends no answer");
             return Ok(());
         };
-        let throttled = self.throttles.pass(Operation::TwinRead, 1).await;
-        let (status, body) = match (throttled, self.attached.hub.device_twin(self.device_id())) {
-            (Err(throttled), _) => throttled_answer(&throttled),
-            (Ok(()), Some(twin)) => (200, Bytes::from(twin.to_string())),
-            (Ok(()), None) => {
-                twin_error(&OperationError::DeviceNotFound(self.device_id().to_owned()))
-            }
+        let fault = self.attached.hub.faults().twin(self.device_id());
+        let (status, body) = match self.twin_refusal(fault, Operation::TwinRead).await {
+            Some(refused) => refused,
+            None => match self.attached.hub.device_twin(self.device_id()) {
+                Some(twin) => (200, Bytes::from(twin.to_string())),
+                None => twin_error(&OperationError::DeviceNotFound(self.device_id().to_owned())),
+            },
         };
         let topic = Topic::TwinResponse {
             status,
@@ -718,14 +722,56 @@ impl Session<'_> {
             version: None,
         }
         .to_string();
+        self.answer_twin(topic, body, qos, fault)
+    }
+
+    /// The 429 answer of a twin request that is refused: by an injected `twin-throttled` fault
+    /// (without spending the tier's quota), or by the tier's throttle for `operation`. Either
+    /// way it is IoT Hub's ThrottlingException body.
+    async fn twin_refusal(
+        &self,
+        fault: Option<TwinFault>,
+        operation: Operation,
+    ) -> Option<(u16, Bytes)> {
+        if fault == Some(TwinFault::Throttled) {
+            return Some(twin_error(&OperationError::TwinThrottled(
+                self.device_id().to_owned(),
+            )));
+        }
+        let throttled = self.throttles.pass(operation, 1).await.err()?;
+        Some(throttled_answer(&throttled))
+    }
+
+    /// Publishes a twin answer: now, or `delay` late for a device with an injected `slow`
+    /// fault (queued for later, so the session goes on reading and answering pings meanwhile).
+    fn answer_twin(
+        &mut self,
+        topic: String,
+        body: Bytes,
+        qos: GrantedQos,
+        fault: Option<TwinFault>,
+    ) -> Result<(), End> {
+        if let Some(TwinFault::Delay(delay)) = fault {
+            self.attached.hub.send_later(
+                &self.attached.ticket,
+                delay,
+                Outbound::Publish {
+                    topic,
+                    payload: body,
+                },
+            );
+            return Ok(());
+        }
         self.publish(topic, body, qos_of(qos))
     }
 
     async fn twin_patch(&mut self, rid: String, payload: &[u8]) -> Result<(), End> {
-        // A throttled patch is not applied; the device hears 429 on its twin response topic.
-        let result = match self.throttles.pass(Operation::TwinUpdate, 1).await {
-            Err(throttled) => Err(throttled_answer(&throttled)),
-            Ok(()) => match serde_json::from_slice::<Value>(payload) {
+        // A throttled patch is not applied; the device hears 429 on its twin response topic. A
+        // slow device's patch is applied at once and answered late.
+        let fault = self.attached.hub.faults().twin(self.device_id());
+        let result = match self.twin_refusal(fault, Operation::TwinUpdate).await {
+            Some(refused) => Err(refused),
+            None => match serde_json::from_slice::<Value>(payload) {
                 Ok(patch) => self
                     .attached
                     .hub
@@ -755,7 +801,7 @@ impl Session<'_> {
             version,
         }
         .to_string();
-        self.publish(topic, body, qos_of(qos))
+        self.answer_twin(topic, body, qos, fault)
     }
 
     async fn on_subscribe(&mut self, subscribe: Subscribe) -> Result<(), End> {

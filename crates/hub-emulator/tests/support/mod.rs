@@ -146,6 +146,20 @@ impl TestHub {
         }
     }
 
+    /// The device rows of job `job_id` (`SELECT * FROM devices.jobs`), asserting a 200.
+    pub async fn device_jobs(&self, job_id: &str) -> Vec<Value> {
+        let query = format!("SELECT * FROM devices.jobs WHERE devices.jobs.jobId = '{job_id}'");
+        let answer = self
+            .call(
+                Method::POST,
+                "/devices/query",
+                Some(&serde_json::json!({"query": query})),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "body: {}", answer.body);
+        answer.body.as_array().expect("array of rows").clone()
+    }
+
     /// A REST call as iothubowner.
     pub async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Answer {
         self.call_with(method, path, body, &[]).await
