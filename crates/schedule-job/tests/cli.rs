@@ -124,6 +124,34 @@ async fn tutorial_as_hub_jobs() {
     );
 }
 
+/// Runs the tutorial's pair as hub jobs on `hub` and checks that both jobs completed: the method
+/// answered, the device got the desired patch, the hub holds two completed jobs.
+async fn tutorial_pair_completes(hub: &TestHub, what: &str) -> Vec<Value> {
+    let mut device = hub.connect("myDeviceId").await;
+    let mut args = FAST.to_vec();
+    args.extend(["--hub-jobs", "--output", "json"]);
+    let run = hub.cli(&args).await;
+    assert_eq!(run.code, Some(0), "{what}: {run:#?}");
+    let lines = run.json_lines();
+    let done = lines.last().cloned().unwrap_or_default();
+    assert_eq!(done["ok"], true, "{what}: {done}");
+    assert_eq!(done["method"]["status"], 200, "{what}: {done}");
+    let got = collect(&mut device, Duration::from_millis(500)).await;
+    assert!(
+        got.iter()
+            .any(|r| matches!(r, Received::Desired(p) if p["building"] == 43)),
+        "{what}: {got:?}"
+    );
+    let jobs = jobs_on_hub(hub).await;
+    assert_eq!(jobs.len(), 2, "{what}: {jobs:?}");
+    assert!(
+        jobs.iter()
+            .all(|j| j.status.as_ref().map(|s| s.as_str()) == Some("completed")),
+        "{what}: {jobs:?}"
+    );
+    lines
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn tutorial_as_hub_jobs_runs_both_jobs_on_a_hub_that_allows_one_active_job() {
     // F1 and S1: one active job at a time. The twin job used to fail with 429004.
@@ -132,33 +160,12 @@ async fn tutorial_as_hub_jobs_runs_both_jobs_on_a_hub_that_allows_one_active_job
         ..hub_emulator::Config::ephemeral()
     })
     .await;
-    let mut device = hub.connect("myDeviceId").await;
-    let mut args = FAST.to_vec();
-    args.extend(["--hub-jobs", "--output", "json"]);
-    let run = hub.cli(&args).await;
-    assert_eq!(run.code, Some(0), "{run:#?}");
-    let lines = run.json_lines();
+    let lines = tutorial_pair_completes(&hub, "one active job").await;
     let scheduled: Vec<&Value> = lines.iter().filter(|l| l["event"] == "scheduled").collect();
     assert_eq!(
         scheduled.len(),
         2,
         "the twin job is scheduled later: {lines:?}"
-    );
-    let done = lines.last().unwrap();
-    assert_eq!(done["ok"], true, "{done}");
-    assert_eq!(done["method"]["status"], 200);
-    let got = collect(&mut device, Duration::from_millis(500)).await;
-    assert!(
-        got.iter()
-            .any(|r| matches!(r, Received::Desired(p) if p["building"] == 43)),
-        "{got:?}"
-    );
-    let jobs = jobs_on_hub(&hub).await;
-    assert_eq!(jobs.len(), 2, "{jobs:?}");
-    assert!(
-        jobs.iter()
-            .all(|j| j.status.as_ref().map(|s| s.as_str()) == Some("completed")),
-        "{jobs:?}"
     );
 }
 
@@ -172,27 +179,7 @@ async fn tutorial_as_hub_jobs_completes_both_jobs_on_f1_and_s1_with_their_thrott
             ..hub_emulator::Config::ephemeral()
         })
         .await;
-        let mut device = hub.connect("myDeviceId").await;
-        let mut args = FAST.to_vec();
-        args.extend(["--hub-jobs", "--output", "json"]);
-        let run = hub.cli(&args).await;
-        assert_eq!(run.code, Some(0), "{tier}: {run:#?}");
-        let done = run.json_lines().pop().unwrap_or_default();
-        assert_eq!(done["ok"], true, "{tier}: {done}");
-        assert_eq!(done["method"]["status"], 200, "{tier}: {done}");
-        let got = collect(&mut device, Duration::from_millis(500)).await;
-        assert!(
-            got.iter()
-                .any(|r| matches!(r, Received::Desired(p) if p["building"] == 43)),
-            "{tier}: {got:?}"
-        );
-        let jobs = jobs_on_hub(&hub).await;
-        assert_eq!(jobs.len(), 2, "{tier}: {jobs:?}");
-        assert!(
-            jobs.iter()
-                .all(|j| j.status.as_ref().map(|s| s.as_str()) == Some("completed")),
-            "{tier}: {jobs:?}"
-        );
+        tutorial_pair_completes(&hub, &tier.to_string()).await;
     }
 }
 
