@@ -13,11 +13,14 @@
 //! tokio-rustls (rumqttc's codec, no event loop), and REST requests reuse one precomputed SAS
 //! header, body and URL per device.
 //!
-//! Run with: `ulimit -n 20000; cargo build --release -p hub-emulator --bins --examples &&
-//! target/release/examples/hub_bench --devices 10000 --concurrency 16,64,256`
+//! Run with: `cargo build --release -p hub-emulator --bins --examples &&
+//! target/release/examples/hub_bench --devices 10000 --concurrency 16,64,256`. It raises its
+//! open-file limit as far as it may (as root, to `fs.nr_open`; the hub inherits it), and spreads
+//! its devices' source addresses over 127.0.1.x (`--source-ips`, by default one address per
+//! 20,000 devices) so that 100,000 connections do not run out of ephemeral ports.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -35,7 +38,7 @@ use rustls::HandshakeKind;
 use rustls_pki_types::ServerName;
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsConnector;
 
@@ -63,6 +66,10 @@ struct Args {
     /// full handshake each; reports how many were resumed.
     #[arg(long)]
     tls_resume: bool,
+    /// Source addresses to spread the devices over (127.0.1.1 to 127.0.1.N, at most 254);
+    /// 0 picks one per 20,000 devices (each address has about 28,000 ephemeral ports).
+    #[arg(long, default_value_t = 0)]
+    source_ips: u8,
 }
 
 /// CPU time (user + system) of a process so far, from `/proc/<pid>/stat` (clock ticks of 10 ms).
@@ -241,10 +248,11 @@ impl Service {
 async fn run_device(
     connector: TlsConnector,
     addr: SocketAddr,
+    source: Ipv4Addr,
     connect: Connect,
     subscribed: mpsc::Sender<Result<HandshakeKind>>,
 ) {
-    let mut tls = match handshake(&connector, addr, connect).await {
+    let mut tls = match handshake(&connector, addr, source, connect).await {
         Ok(tls) => tls,
         Err(e) => {
             let _ = subscribed.send(Err(e)).await;
@@ -298,9 +306,14 @@ async fn run_device(
 async fn handshake(
     connector: &TlsConnector,
     addr: SocketAddr,
+    source: Ipv4Addr,
     connect: Connect,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await.context("TCP connect")?;
+    let socket = TcpSocket::new_v4()?;
+    socket
+        .bind(SocketAddr::from((source, 0)))
+        .with_context(|| format!("bind {source}"))?;
+    let tcp = socket.connect(addr).await.context("TCP connect")?;
     tcp.set_nodelay(true)?;
     let name = ServerName::try_from("localhost")?;
     let mut tls = connector
@@ -321,6 +334,11 @@ async fn handshake(
 async fn main() -> Result<()> {
     let args = Args::parse();
     let devices = args.devices;
+    let open_files = hub_emulator::limits::raise_open_file_limit();
+    let source_ips = match args.source_ips {
+        0 => u8::try_from(devices.div_ceil(20_000).clamp(1, 254)).unwrap_or(254),
+        n => n.min(254),
+    };
     let data_dir = tempfile::tempdir()?;
     let hub_path = hub_binary(args.hub.clone())?;
     let mut hub = tokio::process::Command::new(&hub_path)
@@ -389,6 +407,10 @@ async fn main() -> Result<()> {
             .unwrap_or(1),
         hub_path.display()
     );
+    println!(
+        "open-file limit {}, devices spread over {source_ips} source addresses (127.0.1.1-{source_ips})",
+        open_files.map_or("unknown".to_owned(), |n| n.to_string())
+    );
     let started = Instant::now();
     let ids: Vec<String> = (0..devices).map(|i| format!("bench-{i:05}")).collect();
     let keys: Vec<(String, String)> = stream::iter(ids.clone())
@@ -427,12 +449,13 @@ async fn main() -> Result<()> {
     let feeder = {
         let gate = Arc::clone(&gate);
         tokio::spawn(async move {
-            for connect in connects {
+            for (n, connect) in connects.into_iter().enumerate() {
+                let source = Ipv4Addr::new(127, 0, 1, 1 + (n % usize::from(source_ips)) as u8);
                 let Ok(permit) = Arc::clone(&gate).acquire_owned().await else {
                     return;
                 };
                 let (one_tx, mut one_rx) = mpsc::channel(1);
-                tokio::spawn(run_device(connector.clone(), addr, connect, one_tx));
+                tokio::spawn(run_device(connector.clone(), addr, source, connect, one_tx));
                 let done_tx = done_tx.clone();
                 tokio::spawn(async move {
                     let result = one_rx

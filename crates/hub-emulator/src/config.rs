@@ -71,6 +71,10 @@ pub struct Args {
     /// 10s].
     #[arg(long, value_name = "DURATION", requires = "tier", value_parser = hub_core::duration::parse)]
     pub throttle_backlog: Option<std::time::Duration>,
+    /// Most devices connected over MQTT/TLS at once; beyond it a device gets CONNACK 3 and
+    /// retries [default: 200,000, lowered at start to fit the open-file limit].
+    #[arg(long, value_name = "N")]
+    pub max_device_connections: Option<usize>,
     /// Make a device misbehave from the start, for your own tests' error paths (repeat it for
     /// several devices): DEVICE=slow:DELAY, DEVICE=offline, DEVICE=failing:STATUS[,method=NAME]
     /// or DEVICE=twin-throttled, each with an optional ,for=DURATION (default: until cleared

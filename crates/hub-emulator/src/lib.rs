@@ -195,13 +195,24 @@ fn connection_budgets(config: &Config) -> (ConnectionBudget, ConnectionBudget) {
     };
     let open_files = limits::raise_open_file_limit();
     let (mqtt, https, lowered) = limits::fit_budgets(mqtt, https, open_files);
-    if lowered {
+    // The default budget (200,000 devices) is meant to be cut to the limit of an unprivileged
+    // process, so that is no warning; a budget asked for and not granted is.
+    let asked = config.max_mqtt_connections != crate::mqtt::MAX_CONNECTIONS;
+    if lowered && asked {
         tracing::warn!(
             open_files = open_files.unwrap_or_default(),
             mqtt_sessions = mqtt.admitted,
             https_connections = https.admitted,
             "the open-file limit is too low for the configured connection budgets; they were \
              lowered to fit (raise the hard limit, e.g. `ulimit -Hn` or LimitNOFILE=, for more)"
+        );
+    } else if lowered {
+        tracing::info!(
+            open_files = open_files.unwrap_or_default(),
+            mqtt_sessions = mqtt.admitted,
+            https_connections = https.admitted,
+            "connection budgets fitted to the open-file limit (raise the hard limit, e.g. \
+             `ulimit -Hn` or LimitNOFILE=, for more devices)"
         );
     }
     (mqtt, https)

@@ -92,7 +92,16 @@ impl Shaper {
 #[derive(Debug)]
 pub struct Pace {
     interval: Duration,
-    next: Mutex<Instant>,
+    state: Mutex<PaceState>,
+}
+
+#[derive(Debug)]
+struct PaceState {
+    /// When the next slot is due.
+    next: Instant,
+    /// Whether the last take wanted more slots than were due: only a caller held back by the
+    /// pace is owed the slots it missed while it was late.
+    held_back: bool,
 }
 
 impl Pace {
@@ -100,36 +109,45 @@ impl Pace {
     pub fn new(per_second: f64) -> Pace {
         Pace {
             interval: Duration::from_secs_f64(1.0 / per_second.max(1e-3)),
-            next: Mutex::new(Instant::now()),
+            state: Mutex::new(PaceState {
+                next: Instant::now(),
+                held_back: false,
+            }),
         }
     }
 
-    /// Takes up to `max` slots that are due now and returns how many it took. A pace left idle
-    /// for over a second gives back only the slot due now (no credit piles up).
+    /// Takes up to `max` slots that are due now and returns how many it took. Slots missed by a
+    /// caller the pace held back (woken late) are caught up, for up to a second; a caller that
+    /// was not held back (a job starting after the pace was idle, or after a job that took all
+    /// it wanted) starts over with the slot due now, so no credit piles up between jobs.
     pub fn take_due(&self, max: usize) -> usize {
         self.take_due_at(Instant::now(), max)
     }
 
     /// [`Pace::take_due`] at `now`.
     fn take_due_at(&self, now: Instant, max: usize) -> usize {
-        let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
-        // Slots missed by a busy caller are caught up; after a second of idleness the pace
-        // starts over instead, so an idle pace gives no burst.
-        if *next + Duration::from_secs(1) < now {
-            *next = now;
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if (!state.held_back || state.next + Duration::from_secs(1) < now) && state.next < now {
+            state.next = now;
         }
-        if *next > now || max == 0 {
+        if state.next > now || max == 0 {
+            state.held_back = max > 0;
             return 0;
         }
-        let due = (now - *next).as_secs_f64() / self.interval.as_secs_f64();
-        let taken = (due as usize).saturating_add(1).min(max);
-        *next += self.interval * u32::try_from(taken).unwrap_or(u32::MAX);
+        let due = (now - state.next).as_secs_f64() / self.interval.as_secs_f64();
+        let due = (due as usize).saturating_add(1);
+        let taken = due.min(max);
+        state.held_back = max > due;
+        state.next += self.interval * u32::try_from(taken).unwrap_or(u32::MAX);
         taken
     }
 
     /// When the next slot is due.
     pub fn next_due(&self) -> Instant {
-        *self.next.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .next
     }
 }
 
@@ -286,7 +304,11 @@ mod tests {
         let at = |ms: u64| start + Duration::from_millis(ms);
         assert_eq!(pace.take_due_at(at(0), 5), 1, "the slot due now");
         assert_eq!(pace.take_due_at(at(0), 5), 0);
-        assert_eq!(pace.take_due_at(at(350), 5), 3, "three slots came due");
+        assert_eq!(
+            pace.take_due_at(at(350), 5),
+            3,
+            "a held-back caller woken late gets the slots it missed"
+        );
         assert_eq!(
             pace.take_due_at(at(60_000), 100),
             1,
@@ -296,6 +318,21 @@ mod tests {
             .map(|i| pace.take_due_at(at(60_000 + i * 10), 100))
             .sum();
         assert_eq!(taken, 10, "one second of slots");
+    }
+
+    #[test]
+    fn a_job_starting_after_another_gets_no_credit_from_the_gap() {
+        let pace = Pace::new(100.0);
+        let start = pace.next_due();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        // A hub started 150 ms ago, its first job's first take: one slot, not fifteen.
+        assert_eq!(pace.take_due_at(at(150), 1000), 1);
+        // The job's last take wants 2 and gets them (it is not held back)...
+        assert_eq!(pace.take_due_at(at(180), 2), 2);
+        // ...so the next job, 200 ms later, starts over as well.
+        assert_eq!(pace.take_due_at(at(380), 1000), 1);
+        assert_eq!(pace.take_due_at(at(385), 1000), 0);
+        assert_eq!(pace.take_due_at(at(390), 1000), 1);
     }
 
     #[tokio::test]

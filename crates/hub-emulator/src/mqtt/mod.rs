@@ -30,8 +30,10 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many authenticated MQTT-over-TLS sessions the hub holds at once by default
 /// ([`crate::Config::max_mqtt_connections`]); a device that authenticates beyond it gets CONNACK
 /// 3 (server unavailable) and retries. MQTT over WebSocket counts against the HTTPS port's
-/// budget instead. The hub lowers it to fit the process's open-file limit.
-pub const MAX_CONNECTIONS: usize = 20_000;
+/// budget instead. The hub lowers it to fit the process's open-file limit. Only devices with
+/// valid credentials count against it, so it is sized for fleets (100,000 devices at about
+/// 20 KiB each is 2 GiB), not for attackers, whom the pending budget bounds.
+pub const MAX_CONNECTIONS: usize = 200_000;
 /// How many MQTT-over-TLS connections may be in their TLS handshake or before CONNECT at once
 /// by default ([`crate::Config::max_pending_mqtt_connections`]); beyond it the oldest is closed.
 /// Devices authenticate within milliseconds of connecting, so this only bounds clients that
