@@ -6,12 +6,19 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use crate::tier::{Quotas, Tier};
+
 /// The variable holding the service (policy) connection string, as the Azure SDK samples name it.
 pub const ENV_CONNECTION_STRING: &str = "IOTHUB_CONNECTION_STRING";
 /// The variable holding the device connection string.
 pub const ENV_DEVICE_CONNECTION_STRING: &str = "IOTHUB_DEVICE_CONNECTION_STRING";
 /// The variable holding the path of an extra CA certificate (PEM) to trust.
 pub const ENV_CA_FILE: &str = "IOTHUB_CA_FILE";
+/// The variable holding the hub's tier (`F1`, `S1`, ...), written by an emulator started with
+/// `--tier`; for a real hub, users set it themselves (our tools cannot ask Azure).
+pub const ENV_TIER: &str = "IOTHUB_TIER";
+/// The variable holding the tier's unit count (1 when absent).
+pub const ENV_UNITS: &str = "IOTHUB_UNITS";
 /// The file's name inside the hub's data directory.
 pub const FILE_NAME: &str = "hub.env";
 /// The hub's data directory name inside the user's data directory.
@@ -37,6 +44,8 @@ pub struct HubEnv {
     pub device_connection_string: Option<String>,
     /// `IOTHUB_CA_FILE`.
     pub ca_file: Option<PathBuf>,
+    /// `IOTHUB_TIER` with `IOTHUB_UNITS`: the hub's tier, when it throttles as one.
+    pub tier: Option<Quotas>,
 }
 
 impl fmt::Debug for HubEnv {
@@ -52,6 +61,7 @@ impl fmt::Debug for HubEnv {
                 &shown(&self.device_connection_string),
             )
             .field("ca_file", &self.ca_file)
+            .field("tier", &self.tier)
             .finish()
     }
 }
@@ -59,9 +69,12 @@ impl fmt::Debug for HubEnv {
 impl HubEnv {
     /// Parses `KEY=value` lines (split at the first `=`; values may be wrapped in quotes;
     /// `export ` prefixes, blank lines, `#` comments and unknown keys are ignored). A relative
-    /// `IOTHUB_CA_FILE` is taken relative to `dir`, the file's directory.
+    /// `IOTHUB_CA_FILE` is taken relative to `dir`, the file's directory. A tier or unit count
+    /// that does not parse counts as absent, like an unknown key: the tier only informs
+    /// predictions, and a tool that lacks it says how to give it.
     pub fn parse(text: &str, dir: Option<&Path>) -> HubEnv {
         let mut env = HubEnv::default();
+        let (mut tier, mut units) = (None, None);
         for line in text.lines().map(str::trim) {
             if line.is_empty() || line.starts_with('#') {
                 continue;
@@ -90,9 +103,12 @@ impl HubEnv {
                         _ => ca,
                     });
                 }
+                ENV_TIER => tier = value.parse::<Tier>().ok(),
+                ENV_UNITS => units = value.parse::<u32>().ok(),
                 _ => {}
             }
         }
+        env.tier = tier.and_then(|t| t.with_units(units.unwrap_or(1)).ok());
         env
     }
 
@@ -107,6 +123,10 @@ impl HubEnv {
         }
         if let Some(ca) = &self.ca_file {
             text.push_str(&format!("{ENV_CA_FILE}={}\n", ca.display()));
+        }
+        if let Some(quotas) = &self.tier {
+            text.push_str(&format!("{ENV_TIER}={}\n", quotas.tier));
+            text.push_str(&format!("{ENV_UNITS}={}\n", quotas.units));
         }
         text
     }
@@ -126,8 +146,31 @@ mod tests {
             service_connection_string: Some(SERVICE.into()),
             device_connection_string: Some(DEVICE.into()),
             ca_file: Some(PathBuf::from("/data/ca.pem")),
+            tier: Some(Tier::S3.with_units(2).expect("S3")),
         };
-        assert_eq!(HubEnv::parse(&env.to_lines(), None), env);
+        let text = env.to_lines();
+        assert!(text.contains("IOTHUB_TIER=S3\nIOTHUB_UNITS=2\n"), "{text}");
+        assert_eq!(HubEnv::parse(&text, None), env);
+    }
+
+    #[test]
+    fn no_tier_writes_no_tier_lines_and_bad_ones_count_as_absent() {
+        let env = HubEnv {
+            service_connection_string: Some(SERVICE.into()),
+            ..HubEnv::default()
+        };
+        assert!(!env.to_lines().contains(ENV_TIER));
+        assert_eq!(
+            HubEnv::parse("IOTHUB_TIER=s1\n", None).tier,
+            Some(Tier::S1.with_units(1).expect("S1"))
+        );
+        for bad in [
+            "IOTHUB_TIER=S4",
+            "IOTHUB_TIER=F1\nIOTHUB_UNITS=2",
+            "IOTHUB_UNITS=2",
+        ] {
+            assert_eq!(HubEnv::parse(bad, None).tier, None, "{bad}");
+        }
     }
 
     #[test]

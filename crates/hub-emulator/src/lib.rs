@@ -102,12 +102,16 @@ pub struct ConnectionInfo {
     pub ca_file: Option<PathBuf>,
     /// The CA certificate (PEM) clients must trust.
     pub ca_pem: String,
+    /// `IOTHUB_TIER` and `IOTHUB_UNITS`, when the hub throttles as a tier (`--tier`), so our
+    /// tools can predict what the tier allows (e.g. how long a job takes).
+    pub tier: Option<hub_core::tier::Quotas>,
 }
 
 impl std::fmt::Debug for ConnectionInfo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnectionInfo")
             .field("ca_file", &self.ca_file)
+            .field("tier", &self.tier)
             .finish_non_exhaustive()
     }
 }
@@ -119,6 +123,7 @@ impl ConnectionInfo {
             service_connection_string: Some(self.service_connection_string.clone()),
             device_connection_string: Some(self.device_connection_string.clone()),
             ca_file: self.ca_file.clone(),
+            tier: self.tier,
         }
         .to_lines()
     }
@@ -325,6 +330,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         ),
         ca_file: tls.ca_file.clone(),
         ca_pem: tls.ca_pem.clone(),
+        tier: config.tier,
     };
     if let Some(dir) = &config.data_dir {
         let path = dir.join(hub_core::hub_env::FILE_NAME);

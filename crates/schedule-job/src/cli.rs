@@ -19,6 +19,7 @@ Examples:
   schedule-job method lockDoor --payload '{\"lockTime\":\"10m\"}' --query \"tags.building = '43'\" --wait
   schedule-job twin --desired '{\"floor\":3}' --tags '{\"zone\":\"b\"}' --device-id d1 --device-id d2 --start-in 5m
   schedule-job method reboot --query '*' --dry-run          # which devices would it hit now?
+  schedule-job method reboot --query '*' --dry-run --tier S1   # ... and how long would it take on S1?
   schedule-job method lockDoor --query '*' --client-side --concurrency 256   # the tutorial's way, at scale
   schedule-job status JOB_ID --wait
   schedule-job list --type method --status running --output json
@@ -28,6 +29,8 @@ Examples:
 Hub, first found wins: --connection-string; --hub-env PATH; IOTHUB_CONNECTION_STRING (a service
 policy such as iothubowner or service); the local hub-emulator's default hub.env. CA from
 --ca-file, else the one that came with the connection string (hub.env) or IOTHUB_CA_FILE.
+Tier (for predictions): --tier [--units], else hub.env's (the emulator's --tier), else
+IOTHUB_TIER [IOTHUB_UNITS].
 Exit codes: 0 done and nothing failed; 1 a device or job failed, was cancelled or interrupted
 (or, for `results`, has not finished); 2 bad input, configuration or connection error (bad input
 is caught before anything is created; a connection lost while following a job leaves the job
@@ -66,6 +69,14 @@ pub struct HubArgs {
     /// [default: DATA_DIR/iothub-emulator/hub.env].
     #[arg(long, value_name = "PATH", global = true)]
     pub hub_env: Option<PathBuf>,
+    /// The hub's tier (F1, S1, S2, S3; B1-B3), for predictions such as how long a job takes;
+    /// our tools cannot ask Azure for it [env: IOTHUB_TIER; default: the hub-emulator's
+    /// `--tier`, from its hub.env].
+    #[arg(long, value_name = "TIER", global = true)]
+    pub tier: Option<hub_core::tier::Tier>,
+    /// Units of the hub's tier [env: IOTHUB_UNITS; default: 1].
+    #[arg(long, value_name = "N", global = true)]
+    pub units: Option<u32>,
 }
 
 /// The tutorial flow (no subcommand).

@@ -19,8 +19,10 @@ use tokio_util::sync::CancellationToken;
 use crate::Outcome;
 use crate::cli::{JobKind, ListArgs, MethodArgs, ScheduleArgs, TargetArgs, TwinArgs};
 use crate::error::Error;
+use crate::forecast::JobForecast;
 use crate::output::{Output, note};
 use crate::report::{DeviceOutcome, OutcomeSummary, describe_job, table};
+use crate::settings::HubSettings;
 
 /// How a waiting command paces its polls of a job: the first poll after [`PollPace::FIRST`], each
 /// next one half again as long, up to [`PollPace::LONGEST`]. A fast job's end shows within a
@@ -223,22 +225,33 @@ pub fn method_call(args: &MethodArgs) -> Result<CloudToDeviceMethod, Error> {
         .with_timeouts(response, connect))
 }
 
-/// Prints the devices a target matches now (`--dry-run`).
+/// Prints the devices a target matches now (`--dry-run`), and how long a job over them takes
+/// at least on the hub's tier, when the tier is known.
 async fn dry_run(
     client: &ServiceClient,
+    hub: &HubSettings,
     target: &TargetArgs,
     out: Output,
 ) -> Result<Outcome, Error> {
     let condition = condition(target)?;
     let ids = matching_devices(client, target).await?;
+    let forecast = JobForecast::new(hub, ids.len());
     if out.json() {
-        out.document(
-            &json!({ "queryCondition": condition, "deviceCount": ids.len(), "devices": ids }),
-        );
+        let mut doc =
+            json!({ "queryCondition": condition, "deviceCount": ids.len(), "devices": ids });
+        if let (Some(doc), serde_json::Value::Object(fields)) =
+            (doc.as_object_mut(), forecast.json())
+        {
+            doc.extend(fields);
+        }
+        out.document(&doc);
     } else {
         out.line(format!("{} device(s) match `{condition}` now:", ids.len()));
         for id in &ids {
             out.line(format!("  {id}"));
+        }
+        for line in forecast.lines() {
+            out.line(line);
         }
         note("dry run: no job was created");
     }
@@ -248,13 +261,14 @@ async fn dry_run(
 /// `schedule-job method ...` as a hub job.
 pub async fn method(
     client: &ServiceClient,
+    hub: &HubSettings,
     args: &MethodArgs,
     out: Output,
     shutdown: &CancellationToken,
 ) -> Result<Outcome, Error> {
     let call = method_call(args)?;
     if args.schedule.dry_run {
-        return dry_run(client, &args.target, out).await;
+        return dry_run(client, hub, &args.target, out).await;
     }
     let condition = condition(&args.target)?;
     let start = start_time(&args.schedule, OffsetDateTime::now_utc())?;
@@ -274,6 +288,7 @@ pub async fn method(
 /// `schedule-job twin ...`.
 pub async fn twin(
     client: &ServiceClient,
+    hub: &HubSettings,
     args: &TwinArgs,
     out: Output,
     shutdown: &CancellationToken,
@@ -286,7 +301,7 @@ pub async fn twin(
         patch = patch.with_tags(tags.clone());
     }
     if args.schedule.dry_run {
-        return dry_run(client, &args.target, out).await;
+        return dry_run(client, hub, &args.target, out).await;
     }
     let condition = condition(&args.target)?;
     let start = start_time(&args.schedule, OffsetDateTime::now_utc())?;

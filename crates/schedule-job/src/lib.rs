@@ -7,6 +7,7 @@
 //! - [`tutorial`]: the default flow (two delayed calls, or two hub jobs with `--hub-jobs`).
 //! - [`jobs`]: hub-side job subcommands, `--wait` progress and per-device results.
 //! - [`fanout`]: `method --client-side`, direct calls with bounded concurrency.
+//! - [`forecast`]: what the hub's tier says about a job (least duration, active-job cap).
 //! - [`report`], [`output`]: per-device outcomes and how they are printed.
 //!
 //! [`run`] does it all and returns an [`Outcome`]; `main.rs` only maps it to an exit code.
@@ -14,6 +15,7 @@
 pub mod cli;
 pub mod error;
 pub mod fanout;
+pub mod forecast;
 pub mod jobs;
 pub mod output;
 pub mod report;
@@ -72,10 +74,10 @@ pub async fn run_labelled(
     }
     let client = settings::client(&hub, pool_size(&args))?;
     match &args.command {
-        None => tutorial::run(&client, &args.tutorial, out, &shutdown).await,
+        None => tutorial::run(&client, &hub, &args.tutorial, out, &shutdown).await,
         Some(Command::Method(m)) if m.client_side => fanout::run(&client, m, out, &shutdown).await,
-        Some(Command::Method(m)) => jobs::method(&client, m, out, &shutdown).await,
-        Some(Command::Twin(t)) => jobs::twin(&client, t, out, &shutdown).await,
+        Some(Command::Method(m)) => jobs::method(&client, &hub, m, out, &shutdown).await,
+        Some(Command::Twin(t)) => jobs::twin(&client, &hub, t, out, &shutdown).await,
         Some(Command::Status(s)) => jobs::status(&client, &s.job_id, s.wait, out, &shutdown).await,
         Some(Command::List(l)) => jobs::list(&client, l, out).await,
         Some(Command::Cancel(c)) => jobs::cancel(&client, &c.job_id, out).await,

@@ -24,6 +24,7 @@ use crate::error::Error;
 use crate::jobs;
 use crate::output::{Output, note};
 use crate::report::DeviceOutcome;
+use crate::settings::HubSettings;
 
 /// The method the tutorial invokes.
 pub const METHOD_NAME: &str = "lockDoor";
@@ -139,6 +140,7 @@ pub async fn confirm_device(client: &ServiceClient, device_id: &str) -> Result<T
 /// Runs the tutorial.
 pub async fn run(
     client: &ServiceClient,
+    hub: &HubSettings,
     args: &TutorialArgs,
     out: Output,
     shutdown: &CancellationToken,
@@ -153,7 +155,7 @@ pub async fn run(
     out.line(format!("    Device ID         = {}", args.device_id));
     confirm_device(client, &args.device_id).await?;
     if args.hub_jobs {
-        hub_jobs(client, args, out, shutdown).await
+        hub_jobs(client, hub, args, out, shutdown).await
     } else {
         client_side(client, args, out, shutdown).await
     }
@@ -388,6 +390,7 @@ fn interrupted(out: Output, undone: Vec<String>) -> Outcome {
 
 async fn hub_jobs(
     client: &ServiceClient,
+    hub: &HubSettings,
     args: &TutorialArgs,
     out: Output,
     shutdown: &CancellationToken,
@@ -418,28 +421,42 @@ async fn hub_jobs(
     // F1 and S1 hubs allow one active job at a time ("Maximum concurrent jobs: 1 (Free, S1)",
     // Microsoft Learn, "IoT Hub quotas and throttling"), and a scheduled job already counts: the
     // twin job is then created once the method job has ended, so the pair runs on every tier.
-    let mut deferred_twin = match client.create_job(&twin_req).await {
-        Ok(_) => {
-            out.line("");
-            out.line(format!("Device twin job scheduled with Job Id: {twin_id}"));
-            None
-        }
-        Err(e) if is_active_job_cap(&e) => {
-            out.line("");
-            out.line(format!(
-                "The hub allows no more active jobs (F1 and S1 allow one): the device twin job \
-                 {twin_id} will be scheduled when the method job ends."
-            ));
-            Some(twin_req.clone())
-        }
-        Err(e) => {
-            // Nothing half-done: take the first job back.
-            if let Err(cancel) = client.cancel_job(&method_id).await {
-                note(format!(
-                    "could not cancel job {method_id} after the twin job failed: {cancel}"
-                ));
+    // A known tier with that cap saves the creation the hub would refuse.
+    let defer_twin = |why: &str| {
+        out.line("");
+        out.line(format!(
+            "{why}: the device twin job {twin_id} will be scheduled when the method job ends."
+        ));
+        Some(twin_req.clone())
+    };
+    let single_job_tier = hub
+        .tier
+        .as_ref()
+        .filter(|t| t.quotas.max_active_jobs() == 1);
+    let mut deferred_twin = if let Some(known) = single_job_tier {
+        defer_twin(&format!(
+            "{} allows one active job at a time (from {})",
+            known.quotas.tier, known.origin
+        ))
+    } else {
+        match client.create_job(&twin_req).await {
+            Ok(_) => {
+                out.line("");
+                out.line(format!("Device twin job scheduled with Job Id: {twin_id}"));
+                None
             }
-            return Err(e.into());
+            Err(e) if is_active_job_cap(&e) => {
+                defer_twin("The hub allows no more active jobs (F1 and S1 allow one)")
+            }
+            Err(e) => {
+                // Nothing half-done: take the first job back.
+                if let Err(cancel) = client.cancel_job(&method_id).await {
+                    note(format!(
+                        "could not cancel job {method_id} after the twin job failed: {cancel}"
+                    ));
+                }
+                return Err(e.into());
+            }
         }
     };
     let mut scheduled = vec![json!({

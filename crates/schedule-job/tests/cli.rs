@@ -9,16 +9,7 @@ use std::time::Duration;
 use futures_util::TryStreamExt;
 use hub_core::job::JobResponse;
 use serde_json::{Value, json};
-use support::{Received, TestHub, collect, connect_many, run_binary};
-
-const FAST: &[&str] = &[
-    "--method-delay",
-    "1s",
-    "--twin-delay",
-    "500ms",
-    "--status-interval",
-    "300ms",
-];
+use support::{FAST, Received, TestHub, collect, connect_many, run_binary};
 
 async fn jobs_on_hub(hub: &TestHub) -> Vec<JobResponse> {
     hub.client

@@ -15,6 +15,7 @@ macro_rules! say {
 pub mod config;
 pub mod device;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -22,8 +23,11 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use hub_core::connection_string::{DeviceAuth, DeviceConnectionString, SharedKey};
-use hub_core::device_client::{ConnectError, DeviceClient, DeviceClientOptions, Transport};
-use hub_core::service_client::{HubErrorKind, ServiceClient, ServiceError};
+use hub_core::device::Device;
+use hub_core::device_client::{
+    Backoff, ConnectError, DeviceClient, DeviceClientOptions, Transport,
+};
+use hub_core::service_client::{HubErrorKind, RetryPolicy, ServiceClient, ServiceError};
 use hub_core::tls::{TlsError, TrustOptions};
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +38,27 @@ pub use device::{METHODS, Stats};
 pub const CONNECT_CONCURRENCY: usize = 256;
 /// How many registry calls a fleet makes at once.
 const REGISTRY_CONCURRENCY: usize = 32;
+/// The fleet's registry calls: hub-core's client retries a 429 itself (so the fleet does not
+/// retry again on top), but its default four attempts suit an interactive tool; a fleet
+/// registering on S1, 100 registry operations a minute shared by [`REGISTRY_CONCURRENCY`]
+/// calls in flight, must wait its turn for up to ~20 s. Twelve attempts, full jitter under a
+/// ceiling doubling from 250 ms to 15 s, give each call about 45 s of patience.
+const REGISTRY_RETRY: RetryPolicy = RetryPolicy {
+    max_attempts: 12,
+    base_delay: Duration::from_millis(250),
+    max_delay: Duration::from_secs(15),
+    max_retry_after: Duration::from_secs(60),
+};
+/// One legacy listing (`GET /devices?top=1000`) counts as one registry operation for up to
+/// this many identities, where looking them up one by one costs one each.
+const LISTING_MAX: u32 = 1000;
+/// The new-connection rate of the slowest tiers (F1, B1, S1): 100 a second.
+const SLOWEST_CONNECT_RATE: f64 = 100.0;
+/// First retry of a fleet device's connect: within 150 ms (full jitter), so a refused device
+/// comes back while the hub's shaping window is still near.
+const FLEET_BACKOFF_INITIAL: Duration = Duration::from_millis(150);
+/// The smallest ceiling of a fleet device's backoff.
+const FLEET_BACKOFF_MIN_CAP: Duration = Duration::from_secs(2);
 
 /// Why the simulated device stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +156,60 @@ pub struct FleetSummary {
     pub patches_applied: u64,
     /// Reported-property updates that failed.
     pub report_errors: u64,
+    /// What the hub throttled.
+    pub throttled: Throttled,
+}
+
+/// How often the hub throttled a run; every throttled attempt was retried after a backoff.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Throttled {
+    /// Connect attempts refused with CONNACK 3 (server unavailable), first connects and
+    /// reconnects alike.
+    pub connects: u64,
+    /// Registry calls answered 429 (ThrottlingException).
+    pub registry_calls: u64,
+}
+
+impl std::fmt::Display for Throttled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "throttled: {} connects (CONNACK 3), {} registry calls",
+            self.connects, self.registry_calls
+        )
+    }
+}
+
+impl FleetSummary {
+    /// The fleet's throttle line, e.g. `throttled: 312 connects (CONNACK 3), 0 registry calls;
+    /// all 1000 devices connected`.
+    pub fn throttle_line(&self) -> String {
+        throttle_line(self.throttled, self.connected, self.devices)
+    }
+}
+
+fn throttle_line(throttled: Throttled, connected: usize, devices: usize) -> String {
+    if connected == devices {
+        format!("{throttled}; all {devices} devices connected")
+    } else {
+        format!("{throttled}; {connected} of {devices} devices connected")
+    }
+}
+
+/// A fleet device's connect backoff (CONNACK 3 is retried with full jitter, other transient
+/// failures with equal jitter; hub-core's client does both until the connect timeout). The
+/// ceiling is the time the whole fleet needs at the slowest tier's connect rate, so the
+/// fleet's retries stay near that rate instead of growing with its size, at least 2 s and at
+/// most a quarter of the connect timeout, which leaves a device several tries before it.
+pub fn fleet_backoff(count: usize, connect_timeout: Duration) -> Backoff {
+    let whole_fleet = Duration::from_secs_f64(count as f64 / SLOWEST_CONNECT_RATE);
+    let cap = whole_fleet
+        .min(connect_timeout / 4)
+        .max(FLEET_BACKOFF_MIN_CAP);
+    Backoff {
+        initial: FLEET_BACKOFF_INITIAL,
+        max: cap,
+    }
 }
 
 impl std::fmt::Display for FleetSummary {
@@ -179,7 +258,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<FleetSum
     options.sas_ttl = config.sas_ttl;
     let summary = match &config.fleet {
         None => run_single(&config, &options, shutdown).await?,
-        Some(fleet) => run_fleet(&config, fleet, &options, shutdown).await?,
+        Some(fleet) => {
+            options.backoff = fleet_backoff(fleet.count, config.connect_timeout);
+            let summary = run_fleet(&config, fleet, &options, shutdown).await?;
+            say!(config, "{}", summary.throttle_line());
+            summary
+        }
     };
     say!(config, "Totals: {summary}");
     say!(config, "IoTHubClient sample stopped");
@@ -241,82 +325,127 @@ async fn run_single(
         methods_answered: stats.methods_answered.load(Ordering::Relaxed),
         patches_applied: stats.patches_applied.load(Ordering::Relaxed),
         report_errors: stats.report_errors.load(Ordering::Relaxed),
+        throttled: Throttled {
+            connects: client.stats().throttled,
+            registry_calls: 0,
+        },
     })
 }
 
-/// Looks up (or, with `register`, creates) each fleet device and returns its connection string.
-async fn fleet_connection_strings(
-    config: &Config,
-    fleet: &Fleet,
-    shutdown: &CancellationToken,
-) -> Result<Vec<DeviceConnectionString>, SimError> {
+/// The fleet's registry client: the service connection string and CA of `config`, patient
+/// with throttled calls ([`REGISTRY_RETRY`]).
+fn fleet_service_client(config: &Config) -> Result<ServiceClient, SimError> {
     let Some(scs) = config.service_connection_string.clone() else {
         return Err(SimError::Usage(
             "--count needs a service connection string (IOTHUB_CONNECTION_STRING)".into(),
         ));
     };
-    let mut builder = ServiceClient::builder(scs);
-    if let Some(ca) = &config.ca_file {
-        builder = builder.ca_file(ca).map_err(|source| SimError::Service {
-            what: "the service client".into(),
-            source,
-        })?;
-    }
-    if let Some(pem) = &config.ca_pem {
-        builder = builder
-            .ca_pem(pem.as_bytes())
-            .map_err(|source| SimError::Service {
-                what: "the service client".into(),
-                source,
-            })?;
-    }
-    let service = builder.build().map_err(|source| SimError::Service {
+    let service_error = |source| SimError::Service {
         what: "the service client".into(),
         source,
-    })?;
+    };
+    let mut builder = ServiceClient::builder(scs).retry(REGISTRY_RETRY);
+    if let Some(ca) = &config.ca_file {
+        builder = builder.ca_file(ca).map_err(service_error)?;
+    }
+    if let Some(pem) = &config.ca_pem {
+        builder = builder.ca_pem(pem.as_bytes()).map_err(service_error)?;
+    }
+    builder.build().map_err(service_error)
+}
+
+/// A device's primary symmetric key, if it has one that decodes.
+fn primary_key(device: &Device) -> Option<SharedKey> {
+    device
+        .symmetric_key()
+        .and_then(|k| k.primary_key.clone().flatten())
+        .and_then(|k| SharedKey::from_base64(&k).ok())
+}
+
+/// The keys of the fleet's devices among the first [`LISTING_MAX`] of the registry, in one
+/// registry operation. Best effort: a hub that refuses the legacy listing only costs the fleet
+/// its per-device lookups.
+async fn listed_fleet_keys(service: &ServiceClient, fleet: &Fleet) -> HashMap<String, SharedKey> {
+    let is_fleet_id = |id: &str| {
+        id.strip_prefix(fleet.id_prefix.as_str())
+            .filter(|n| !n.starts_with('0'))
+            .and_then(|n| n.parse::<usize>().ok())
+            .is_some_and(|n| (1..=fleet.count).contains(&n))
+    };
+    match service.list_devices(Some(LISTING_MAX)).await {
+        Ok(devices) => devices
+            .iter()
+            .filter(|d| is_fleet_id(&d.device_id))
+            .filter_map(|d| Some((d.device_id.clone(), primary_key(d)?)))
+            .collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "listing the registry failed; looking devices up one by one");
+            HashMap::new()
+        }
+    }
+}
+
+/// Looks up (or, with `register`, creates) one fleet device and returns its key.
+async fn fleet_device_key(
+    service: &ServiceClient,
+    fleet: &Fleet,
+    id: &str,
+) -> Result<SharedKey, SimError> {
+    let device = match service.get_device(id).await {
+        Ok(device) => device,
+        Err(e) if e.hub_kind() == Some(HubErrorKind::DeviceNotFound) && fleet.register => service
+            .create_device(&Device::new(id.to_owned()))
+            .await
+            .map_err(|source| SimError::Service {
+                what: format!("creating device {id}"),
+                source,
+            })?,
+        Err(e) if e.hub_kind() == Some(HubErrorKind::DeviceNotFound) => {
+            return Err(SimError::NotRegistered {
+                device_id: id.to_owned(),
+            });
+        }
+        Err(source) => {
+            return Err(SimError::Service {
+                what: format!("looking up device {id}"),
+                source,
+            });
+        }
+    };
+    primary_key(&device).ok_or_else(|| SimError::NoKey {
+        device_id: id.to_owned(),
+    })
+}
+
+/// Finds (or, with `register`, creates) each fleet device and returns its connection string:
+/// one listing first, then one registry call per device the listing did not hold, so a fleet
+/// of up to a thousand costs one registry operation of the hub's rate (S1: 100 a minute)
+/// instead of one each.
+async fn fleet_connection_strings(
+    config: &Config,
+    fleet: &Fleet,
+    service: &ServiceClient,
+    shutdown: &CancellationToken,
+) -> Result<Vec<DeviceConnectionString>, SimError> {
+    let listed = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(Vec::new()),
+        listed = listed_fleet_keys(service, fleet) => listed,
+    };
     let base = &config.connection_string;
+    let listed = &listed;
     let lookups = futures_util::stream::iter(fleet.device_ids())
-        .map(|id| {
-            let service = service.clone();
-            async move {
-                let device = match service.get_device(&id).await {
-                    Ok(device) => device,
-                    Err(e)
-                        if e.hub_kind() == Some(HubErrorKind::DeviceNotFound) && fleet.register =>
-                    {
-                        service
-                            .create_device(&hub_core::device::Device::new(id.clone()))
-                            .await
-                            .map_err(|source| SimError::Service {
-                                what: format!("creating device {id}"),
-                                source,
-                            })?
-                    }
-                    Err(e) if e.hub_kind() == Some(HubErrorKind::DeviceNotFound) => {
-                        return Err(SimError::NotRegistered { device_id: id });
-                    }
-                    Err(source) => {
-                        return Err(SimError::Service {
-                            what: format!("looking up device {id}"),
-                            source,
-                        });
-                    }
-                };
-                let key = device
-                    .symmetric_key()
-                    .and_then(|k| k.primary_key.clone().flatten())
-                    .and_then(|k| SharedKey::from_base64(&k).ok())
-                    .ok_or_else(|| SimError::NoKey {
-                        device_id: id.clone(),
-                    })?;
-                Ok(DeviceConnectionString {
-                    host_name: base.host_name.clone(),
-                    device_id: id,
-                    module_id: None,
-                    auth: DeviceAuth::SharedAccessKey(key),
-                    gateway_host_name: base.gateway_host_name.clone(),
-                })
-            }
+        .map(|id| async move {
+            let key = match listed.get(&id) {
+                Some(key) => key.clone(),
+                None => fleet_device_key(service, fleet, &id).await?,
+            };
+            Ok::<_, SimError>(DeviceConnectionString {
+                host_name: base.host_name.clone(),
+                device_id: id,
+                module_id: None,
+                auth: DeviceAuth::SharedAccessKey(key),
+                gateway_host_name: base.gateway_host_name.clone(),
+            })
         })
         .buffered(REGISTRY_CONCURRENCY);
     tokio::pin!(lookups);
@@ -353,16 +482,18 @@ async fn run_fleet(
         fleet.count
     );
     let started = Instant::now();
-    let devices = fleet_connection_strings(config, fleet, &shutdown).await?;
+    let service = fleet_service_client(config)?;
+    let devices = fleet_connection_strings(config, fleet, &service, &shutdown).await?;
     if shutdown.is_cancelled() {
         return Ok(FleetSummary {
             devices: fleet.count,
             ..FleetSummary::default()
         });
     }
+    let throttled_registry_calls = service.throttled();
     say!(
         config,
-        "{} device identities {} in {:.1}s; connecting",
+        "{} device identities {} in {:.1}s ({throttled_registry_calls} registry calls throttled); connecting",
         devices.len(),
         if fleet.register {
             "ready (created where missing)"
@@ -425,16 +556,26 @@ async fn run_fleet(
     let mut ticker = tokio::time::interval(config.summary_interval);
     ticker.tick().await;
     let mut all_connected_reported = false;
-    let connected_now = || lock(&clients).iter().filter(|c| c.is_connected()).count();
+    // Connected devices and the CONNACK 3 refusals they met; a device still connecting adds
+    // its refusals once it is through.
+    let status_now = || {
+        let clients = lock(&clients);
+        let connected = clients.iter().filter(|c| c.is_connected()).count();
+        let throttled = Throttled {
+            connects: clients.iter().map(|c| c.stats().throttled).sum(),
+            registry_calls: throttled_registry_calls,
+        };
+        (connected, throttled)
+    };
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = stop.cancelled() => break,
             _ = tracker.wait() => break,
             _ = ticker.tick() => {
-                let connected = connected_now();
+                let (connected, throttled) = status_now();
                 say!(config,
-                    "{}/{} connected, {} methods answered, {} twin patches applied",
+                    "{}/{} connected, {} methods answered, {} twin patches applied; {throttled}",
                     connected,
                     fleet.count,
                     stats.methods_answered.load(Ordering::Relaxed),
@@ -442,10 +583,11 @@ async fn run_fleet(
                 );
             }
             _ = tokio::time::sleep(Duration::from_millis(50)), if !all_connected_reported => {
-                if connected_now() == fleet.count {
+                let (connected, throttled) = status_now();
+                if connected == fleet.count {
                     all_connected_reported = true;
                     say!(config,
-                        "all {} devices connected in {:.2}s; waiting for commands, press Ctrl-C to exit",
+                        "all {} devices connected in {:.2}s ({throttled}); waiting for commands, press Ctrl-C to exit",
                         fleet.count,
                         connect_started.elapsed().as_secs_f64()
                     );
@@ -453,7 +595,7 @@ async fn run_fleet(
             }
         }
     }
-    let connected = connected_now();
+    let (connected, throttled) = status_now();
     stop.cancel();
     if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
         .await
@@ -470,6 +612,7 @@ async fn run_fleet(
         methods_answered: stats.methods_answered.load(Ordering::Relaxed),
         patches_applied: stats.patches_applied.load(Ordering::Relaxed),
         report_errors: stats.report_errors.load(Ordering::Relaxed),
+        throttled,
     })
 }
 

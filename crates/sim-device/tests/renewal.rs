@@ -95,8 +95,14 @@ async fn device_client_renews_a_short_token_before_it_expires_and_keeps_methods_
     for round in 1..=4u64 {
         let stats = eventually(&format!("renewal {round}"), RENEWAL_WAIT, || async {
             let stats = client.stats();
-            (stats.renewals >= round && client.is_connected() && hub.method_ready(DEVICE))
-                .then_some(stats)
+            // A renewal is counted when its DISCONNECT is queued, and the client reads as
+            // connected until the hub closes the old connection: wait for the renewal's CONNACK
+            // (`connects` past `renewals`), or a loaded machine sees the gap in between.
+            (stats.renewals >= round
+                && stats.connects > stats.renewals
+                && client.is_connected()
+                && hub.method_ready(DEVICE))
+            .then_some(stats)
         })
         .await;
         let now = unix_now();

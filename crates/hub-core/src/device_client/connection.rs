@@ -31,8 +31,33 @@ enum Failure {
     Rejected(u8),
     /// Certificate or handshake failure.
     Tls(String),
-    /// Worth retrying (network, timeout, server unavailable).
+    /// CONNACK 3, server unavailable: IoT Hub's answer to a connect beyond its new-connection
+    /// throttle. Worth retrying, after a fully jittered backoff so a refused crowd spreads out.
+    Unavailable,
+    /// Worth retrying (network, timeout).
     Transient(String),
+}
+
+impl Failure {
+    /// How the failure reads in logs and [`ConnectionStatus::Reconnecting`].
+    fn describe(&self) -> String {
+        match self {
+            Failure::Refused(code) | Failure::Rejected(code) => {
+                format!("CONNACK {code}: {}", connack_reason(*code))
+            }
+            Failure::Unavailable => format!("CONNACK 3: {}", connack_reason(3)),
+            Failure::Tls(detail) => format!("TLS: {detail}"),
+            Failure::Transient(text) => text.clone(),
+        }
+    }
+
+    /// The wait before retry `attempt` (0-based) after this failure.
+    fn backoff(&self, backoff: &Backoff, attempt: u32) -> Duration {
+        match self {
+            Failure::Unavailable => backoff.full_jitter(attempt),
+            _ => backoff.delay(attempt),
+        }
+    }
 }
 
 fn connack_reason(code: u8) -> &'static str {
@@ -65,7 +90,7 @@ fn classify(e: &ConnectionError) -> Failure {
         let code = *code as u8;
         return match code {
             4 | 5 => Failure::Refused(code),
-            3 => Failure::Transient(format!("CONNACK 3 ({})", connack_reason(3))),
+            3 => Failure::Unavailable,
             _ => Failure::Rejected(code),
         };
     }
@@ -91,14 +116,16 @@ fn refused(device_id: &str, addr: &str, code: u8) -> ConnectError {
     }
 }
 
-/// Polls until the first CONNACK, retrying transient failures with backoff until `deadline`.
+/// Polls until the first CONNACK, retrying transient failures with backoff until `deadline`;
+/// CONNACK 3 refusals are counted in `shared` ([`super::ConnectionStats::throttled`]).
 pub(super) async fn first_connect(
     eventloop: &mut EventLoop,
-    device_id: &str,
+    shared: &Shared,
     addr: &str,
     options: &DeviceClientOptions,
     deadline: Instant,
 ) -> Result<(), ConnectError> {
+    let device_id = shared.device_id.as_str();
     let mut attempt = 0;
     let mut last_error = String::from("no connection attempt finished");
     let unreachable = |last_error: String| ConnectError::Unreachable {
@@ -111,27 +138,33 @@ pub(super) async fn first_connect(
             Err(_) => return Err(unreachable(last_error)),
             Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => return Ok(()),
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => match classify(&e) {
-                Failure::Refused(code) | Failure::Rejected(code) => {
-                    return Err(refused(device_id, addr, code));
-                }
-                Failure::Tls(detail) => {
-                    return Err(ConnectError::Tls {
-                        addr: addr.to_owned(),
-                        detail,
-                    });
-                }
-                Failure::Transient(text) => {
-                    tracing::debug!(device_id, attempt, error = %text, "connect attempt failed");
-                    last_error = text;
-                    let wake = Instant::now() + options.backoff.delay(attempt);
-                    if wake >= deadline {
-                        return Err(unreachable(last_error));
+            Ok(Err(e)) => {
+                let failure = classify(&e);
+                match &failure {
+                    Failure::Refused(code) | Failure::Rejected(code) => {
+                        return Err(refused(device_id, addr, *code));
                     }
-                    tokio::time::sleep_until(wake).await;
-                    attempt += 1;
+                    Failure::Tls(detail) => {
+                        return Err(ConnectError::Tls {
+                            addr: addr.to_owned(),
+                            detail: detail.clone(),
+                        });
+                    }
+                    Failure::Unavailable | Failure::Transient(_) => {}
                 }
-            },
+                let text = failure.describe();
+                if matches!(failure, Failure::Unavailable) {
+                    shared.throttled.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::debug!(device_id, attempt, error = %text, "connect attempt failed");
+                last_error = text;
+                let wake = Instant::now() + failure.backoff(&options.backoff, attempt);
+                if wake >= deadline {
+                    return Err(unreachable(last_error));
+                }
+                tokio::time::sleep_until(wake).await;
+                attempt += 1;
+            }
         }
     }
 }
@@ -152,6 +185,11 @@ pub(super) struct Connection {
     pub(super) first_twin: Option<oneshot::Sender<TwinDocument>>,
     /// The `$rid` of the twin read in flight after a (re)connect.
     pub(super) resync: Option<String>,
+    /// When to ask again for a twin read the hub refused (429 beyond its twin-read rate, 5xx),
+    /// and how many were refused in a row: the retries back off with full jitter, so a fleet
+    /// refused together does not ask again in lock step.
+    pub(super) resync_retry: Option<Instant>,
+    pub(super) resync_refusals: u32,
     pub(super) subacks_due: u8,
     /// Publishes to send again on the next connection (see [`Connection::keep_for_next`]).
     pub(super) carry: Vec<Request>,
@@ -234,6 +272,11 @@ impl Connection {
                     renewing = Some(Instant::now() + RENEW_CLOSE_TIMEOUT);
                     continue;
                 }
+                // Like a renewal, only on a live connection (see `may_renew`).
+                _ = sleep_until_opt(self.resync_retry), if self.resync_retry.is_some() && self.eventloop.network.is_some() => {
+                    self.send_twin_get();
+                    continue;
+                }
                 _ = sleep_until_opt(renewing), if renewing.is_some() => {
                     // The hub did not close after our DISCONNECT: drop the connection ourselves.
                     // `clean` moves unacknowledged publishes back to `pending`, as an error does.
@@ -266,16 +309,15 @@ impl Connection {
                     self.shared.fail_pending();
                     self.tracker.on_disconnect();
                     self.resync = None;
+                    // The next CONNACK reads the twin anew.
+                    self.resync_retry = None;
                     self.keep_for_next();
                     let renewal = renewing.take().is_some() && attempt == 0;
                     let failure = classify(&e);
-                    let text = match &failure {
-                        Failure::Refused(code) | Failure::Rejected(code) => {
-                            format!("CONNACK {code}: {}", connack_reason(*code))
-                        }
-                        Failure::Tls(detail) => format!("TLS: {detail}"),
-                        Failure::Transient(text) => text.clone(),
-                    };
+                    let text = failure.describe();
+                    if matches!(failure, Failure::Unavailable) {
+                        self.shared.throttled.fetch_add(1, Ordering::Relaxed);
+                    }
                     if matches!(failure, Failure::Refused(_)) && !self.credentials.renewable() {
                         tracing::warn!(device_id = self.device_id(), error = %text, "the hub refused the given SAS token; giving up");
                         self.status
@@ -297,7 +339,7 @@ impl Connection {
                             attempt,
                             error: text,
                         });
-                        let delay = self.backoff.delay(attempt);
+                        let delay = failure.backoff(&self.backoff, attempt);
                         tokio::select! {
                             _ = self.shutdown.cancelled() => break,
                             _ = tokio::time::sleep(delay) => {}
@@ -407,6 +449,8 @@ impl Connection {
     }
 
     fn send_twin_get(&mut self) {
+        // This read replaces any retry still waiting.
+        self.resync_retry = None;
         let rid = format!(
             "{RESYNC_PREFIX}{}",
             self.shared.next_rid.fetch_add(1, Ordering::Relaxed)
@@ -485,6 +529,7 @@ impl Connection {
             };
             match twin {
                 Ok(twin) => {
+                    self.resync_refusals = 0;
                     let first = self.first_twin.is_some();
                     let patches = self.tracker.on_twin(&twin.desired, first);
                     if let Some(tx) = self.first_twin.take() {
@@ -493,9 +538,12 @@ impl Connection {
                     self.deliver(patches);
                 }
                 Err(e) => {
-                    // 429/5xx: ask again; the hub's throttle makes this self-limiting.
-                    tracing::warn!(device_id = self.device_id(), error = %e, "twin read after connect failed; retrying");
-                    self.send_twin_get();
+                    // 429/5xx: ask again after a backoff; at once, a throttled fleet would
+                    // spin against the hub's twin-read rate.
+                    let delay = self.backoff.full_jitter(self.resync_refusals);
+                    self.resync_refusals = self.resync_refusals.saturating_add(1);
+                    tracing::debug!(device_id = self.device_id(), error = %e, ?delay, "twin read after connect failed; retrying");
+                    self.resync_retry = Some(Instant::now() + delay);
                 }
             }
             return;

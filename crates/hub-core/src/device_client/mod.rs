@@ -266,6 +266,10 @@ pub struct ConnectionStats {
     /// Reconnects started to renew the SAS token before it expired. While connected,
     /// `connects - 1 - renewals` is the number of reconnects after a lost connection.
     pub renewals: u64,
+    /// Connect attempts (the first connect's and reconnects') the hub refused with CONNACK 3,
+    /// server unavailable: IoT Hub's answer to a connect beyond its new-connection throttle.
+    /// Each was retried after a fully jittered backoff.
+    pub throttled: u64,
     /// When the token of the latest connection expires (Unix seconds); `None` if unknown.
     pub token_expiry: Option<u64>,
 }
@@ -458,6 +462,7 @@ struct Shared {
     /// [`ConnectionStats`], written by the connection task only.
     connects: AtomicU64,
     renewals: AtomicU64,
+    throttled: AtomicU64,
     /// 0: unknown.
     token_expiry: AtomicU64,
 }
@@ -639,6 +644,7 @@ impl DeviceClient {
             next_rid: AtomicU64::new(1),
             connects: AtomicU64::new(0),
             renewals: AtomicU64::new(0),
+            throttled: AtomicU64::new(0),
             token_expiry: AtomicU64::new(0),
         });
         let (methods_tx, methods_rx) = mpsc::channel(options.method_queue.max(1));
@@ -651,7 +657,7 @@ impl DeviceClient {
         let shutdown = CancellationToken::new();
 
         let deadline = tokio::time::Instant::now() + options.connect_timeout;
-        connection::first_connect(&mut eventloop, &device_id, &addr, options, deadline).await?;
+        connection::first_connect(&mut eventloop, &shared, &addr, options, deadline).await?;
 
         let task = connection::Connection {
             eventloop,
@@ -667,6 +673,8 @@ impl DeviceClient {
             tracker: desired::DesiredTracker::default(),
             first_twin: Some(first_twin_tx),
             resync: None,
+            resync_retry: None,
+            resync_refusals: 0,
             subacks_due: 0,
             carry: Vec::new(),
             shutdown: shutdown.clone(),
@@ -724,13 +732,14 @@ impl DeviceClient {
         self.inner.status.clone()
     }
 
-    /// How often it connected and renewed its token, and when the current token expires.
+    /// How often it connected, renewed its token and was throttled reconnecting, and when the current token expires.
     pub fn stats(&self) -> ConnectionStats {
         let shared = &self.inner.shared;
         let expiry = shared.token_expiry.load(Ordering::Relaxed);
         ConnectionStats {
             connects: shared.connects.load(Ordering::Relaxed),
             renewals: shared.renewals.load(Ordering::Relaxed),
+            throttled: shared.throttled.load(Ordering::Relaxed),
             token_expiry: (expiry != 0).then_some(expiry),
         }
     }

@@ -11,6 +11,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::Stream;
@@ -138,6 +139,7 @@ impl ServiceClientBuilder {
                 connection: self.connection,
                 retry: self.retry,
                 request_timeout: self.request_timeout,
+                throttled: AtomicU64::new(0),
             }),
         })
     }
@@ -156,6 +158,8 @@ struct Inner {
     connection: ServiceConnectionString,
     retry: RetryPolicy,
     request_timeout: Duration,
+    /// 429 answers received, for [`ServiceClient::throttled`].
+    throttled: AtomicU64,
 }
 
 impl fmt::Debug for ServiceClient {
@@ -247,6 +251,13 @@ impl ServiceClient {
     /// A client that trusts the platform roots only, with default settings.
     pub fn new(connection: ServiceConnectionString) -> Result<Self, ServiceError> {
         Self::builder(connection).build()
+    }
+
+    /// How many answers were 429 (throttled) so far, on this client and its clones, whether
+    /// the call was then retried or not: a fleet reports it to show it kept within the hub's
+    /// rates.
+    pub fn throttled(&self) -> u64 {
+        self.inner.throttled.load(Ordering::Relaxed)
     }
 
     /// Starts configuring a client.
@@ -648,6 +659,9 @@ impl ServiceClient {
                 }
                 Err(e) => self.transport_error(&request, timeout, e),
             };
+            if matches!(&err, ServiceError::Hub(h) if h.status == 429) {
+                inner.throttled.fetch_add(1, Ordering::Relaxed);
+            }
             let (retryable, retry_after) = match (&err, call.idempotency) {
                 // The connection was never opened, so the hub never saw the request; an
                 // untrusted certificate or an unknown host will not heal by retrying.

@@ -18,6 +18,16 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::sync::mpsc;
 
+/// The tutorial's flags with short delays, for tests.
+pub const FAST: &[&str] = &[
+    "--method-delay",
+    "1s",
+    "--twin-delay",
+    "500ms",
+    "--status-interval",
+    "300ms",
+];
+
 /// A running hub with its hub.env.
 pub struct TestHub {
     pub hub: RunningHub,
@@ -180,7 +190,7 @@ impl CliRun {
     }
 }
 
-/// Runs the binary with exactly these arguments and no IOTHUB_* variables.
+/// Runs the binary with exactly these arguments and no IOTHUB_* variables (tiers included).
 pub async fn run_binary(args: Vec<String>) -> CliRun {
     let data_home = tempfile::tempdir().expect("tempdir");
     let home = data_home.path().to_owned();
@@ -189,6 +199,8 @@ pub async fn run_binary(args: Vec<String>) -> CliRun {
             .args(&args)
             .env_remove("IOTHUB_CONNECTION_STRING")
             .env_remove("IOTHUB_CA_FILE")
+            .env_remove("IOTHUB_TIER")
+            .env_remove("IOTHUB_UNITS")
             .env("XDG_DATA_HOME", &home)
             .env("RUST_LOG", "warn")
             .output()
