@@ -423,6 +423,7 @@ mod tests {
             ("IotHubQuotaExceeded", 403002),
             ("JobQuotaExceeded", 403003),
             ("DeviceMaximumQueueDepthExceeded", 403004),
+            ("OperationNotValidForTier", 403010),
             ("DeviceDisabled", 403012),
             ("DeviceNotFound", 404001),
             ("JobNotFound", 404002),
