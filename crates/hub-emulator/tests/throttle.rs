@@ -193,7 +193,7 @@ async fn a_basic_tier_serves_the_registry_and_refuses_twins_methods_jobs_with_40
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_rest_class_has_its_own_s1_throttle_and_methods_count_4_kb_steps_jobs_too() {
+async fn each_rest_class_has_its_own_s1_throttle_and_methods_are_metered_in_4_kb_steps() {
     // A one-second burst and no queue: each class passes one second of its rate at once.
     let hub = TestHub::start_with(Config {
         tier: Some(Tier::S1.with_units(1).expect("S1")),
