@@ -17,7 +17,10 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::Outcome;
-use crate::cli::{JobKind, ListArgs, MethodArgs, ScheduleArgs, TargetArgs, TwinArgs};
+use crate::cli::{
+    JobKind, ListArgs, MethodArgs, MethodCallArgs, ScheduleArgs, TargetArgs, TwinArgs,
+    TwinPatchArgs,
+};
 use crate::error::Error;
 use crate::output::{Output, note};
 use crate::report::{DeviceOutcome, OutcomeSummary, describe_job, table};
@@ -193,7 +196,7 @@ fn job_id(schedule: &ScheduleArgs) -> Result<String, Error> {
 }
 
 /// Checks a method's timeouts and payload size as the hub would.
-pub fn method_call(args: &MethodArgs) -> Result<CloudToDeviceMethod, Error> {
+pub fn method_call(args: &MethodCallArgs) -> Result<CloudToDeviceMethod, Error> {
     let response = args.response_timeout.as_secs();
     let connect = args.connect_timeout.as_secs();
     if !(MIN_RESPONSE_TIMEOUT_SECS..=MAX_RESPONSE_TIMEOUT_SECS).contains(&response) {
@@ -252,7 +255,7 @@ pub async fn method(
     out: Output,
     shutdown: &CancellationToken,
 ) -> Result<Outcome, Error> {
-    let call = method_call(args)?;
+    let call = method_call(&args.call)?;
     if args.schedule.dry_run {
         return dry_run(client, &args.target, out).await;
     }
@@ -271,13 +274,8 @@ pub async fn method(
     create_and_follow(client, request, matched, &args.schedule, out, shutdown).await
 }
 
-/// `schedule-job twin ...`.
-pub async fn twin(
-    client: &ServiceClient,
-    args: &TwinArgs,
-    out: Output,
-    shutdown: &CancellationToken,
-) -> Result<Outcome, Error> {
+/// The twin patch the arguments stand for.
+pub fn twin_patch(args: &TwinPatchArgs) -> TwinPatch {
     let mut patch = TwinPatch::new();
     if let Some(desired) = &args.desired {
         patch = patch.with_desired(desired.clone());
@@ -285,6 +283,17 @@ pub async fn twin(
     if let Some(tags) = &args.tags {
         patch = patch.with_tags(tags.clone());
     }
+    patch
+}
+
+/// `schedule-job twin ...`.
+pub async fn twin(
+    client: &ServiceClient,
+    args: &TwinArgs,
+    out: Output,
+    shutdown: &CancellationToken,
+) -> Result<Outcome, Error> {
+    let patch = twin_patch(&args.patch);
     if args.schedule.dry_run {
         return dry_run(client, &args.target, out).await;
     }

@@ -7,6 +7,7 @@
 //! - [`tutorial`]: the default flow (two delayed calls, or two hub jobs with `--hub-jobs`).
 //! - [`jobs`]: hub-side job subcommands, `--wait` progress and per-device results.
 //! - [`fanout`]: `method --client-side`, direct calls with bounded concurrency.
+//! - [`rollout`]: staged rollouts (canary, rates, abort rules, retries, window, resume).
 //! - [`report`], [`output`]: per-device outcomes and how they are printed.
 //!
 //! [`run`] does it all and returns an [`Outcome`]; `main.rs` only maps it to an exit code.
@@ -17,6 +18,7 @@ pub mod fanout;
 pub mod jobs;
 pub mod output;
 pub mod report;
+pub mod rollout;
 pub mod settings;
 pub mod tutorial;
 
@@ -80,6 +82,7 @@ pub async fn run_labelled(
         Some(Command::List(l)) => jobs::list(&client, l, out).await,
         Some(Command::Cancel(c)) => jobs::cancel(&client, &c.job_id, out).await,
         Some(Command::Results(r)) => jobs::results(&client, &r.job_id, out).await,
+        Some(Command::Rollout(r)) => rollout::command(&client, r, out, &shutdown).await,
     }
 }
 
