@@ -256,6 +256,8 @@ pub struct Executor<'a> {
     said_cap: bool,
     /// Wave being run, for progress lines.
     current: Option<(usize, usize, f64)>,
+    /// When the next job may be created, by the rate.
+    next_due: Option<Instant>,
 }
 
 /// What a step ended with.
@@ -285,6 +287,7 @@ impl<'a> Executor<'a> {
             notified: 0,
             said_cap: false,
             current: None,
+            next_due: None,
         }
     }
 
@@ -461,8 +464,18 @@ impl<'a> Executor<'a> {
             .map(|r| format!("{r}: {:.1}%", executed.percent(r.scope)))
             .collect();
         let (wave, waves, rate) = self.current.unwrap_or_default();
+        let rules = if figures.is_empty() {
+            "no abort rule".to_owned()
+        } else {
+            format!(
+                "abort {} of {} executed (rules apply from {})",
+                figures.join(", "),
+                executed.total(),
+                self.state.spec.abort_min_executed
+            )
+        };
         let human = format!(
-            "wave {}/{waves} at {rate:.0}/min, job {} {status}: {}/{} done ({} ok, {} failed) | overall: {} | abort rules{}: {}",
+            "wave {}/{waves} at {rate:.0}/min, job {} {status}: {}/{} done ({} ok, {} failed) | overall: {} | {rules}",
             wave + 1,
             job.job_id,
             stats.succeeded_count + stats.failed_count,
@@ -470,12 +483,6 @@ impl<'a> Executor<'a> {
             stats.succeeded_count,
             stats.failed_count,
             all.describe(),
-            format_args!(" after {} executed", self.state.spec.abort_min_executed),
-            if figures.is_empty() {
-                "none".to_owned()
-            } else {
-                format!("{} of {}", figures.join(", "), executed.total())
-            },
         );
         let json = json!({
             "event": "progress", "rolloutId": self.state.id, "wave": wave, "jobId": job.job_id,
@@ -536,8 +543,6 @@ impl<'a> Executor<'a> {
         jobs: &mut Vec<String>,
     ) -> Result<Step, Error> {
         let parts = chunk_ids(ids, wave.part_max, MAX_CONDITION_CHARS);
-        let anchor = Instant::now();
-        let mut paced = 0usize;
         for (p, part) in parts.iter().enumerate() {
             let job_id = plan::job_id(&self.state.id, wave.index, attempt, p + 1);
             jobs.push(job_id.clone());
@@ -547,22 +552,25 @@ impl<'a> Executor<'a> {
                     if self.past_window() {
                         return Ok(Step::End(Ending::WindowEnded));
                     }
-                    // The wave's rate: this part may start once the devices before it in this
-                    // run had their share of the minute.
-                    let due = anchor
-                        + Duration::from_secs_f64(
-                            paced as f64 * 60.0 / per_minute.max(f64::MIN_POSITIVE),
-                        );
-                    let wait = due.saturating_duration_since(Instant::now());
-                    if !wait.is_zero() && !self.pause(wait).await {
-                        return Ok(Step::End(Ending::Interrupted));
+                    if let Some(due) = self.next_due {
+                        let wait = due.saturating_duration_since(Instant::now());
+                        if !wait.is_zero() && !self.pause(wait).await {
+                            return Ok(Step::End(Ending::Interrupted));
+                        }
                     }
                     let request = self.request(&job_id, ids_condition(part));
                     let job = match self.create(&request).await? {
                         Ok(job) => job,
                         Err(ending) => return Ok(Step::End(ending)),
                     };
-                    paced += part.len();
+                    // The rate: the devices of this job have their share of the minute before
+                    // the next job (of this wave, a retry or the next wave) may be created.
+                    self.next_due = Some(
+                        Instant::now()
+                            + Duration::from_secs_f64(
+                                part.len() as f64 * 60.0 / per_minute.max(f64::MIN_POSITIVE),
+                            ),
+                    );
                     self.view.event(
                         &json!({ "event": "job-created", "rolloutId": self.state.id, "wave": wave.index,
                                  "attempt": attempt, "jobId": job_id, "devices": part.len() }),
