@@ -46,6 +46,14 @@ impl PollPace {
         PollPace { next: Self::FIRST }
     }
 
+    /// A pace whose first pause is `first` (kept within 50 ms and [`PollPace::LONGEST`]): a
+    /// caller that knows how long a job takes polls its end sooner.
+    pub fn starting_at(first: Duration) -> PollPace {
+        PollPace {
+            next: first.clamp(Duration::from_millis(50), Self::LONGEST),
+        }
+    }
+
     /// The pause before the next poll.
     pub fn next_pause(&mut self) -> Duration {
         let pause = self.next;

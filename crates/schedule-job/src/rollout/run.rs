@@ -499,8 +499,20 @@ impl<'a> Executor<'a> {
     async fn follow(
         &mut self,
         mut job: JobResponse,
+        devices: usize,
     ) -> Result<Result<(JobResponse, bool), Ending>, Error> {
-        let mut pace = PollPace::new();
+        // A job's end is polled first when the tier says it should be over (else soon, then
+        // less and less often: PollPace stays within every tier's jobs-operations throttle).
+        let devices = job
+            .device_job_statistics
+            .map_or(0, |s| s.device_count)
+            .max(devices as u64);
+        let expected = self
+            .options
+            .tier
+            .and_then(|q| q.job_duration(devices))
+            .unwrap_or(Duration::ZERO);
+        let mut pace = PollPace::starting_at(expected);
         let mut cancelled = false;
         loop {
             self.progress(&job);
@@ -580,7 +592,7 @@ impl<'a> Executor<'a> {
                 }
             };
             self.notified += part.len() as u64;
-            let (job, cancelled) = match self.follow(job).await? {
+            let (job, cancelled) = match self.follow(job, part.len()).await? {
                 Ok(done) => done,
                 Err(ending) => return Ok(Step::End(ending)),
             };

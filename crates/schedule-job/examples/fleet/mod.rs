@@ -1,0 +1,70 @@
+//! Shared by the examples: a fleet of real MQTT/TLS devices (hub-core's DeviceClient) in this
+//! process, each answering every method with 200.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use hub_core::connection_string::DeviceConnectionString;
+use hub_core::device::Device;
+use hub_core::device_client::{DeviceClient, DeviceClientOptions};
+use hub_core::service_client::ServiceClient;
+use hub_core::tls::TrustOptions;
+use serde_json::json;
+
+/// The examples' error type.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Registers and connects `n` devices as DeviceClients in this process.
+pub async fn in_process_devices(
+    hub: &hub_emulator::RunningHub,
+    client: &ServiceClient,
+    n: usize,
+) -> Result<Vec<DeviceClient>, BoxError> {
+    let ids: Vec<String> = (1..=n).map(|i| format!("bench-{i}")).collect();
+    let keys: Vec<Result<(String, String), BoxError>> = futures_util::stream::iter(ids)
+        .map(|id| {
+            let client = client.clone();
+            async move {
+                let d = client.create_device(&Device::new(&id)).await?;
+                let key = d
+                    .symmetric_key()
+                    .and_then(|k| k.primary())
+                    .ok_or("no key")?
+                    .to_owned();
+                Ok((id, key))
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let tls = hub_core::tls::client_config(&TrustOptions::with_ca_pem(hub.env.ca_pem.clone()))?;
+    let mut options = DeviceClientOptions::new(tls);
+    options.connect_timeout = Duration::from_secs(120);
+    let options = Arc::new(options);
+    let mqtt_port = hub.mqtt_addr.port();
+    let devices: Vec<Result<DeviceClient, BoxError>> = futures_util::stream::iter(keys)
+        .map(|k| {
+            let options = options.clone();
+            async move {
+                let (id, key) = k?;
+                let cs: DeviceConnectionString =
+                    format!("HostName=localhost:{mqtt_port};DeviceId={id};SharedAccessKey={key}")
+                        .parse()?;
+                let connected = DeviceClient::connect(&cs, &options).await?;
+                let mut methods = connected.methods;
+                let desired = connected.desired;
+                tokio::spawn(async move {
+                    let _desired = desired;
+                    while let Some(request) = methods.recv().await {
+                        let _ = request.respond(200, &json!({ "result": "locked" })).await;
+                    }
+                });
+                Ok(connected.client)
+            }
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    devices.into_iter().collect()
+}
