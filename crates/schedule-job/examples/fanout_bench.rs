@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use hub_core::job::{JobRequest, JobStatus};
 use hub_core::method::CloudToDeviceMethod;
-use hub_core::service_client::ServiceClient;
 use indicatif::ProgressBar;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -53,19 +52,7 @@ async fn main() -> Result<(), BoxError> {
     let sim_device = if in_process { None } else { sim_device };
 
     let dir = tempfile::tempdir()?;
-    let hub = hub_emulator::start(hub_emulator::Config {
-        data_dir: Some(dir.path().to_owned()),
-        durable: false,
-        ..hub_emulator::Config::ephemeral()
-    })
-    .await?;
-    let service = hub.env.service_connection_string.parse()?;
-    let client = ServiceClient::builder(service)
-        .ca_pem(hub.env.ca_pem.as_bytes())?
-        .pool_max_idle(concurrency)
-        .build()?;
-    // Only the bench devices in the registry, so the hub job can target '*'.
-    client.delete_device("myDeviceId", None).await?;
+    let (hub, client) = fleet::start_hub(dir.path(), concurrency).await?;
 
     let t = Instant::now();
     let mut child = None;

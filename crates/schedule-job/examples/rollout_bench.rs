@@ -13,7 +13,6 @@
 
 use std::time::{Duration, Instant};
 
-use hub_core::service_client::ServiceClient;
 use schedule_job::cli::{OutputFormat, WindowEnd};
 use schedule_job::output::Output;
 use schedule_job::rollout::plan::{Canary, IncreaseCriteria, RateSpec, RetryCaps};
@@ -38,18 +37,7 @@ async fn main() -> Result<(), BoxError> {
         .transpose()?
         .unwrap_or(10_000);
     let dir = tempfile::tempdir()?;
-    let hub = hub_emulator::start(hub_emulator::Config {
-        data_dir: Some(dir.path().to_owned()),
-        durable: false,
-        ..hub_emulator::Config::ephemeral()
-    })
-    .await?;
-    let service = hub.env.service_connection_string.parse()?;
-    let client = ServiceClient::builder(service)
-        .ca_pem(hub.env.ca_pem.as_bytes())?
-        .pool_max_idle(64)
-        .build()?;
-    client.delete_device("myDeviceId", None).await?;
+    let (hub, client) = fleet::start_hub(dir.path(), 64).await?;
     let t = Instant::now();
     let devices = fleet::in_process_devices(&hub, &client, n).await?;
     eprintln!(

@@ -15,6 +15,28 @@ use serde_json::json;
 /// The examples' error type.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// An in-process hub writing into `dir`, a service client with `pool` idle connections, and
+/// only the bench devices to come in the registry (the tutorial's myDeviceId is deleted, so a
+/// job can target '*').
+pub async fn start_hub(
+    dir: &std::path::Path,
+    pool: usize,
+) -> Result<(hub_emulator::RunningHub, ServiceClient), BoxError> {
+    let hub = hub_emulator::start(hub_emulator::Config {
+        data_dir: Some(dir.to_owned()),
+        durable: false,
+        ..hub_emulator::Config::ephemeral()
+    })
+    .await?;
+    let service = hub.env.service_connection_string.parse()?;
+    let client = ServiceClient::builder(service)
+        .ca_pem(hub.env.ca_pem.as_bytes())?
+        .pool_max_idle(pool)
+        .build()?;
+    client.delete_device("myDeviceId", None).await?;
+    Ok((hub, client))
+}
+
 /// Registers and connects `n` devices as DeviceClients in this process.
 pub async fn in_process_devices(
     hub: &hub_emulator::RunningHub,
