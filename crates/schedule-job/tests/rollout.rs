@@ -510,10 +510,12 @@ async fn stops_at_the_window_end_and_resumes_in_the_next_window() {
     let all = ["w00", "w01", "w02", "w03", "w04", "w05"];
     let (hub, _devices, _state, state_dir, query) =
         setup(hub_emulator::Config::ephemeral(), "w", 6, &all).await;
-    // 120/min: a device every half second, so 1.5 s of window holds some of the six.
-    let stop = hub_core::timestamp::format_millis(
-        time::OffsetDateTime::now_utc() + Duration::from_millis(1500),
-    );
+    // The window opens in 0.5 s and closes 1.5 s later; at 120/min (a device every half
+    // second) it holds some of the six.
+    let now = time::OffsetDateTime::now_utc();
+    let start_at = now + Duration::from_millis(500);
+    let start = hub_core::timestamp::format_millis(start_at);
+    let stop = hub_core::timestamp::format_millis(now + Duration::from_millis(2000));
     let base = [
         "rollout",
         "twin",
@@ -527,7 +529,7 @@ async fn stops_at_the_window_end_and_resumes_in_the_next_window() {
         "1",
     ];
     let mut first = args(&base, &state_dir);
-    first.extend(["--stop-starting-at", &stop]);
+    first.extend(["--start-at", &start, "--stop-starting-at", &stop]);
     let run = hub.cli(&first).await;
     assert_eq!(run.code, Some(1), "{run:#?}");
     let done = events(&run.json_lines(), "done")[0].clone();
@@ -535,6 +537,11 @@ async fn stops_at_the_window_end_and_resumes_in_the_next_window() {
     let reached = done["counts"]["succeeded"].as_u64().unwrap();
     assert!((1..6).contains(&reached), "{done}");
     let id = done["rolloutId"].as_str().unwrap().to_owned();
+    let first_job = &rollout_jobs(&hub).await[0];
+    assert!(
+        created_time(first_job) >= start_at,
+        "no job before --start-at"
+    );
 
     let run = resume(&hub, &id, &state_dir).await;
     assert_eq!(run.code, Some(0), "{run:#?}");

@@ -561,8 +561,10 @@ impl<'a> Executor<'a> {
             let job = match self.record.get(&job_id).cloned() {
                 Some(job) => job,
                 None => {
-                    if self.past_window() {
-                        return Ok(Step::End(Ending::WindowEnded));
+                    // Checked before every creation, not only at a wave's start: a resumed
+                    // wave may have its first jobs on the hub already.
+                    if let Some(ending) = self.window_gate().await {
+                        return Ok(Step::End(ending));
                     }
                     if let Some(due) = self.next_due {
                         let wait = due.saturating_duration_since(Instant::now());
