@@ -16,7 +16,6 @@ pub mod view;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use hub_core::method::{MAX_RESPONSE_TIMEOUT_SECS, MIN_RESPONSE_TIMEOUT_SECS};
 use hub_core::service_client::ServiceClient;
 use hub_core::tier::Quotas;
 use serde_json::json;
@@ -48,10 +47,6 @@ pub async fn command(
     match command {
         RolloutCommand::Method(m) => {
             let call = jobs::method_call(&m.call)?;
-            debug_assert!(
-                (MIN_RESPONSE_TIMEOUT_SECS..=MAX_RESPONSE_TIMEOUT_SECS)
-                    .contains(&call.response_timeout_secs())
-            );
             let action = Action::Method {
                 name: m.call.name.clone(),
                 payload: m.call.payload.clone(),

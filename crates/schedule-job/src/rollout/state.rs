@@ -117,8 +117,11 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 impl RolloutSpec {
     /// The rollout id this spec derives: 12 hex digits of a hash of its normalised JSON.
     pub fn derived_id(&self) -> String {
-        let value = serde_json::to_value(self).unwrap_or(Value::Null);
-        let text = canonical(&value).to_string();
+        // The spec's types always serialize; the Debug text is only a fallback that still
+        // tells specs apart.
+        let text = serde_json::to_value(self)
+            .map(|value| canonical(&value).to_string())
+            .unwrap_or_else(|_| format!("{self:?}"));
         format!("{:012x}", fnv1a64(text.as_bytes()) & 0xffff_ffff_ffff)
     }
 }
