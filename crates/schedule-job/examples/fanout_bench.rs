@@ -12,7 +12,6 @@
 
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use hub_core::job::{JobRequest, JobStatus};
 use hub_core::method::CloudToDeviceMethod;
 use indicatif::ProgressBar;
@@ -44,80 +43,11 @@ async fn main() -> Result<(), BoxError> {
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(256);
-    let sim_device = std::env::current_exe()?
-        .parent()
-        .and_then(|examples| examples.parent())
-        .map(|profile| profile.join("sim-device"))
-        .filter(|p| p.exists());
-    let sim_device = if in_process { None } else { sim_device };
-
     let dir = tempfile::tempdir()?;
     let (hub, client) = fleet::start_hub(dir.path(), concurrency).await?;
 
-    let t = Instant::now();
-    let mut child = None;
-    let mut devices = Vec::new();
-    match &sim_device {
-        Some(exe) => {
-            eprintln!("starting {n} devices in {}", exe.display());
-            child = Some(
-                std::process::Command::new(exe)
-                    .args([
-                        "--hub-env",
-                        &dir.path().join("hub.env").display().to_string(),
-                    ])
-                    .args([
-                        "--count",
-                        &n.to_string(),
-                        "--id-prefix",
-                        "bench-",
-                        "--register",
-                    ])
-                    .args(["--connect-timeout", "300s", "--summary-interval", "1h"])
-                    .env_remove("IOTHUB_CONNECTION_STRING")
-                    .env_remove("IOTHUB_DEVICE_CONNECTION_STRING")
-                    .env_remove("IOTHUB_CA_FILE")
-                    .stdout(std::process::Stdio::null())
-                    .spawn()?,
-            );
-            let deadline = Instant::now() + Duration::from_secs(600);
-            while hub.hub().connected_count() < n {
-                if Instant::now() > deadline {
-                    return Err(format!(
-                        "only {} of {n} devices connected",
-                        hub.hub().connected_count()
-                    )
-                    .into());
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-        None => devices = fleet::in_process_devices(&hub, &client, n).await?,
-    }
-    let ids: Vec<String> = client
-        .query_twins("*")
-        .map(|t| t.map(|t| t.device_id))
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !ids.iter().all(|id| hub.hub().method_ready(id)) {
-        if Instant::now() > deadline {
-            return Err("devices did not subscribe to methods".into());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    eprintln!(
-        "{} devices registered, connected and subscribed in {:.1} s ({})",
-        ids.len(),
-        t.elapsed().as_secs_f64(),
-        if sim_device.is_some() {
-            "sim-device fleet process"
-        } else {
-            "in this process"
-        }
-    );
+    let fleet = fleet::start_fleet(&hub, &client, dir.path(), n, in_process).await?;
+    let ids = fleet.ids.clone();
 
     let method = CloudToDeviceMethod::new("lockDoor")
         .with_payload(json!({ "lockTime": "10m" }))
@@ -180,13 +110,7 @@ async fn main() -> Result<(), BoxError> {
         stats.device_count as f64 / elapsed.as_secs_f64()
     );
 
-    futures_util::stream::iter(&devices)
-        .for_each_concurrent(256, |d| d.close())
-        .await;
-    if let Some(mut child) = child {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    fleet.stop().await;
     hub.shutdown().await;
     Ok(())
 }

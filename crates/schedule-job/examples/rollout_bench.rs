@@ -1,5 +1,5 @@
 //! What this shows: the time `schedule-job rollout` spends above the work itself. N devices
-//! (default 10,000; real MQTT/TLS DeviceClients in this process) on an in-process hub-emulator
+//! (default 10,000; real MQTT/TLS devices) on an in-process hub-emulator
 //! get `lockDoor` in 5 waves, a canary then 4 at an exponential rate; for each wave it prints the
 //! wave's wall time, the hub jobs' own time (each job's startTime to endTime as the hub recorded
 //! them, summed: the wave's jobs run one after the other), the rate's floor (devices / rate),
@@ -9,7 +9,11 @@
 //! The rates are set high enough that the floor stays below the hub's own pace, so what is left
 //! is overhead, not deliberate waiting.
 //!
-//! Run with: `ulimit -n 20000; cargo run --release -p schedule-job --example rollout_bench -- [N]`
+//! Devices run in a `sim-device` child process when it is built next to this example (see
+//! `examples/fleet`), else (or with `--in-process`) in this process.
+//!
+//! Run with: `ulimit -n "$(ulimit -Hn)"; cargo build --release -p sim-device;
+//! cargo run --release -p schedule-job --example rollout_bench -- [N] [--in-process]`
 
 use std::time::{Duration, Instant};
 
@@ -31,22 +35,17 @@ const WAVES: u64 = 5;
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
+    let in_process = std::env::args().any(|a| a == "--in-process");
     let n: usize = std::env::args()
-        .nth(1)
+        .skip(1)
+        .find(|a| a != "--in-process")
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(10_000);
     let dir = tempfile::tempdir()?;
     let (hub, client) = fleet::start_hub(dir.path(), 64).await?;
-    let t = Instant::now();
-    let devices = fleet::in_process_devices(&hub, &client, n).await?;
-    eprintln!(
-        "{} devices registered and connected in {:.1} s",
-        devices.len(),
-        t.elapsed().as_secs_f64()
-    );
-    let mut fleet: Vec<String> = (1..=n).map(|i| format!("bench-{i}")).collect();
-    fleet.sort();
+    let devices = fleet::start_fleet(&hub, &client, dir.path(), n, in_process).await?;
+    let fleet = devices.ids.clone();
 
     // A canary of 4%, then 4 waves of equal steps at an exponential rate.
     let canary = (n as u64 / 25).max(1);
@@ -140,9 +139,7 @@ async fn main() -> Result<(), BoxError> {
         total.as_secs_f64(),
         overhead_sum.as_secs_f64()
     );
-    for d in &devices {
-        d.close().await;
-    }
+    devices.stop().await;
     hub.shutdown().await;
     Ok(())
 }

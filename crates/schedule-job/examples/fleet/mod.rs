@@ -1,8 +1,11 @@
-//! Shared by the examples: a fleet of real MQTT/TLS devices (hub-core's DeviceClient) in this
-//! process, each answering every method with 200.
+//! Shared by the examples: an in-process hub, and a fleet of real MQTT/TLS devices answering
+//! every method with 200, in a `sim-device --count N --register` child process (built next to
+//! the example: `cargo build --release -p sim-device`), so hub and devices each have their own
+//! file-descriptor limit, or, with `in_process` or when sim-device is not built, in this process
+//! (hub-core's DeviceClient).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use hub_core::connection_string::DeviceConnectionString;
@@ -14,6 +17,110 @@ use serde_json::json;
 
 /// The examples' error type.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A running fleet: its device ids (sorted), and what to stop.
+pub struct Fleet {
+    /// Every device id in the registry, sorted.
+    pub ids: Vec<String>,
+    devices: Vec<DeviceClient>,
+    child: Option<std::process::Child>,
+}
+
+impl Fleet {
+    /// Disconnects the devices.
+    pub async fn stop(mut self) {
+        futures_util::stream::iter(&self.devices)
+            .for_each_concurrent(256, |d| d.close())
+            .await;
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Registers `n` devices `bench-1`.. and connects them (see the module's doc for where), and
+/// waits until every one is subscribed to methods.
+pub async fn start_fleet(
+    hub: &hub_emulator::RunningHub,
+    client: &ServiceClient,
+    dir: &std::path::Path,
+    n: usize,
+    in_process: bool,
+) -> Result<Fleet, BoxError> {
+    let sim_device = std::env::current_exe()?
+        .parent()
+        .and_then(|examples| examples.parent())
+        .map(|profile| profile.join("sim-device"))
+        .filter(|p| p.exists() && !in_process);
+    let t = Instant::now();
+    let mut child = None;
+    let mut devices = Vec::new();
+    match &sim_device {
+        Some(exe) => {
+            eprintln!("starting {n} devices in {}", exe.display());
+            child = Some(
+                std::process::Command::new(exe)
+                    .args(["--hub-env", &dir.join("hub.env").display().to_string()])
+                    .args([
+                        "--count",
+                        &n.to_string(),
+                        "--id-prefix",
+                        "bench-",
+                        "--register",
+                    ])
+                    .args(["--connect-timeout", "300s", "--summary-interval", "1h"])
+                    .env_remove("IOTHUB_CONNECTION_STRING")
+                    .env_remove("IOTHUB_DEVICE_CONNECTION_STRING")
+                    .env_remove("IOTHUB_CA_FILE")
+                    .stdout(std::process::Stdio::null())
+                    .spawn()?,
+            );
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while hub.hub().connected_count() < n {
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "only {} of {n} devices connected",
+                        hub.hub().connected_count()
+                    )
+                    .into());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        None => devices = in_process_devices(hub, client, n).await?,
+    }
+    let mut ids: Vec<String> = client
+        .query_twins("*")
+        .map(|t| t.map(|t| t.device_id))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    ids.sort();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ids.iter().all(|id| hub.hub().method_ready(id)) {
+        if Instant::now() > deadline {
+            return Err("devices did not subscribe to methods".into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "{} devices registered, connected and subscribed in {:.1} s ({})",
+        ids.len(),
+        t.elapsed().as_secs_f64(),
+        if sim_device.is_some() {
+            "sim-device fleet process"
+        } else {
+            "in this process"
+        }
+    );
+    Ok(Fleet {
+        ids,
+        devices,
+        child,
+    })
+}
 
 /// An in-process hub writing into `dir`, a service client with `pool` idle connections, and
 /// only the bench devices to come in the registry (the tutorial's myDeviceId is deleted, so a
@@ -38,7 +145,7 @@ pub async fn start_hub(
 }
 
 /// Registers and connects `n` devices as DeviceClients in this process.
-pub async fn in_process_devices(
+async fn in_process_devices(
     hub: &hub_emulator::RunningHub,
     client: &ServiceClient,
     n: usize,
