@@ -135,15 +135,9 @@ pub struct RolloutMethodArgs {
     /// The method and how the hub calls it.
     #[command(flatten)]
     pub call: MethodCallArgs,
-    /// Which devices.
+    /// Where, how and when.
     #[command(flatten)]
-    pub target: TargetArgs,
-    /// Waves, abort rules, retries.
-    #[command(flatten)]
-    pub rollout: RolloutArgs,
-    /// Window, tier, state.
-    #[command(flatten)]
-    pub run: RolloutRunArgs,
+    pub plan: RolloutPlanArgs,
 }
 
 /// `rollout twin` arguments.
@@ -152,6 +146,14 @@ pub struct RolloutTwinArgs {
     /// The patch.
     #[command(flatten)]
     pub patch: TwinPatchArgs,
+    /// Where, how and when.
+    #[command(flatten)]
+    pub plan: RolloutPlanArgs,
+}
+
+/// What `rollout method` and `rollout twin` share: the devices, the rollout, and this run.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct RolloutPlanArgs {
     /// Which devices.
     #[command(flatten)]
     pub target: TargetArgs,

@@ -24,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Outcome;
 use crate::cli::{
-    RolloutArgs, RolloutCommand, RolloutResumeArgs, RolloutRunArgs, RolloutStatusArgs, TargetArgs,
+    RolloutArgs, RolloutCommand, RolloutPlanArgs, RolloutResumeArgs, RolloutRunArgs,
+    RolloutStatusArgs,
 };
 use crate::error::Error;
 use crate::jobs;
@@ -53,14 +54,14 @@ pub async fn command(
                 response_timeout_secs: call.response_timeout_secs(),
                 connect_timeout_secs: call.connect_timeout_secs(),
             };
-            start(client, action, &m.target, &m.rollout, &m.run, out, shutdown).await
+            start(client, action, &m.plan, out, shutdown).await
         }
         RolloutCommand::Twin(t) => {
             let action = Action::Twin {
                 desired: t.patch.desired.clone(),
                 tags: t.patch.tags.clone(),
             };
-            start(client, action, &t.target, &t.rollout, &t.run, out, shutdown).await
+            start(client, action, &t.plan, out, shutdown).await
         }
         RolloutCommand::Resume(r) => resume(client, r, out, shutdown).await,
         RolloutCommand::Status(s) => status(client, s, out).await,
@@ -173,12 +174,11 @@ pub fn options_of(run: &RolloutRunArgs, now: OffsetDateTime) -> Result<RunOption
 async fn start(
     client: &ServiceClient,
     action: Action,
-    target: &TargetArgs,
-    args: &RolloutArgs,
-    run: &RolloutRunArgs,
+    plan: &RolloutPlanArgs,
     out: Output,
     shutdown: &CancellationToken,
 ) -> Result<Outcome, Error> {
+    let (target, args, run) = (&plan.target, &plan.rollout, &plan.run);
     let condition = jobs::condition(target)?;
     let spec = spec_of(action, condition, args)?;
     let options = options_of(run, OffsetDateTime::now_utc())?;
@@ -348,16 +348,24 @@ fn plan_json(waves: &[WavePlan], state: &RolloutState, tier: Option<Quotas>) -> 
     })
 }
 
+/// `rollout ID: N device(s) matching `COND``.
+fn headline(state: &RolloutState) -> String {
+    format!(
+        "rollout {}: {} device(s) matching `{}`",
+        state.id,
+        state.fleet.len(),
+        state.spec.condition
+    )
+}
+
 fn dry_run(state: &RolloutState, tier: Option<Quotas>, out: Output) -> Result<Outcome, Error> {
     let waves = plan_waves(state.fleet.len(), state.spec.canary, &state.spec.rate, tier);
     let doc = plan_json(&waves, state, tier);
     out.document(&doc);
     if !out.json() {
         out.line(format!(
-            "rollout {}: {} device(s) matching `{}`, {} wave(s){}",
-            state.id,
-            state.fleet.len(),
-            state.spec.condition,
+            "{}, {} wave(s){}",
+            headline(state),
             waves.len(),
             tier.map(|q| format!(" on {q}")).unwrap_or_default()
         ));
@@ -440,10 +448,8 @@ async fn status(
     }));
     if !out.json() {
         out.line(format!(
-            "rollout {} ({} device(s) matching `{}`, created {}): {}",
-            state.id,
-            state.fleet.len(),
-            state.spec.condition,
+            "{} (created {}): {}",
+            headline(&state),
             state.created,
             overall.describe()
         ));
