@@ -3,8 +3,8 @@
 //! get `lockDoor` in 5 waves, a canary then 4 at an exponential rate; for each wave it prints the
 //! wave's wall time, the hub jobs' own time (each job's startTime to endTime as the hub recorded
 //! them, summed: the wave's jobs run one after the other), the rate's floor (devices / rate),
-//! and the scheduling overhead: wall time minus the jobs' own time (creating jobs, polling them,
-//! reading their `devices.jobs` rows).
+//! and the scheduling overhead: wall time minus the jobs' own time (creating jobs, noticing their
+//! end by polling, reading their `devices.jobs` rows), with the creating and reading shares.
 //!
 //! The rates are set high enough that the floor stays below the hub's own pace, so what is left
 //! is overhead, not deliberate waiting.
@@ -100,9 +100,9 @@ async fn main() -> Result<(), BoxError> {
 
     println!();
     println!(
-        "| wave | devices | jobs | rate (/min) | wall | hub jobs' own time | rate floor | overhead | overhead per job |"
+        "| wave | devices | jobs | rate (/min) | wall | hub jobs' own time | rate floor | overhead | overhead per job | of which creating | of which reading rows |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut overhead_sum = Duration::ZERO;
     for wave in &report.waves {
         let mut own = Duration::ZERO;
@@ -118,7 +118,7 @@ async fn main() -> Result<(), BoxError> {
         let overhead = wave.wall.saturating_sub(own);
         overhead_sum += overhead;
         println!(
-            "| {} | {} | {} | {:.0} | {:.3} s | {:.3} s | {:.3} s | {:.3} s | {:.1} ms |",
+            "| {} | {} | {} | {:.0} | {:.3} s | {:.3} s | {:.3} s | {:.3} s | {:.1} ms | {:.3} s | {:.3} s |",
             wave.index + 1,
             wave.size,
             wave.jobs.len(),
@@ -127,7 +127,9 @@ async fn main() -> Result<(), BoxError> {
             own.as_secs_f64(),
             floor.as_secs_f64(),
             overhead.as_secs_f64(),
-            overhead.as_secs_f64() * 1000.0 / wave.jobs.len().max(1) as f64
+            overhead.as_secs_f64() * 1000.0 / wave.jobs.len().max(1) as f64,
+            wave.creating.as_secs_f64(),
+            wave.reading.as_secs_f64()
         );
     }
     println!(

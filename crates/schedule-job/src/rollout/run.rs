@@ -177,6 +177,10 @@ pub struct WaveReport {
     pub per_minute: f64,
     /// From its start to the end of its last job, this run (replayed steps take no time).
     pub wall: Duration,
+    /// Time spent creating its jobs (the active-job cap's waits included).
+    pub creating: Duration,
+    /// Time spent reading its jobs' `devices.jobs` rows.
+    pub reading: Duration,
     /// Its jobs, in order.
     pub jobs: Vec<String>,
     /// Its devices by latest result.
@@ -258,6 +262,8 @@ pub struct Executor<'a> {
     current: Option<(usize, usize, f64)>,
     /// When the next job may be created, by the rate.
     next_due: Option<Instant>,
+    /// This wave's time creating jobs and reading their rows (for the report).
+    spent: (Duration, Duration),
 }
 
 /// What a step ended with.
@@ -288,6 +294,7 @@ impl<'a> Executor<'a> {
             said_cap: false,
             current: None,
             next_due: None,
+            spent: (Duration::ZERO, Duration::ZERO),
         }
     }
 
@@ -573,7 +580,10 @@ impl<'a> Executor<'a> {
                         }
                     }
                     let request = self.request(&job_id, ids_condition(part));
-                    let job = match self.create(&request).await? {
+                    let t = Instant::now();
+                    let created = self.create(&request).await?;
+                    self.spent.0 += t.elapsed();
+                    let job = match created {
                         Ok(job) => job,
                         Err(ending) => return Ok(Step::End(ending)),
                     };
@@ -599,7 +609,9 @@ impl<'a> Executor<'a> {
                 Err(ending) => return Ok(Step::End(ending)),
             };
             self.record.insert(job_id.clone(), job);
+            let t = Instant::now();
             self.absorb(&job_id).await?;
+            self.spent.1 += t.elapsed();
             if cancelled {
                 return Ok(Step::End(Ending::WindowEnded));
             }
@@ -668,6 +680,7 @@ impl<'a> Executor<'a> {
                     ),
                 );
                 let mut jobs = Vec::new();
+                self.spent = (Duration::ZERO, Duration::ZERO);
                 let mut attempt = 0u32;
                 let mut devices = ids.clone();
                 let step = loop {
@@ -713,6 +726,8 @@ impl<'a> Executor<'a> {
                     size: wave.size,
                     per_minute,
                     wall: started.elapsed(),
+                    creating: self.spent.0,
+                    reading: self.spent.1,
                     jobs,
                     counts,
                 };
