@@ -121,6 +121,11 @@ fn created_time(job: &JobResponse) -> time::OffsetDateTime {
     hub_core::timestamp::parse(job.created_time.as_deref().expect("createdTime")).expect("time")
 }
 
+/// The rollout id in one of its job ids (`ro-<id>-w..`).
+fn rollout_of(job_id: &str) -> String {
+    job_id["ro-".len()..].split("-w").next().unwrap().to_owned()
+}
+
 /// `rollout resume ID --state-dir DIR --output json`.
 async fn resume(hub: &TestHub, id: &str, state_dir: &str) -> support::CliRun {
     hub.cli(&[
@@ -342,8 +347,29 @@ async fn retries_each_failure_type_up_to_its_cap() {
     );
 }
 
-/// Spawns the binary with piped output (the test kills it).
-fn spawn_binary(hub: &TestHub, args: &[&str]) -> std::process::Child {
+/// S1 with one unit: its pace, 10 jobs device operations a second.
+fn s1() -> hub_emulator::Config {
+    hub_emulator::Config {
+        tier: Some(Tier::S1.with_units(1).unwrap()),
+        ..hub_emulator::Config::ephemeral()
+    }
+}
+
+/// The first rollout job `pick` takes, polled for up to 20 s.
+async fn wait_for_job(hub: &TestHub, pick: impl Fn(&JobResponse) -> bool) -> Option<JobResponse> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let found = rollout_jobs(hub).await.into_iter().find(|j| pick(j));
+        if found.is_some() || Instant::now() > deadline {
+            return found;
+        }
+        // S1 allows 100 jobs operations a minute: poll gently.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Spawns the binary (the test kills it); its stderr is piped when `stderr` says so.
+fn spawn_binary(hub: &TestHub, args: &[&str], stderr: bool) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_schedule-job"))
         .arg("--hub-env")
         .arg(&hub.env_path)
@@ -352,7 +378,11 @@ fn spawn_binary(hub: &TestHub, args: &[&str]) -> std::process::Child {
         .env_remove("IOTHUB_CA_FILE")
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(if stderr {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
         .spawn()
         .expect("schedule-job starts")
 }
@@ -360,32 +390,16 @@ fn spawn_binary(hub: &TestHub, args: &[&str]) -> std::process::Child {
 #[tokio::test(flavor = "multi_thread")]
 async fn resumes_after_the_process_is_killed_mid_wave_without_running_a_device_twice() {
     // S1's pace (10 device operations a second) makes each wave of 8 take most of a second.
-    let config = hub_emulator::Config {
-        tier: Some(Tier::S1.with_units(1).unwrap()),
-        ..hub_emulator::Config::ephemeral()
-    };
+    let config = s1();
     let (hub, mut devices, _state, state_dir, query) = setup(config, "k", 24, &[]).await;
     let base = lock_door(&query, "--max-per-minute 600 --wave-size 8");
-    let mut child = spawn_binary(&hub, &args(&base, &state_dir));
+    let mut child = spawn_binary(&hub, &args(&base, &state_dir), false);
     // Kill it while the second wave's job runs.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let found = loop {
-        let jobs = rollout_jobs(&hub).await;
-        let found = jobs.iter().find(|j| j.job_id.contains("-w01-")).cloned();
-        if found.is_some() || Instant::now() > deadline {
-            break found;
-        }
-        // S1 allows 100 jobs operations a minute: poll gently.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let found = wait_for_job(&hub, |j| j.job_id.contains("-w01-")).await;
     child.kill().expect("kill");
     child.wait().expect("wait");
     let killed_during = found.expect("the second wave never started");
-    let id = killed_during.job_id["ro-".len()..]
-        .split("-w")
-        .next()
-        .unwrap()
-        .to_owned();
+    let id = rollout_of(&killed_during.job_id);
     let run = resume(&hub, &id, &state_dir).await;
     assert_eq!(run.code, Some(0), "{run:#?}");
     let lines = run.json_lines();
@@ -417,8 +431,7 @@ async fn resumes_after_the_process_is_killed_mid_wave_without_running_a_device_t
 async fn waits_for_the_running_job_on_a_hub_that_allows_one_active_job() {
     let config = hub_emulator::Config {
         max_active_jobs: 1,
-        tier: Some(Tier::S1.with_units(1).unwrap()),
-        ..hub_emulator::Config::ephemeral()
+        ..s1()
     };
     let (hub, mut devices, state, state_dir, query) = setup(config, "s", 10, &[]).await;
     let base = lock_door(
@@ -602,5 +615,60 @@ async fn bad_input_is_refused_before_anything_is_created() {
         run.stderr.contains("no rollout nosuchrollout"),
         "{}",
         run.stderr
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exponential_rate_grows_by_the_devices_that_succeeded() {
+    let (hub, _devices, _state, state_dir, query) =
+        setup(hub_emulator::Config::ephemeral(), "e", 6, &[]).await;
+    fault(&hub, "e03", json!({ "kind": "failing", "status": 409 }));
+    // Steps of 2 devices: after the first wave's 2 successes the rate doubles; the second wave
+    // has a failure, so 3 successes in all make one step still, and the third wave keeps 1200.
+    let base = lock_door(
+        &query,
+        "--base-rate 600 --increment-factor 2 --rate-increase-after succeeded:2",
+    );
+    let run = hub.cli(&args(&base, &state_dir)).await;
+    assert_eq!(run.code, Some(1), "e03 failed: {run:#?}");
+    let lines = run.json_lines();
+    let rates: Vec<f64> = events(&lines, "wave-started")
+        .iter()
+        .map(|e| e["perMinute"].as_f64().unwrap())
+        .collect();
+    assert_eq!(rates, [600.0, 1200.0, 1200.0]);
+    let done = events(&lines, "done")[0];
+    assert_eq!(done["counts"]["succeeded"], 5);
+    assert_eq!(done["counts"]["failed"], 1, "a non-2xx answer is a failure");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_leaves_the_running_job_to_the_hub_and_says_how_to_resume() {
+    let config = s1();
+    let (hub, mut devices, _state, state_dir, query) = setup(config, "i", 10, &[]).await;
+    // One job of 10 devices at S1's 10 device operations a second: about a second.
+    let base = lock_door(&query, "--max-per-minute 600");
+    let child = spawn_binary(&hub, &args(&base, &state_dir), true);
+    let job = wait_for_job(&hub, |_| true).await;
+    let interrupted = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    let out = child.wait_with_output().expect("wait");
+    let job = job.expect("the rollout created its job");
+    assert!(interrupted.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("schedule-job rollout resume"), "{stderr}");
+    let id = rollout_of(&job.job_id);
+    let run = resume(&hub, &id, &state_dir).await;
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert!(
+        events(&run.json_lines(), "job-created").is_empty(),
+        "the job was followed, not made again"
+    );
+    assert_eq!(
+        calls_per_device(&mut devices, Duration::from_millis(300)).await,
+        vec![1; 10]
     );
 }
