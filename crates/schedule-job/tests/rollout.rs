@@ -672,3 +672,41 @@ async fn ctrl_c_leaves_the_running_job_to_the_hub_and_says_how_to_resume() {
         vec![1; 10]
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_window_end_cancels_the_running_job_and_the_next_window_runs_the_rest() {
+    let (hub, mut devices, _state, state_dir, query) = setup(s1(), "x", 30, &[]).await;
+    // One job of 30 devices at S1's 10 device operations a second: 3 s; the window ends after 1.
+    let stop = hub_core::timestamp::format_millis(
+        time::OffsetDateTime::now_utc() + Duration::from_millis(1200),
+    );
+    let mut first = args(
+        &lock_door(&query, "--max-per-minute 600 --retry-after 100ms"),
+        &state_dir,
+    );
+    first.extend(["--stop-starting-at", &stop, "--at-window-end", "cancel"]);
+    let run = hub.cli(&first).await;
+    assert_eq!(run.code, Some(1), "{run:#?}");
+    let done = events(&run.json_lines(), "done")[0].clone();
+    assert_eq!(done["ending"], "window-ended");
+    let canceled = done["counts"]["canceled"].as_u64().unwrap();
+    assert!(canceled > 0, "the running job was cancelled: {done}");
+    let jobs = rollout_jobs(&hub).await;
+    assert_eq!(
+        jobs[0].status.as_ref().map(|s| s.as_str()),
+        Some("cancelled")
+    );
+
+    let id = done["rolloutId"].as_str().unwrap().to_owned();
+    let run = resume(&hub, &id, &state_dir).await;
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    let lines = run.json_lines();
+    let rerun = events(&lines, "retry-scheduled");
+    assert_eq!(rerun[0]["byType"], json!({ "canceled": canceled }));
+    assert_eq!(events(&lines, "done")[0]["counts"]["succeeded"], 30);
+    assert_eq!(
+        calls_per_device(&mut devices, Duration::from_millis(300)).await,
+        vec![1; 30],
+        "the devices the cancelled job had reached were left alone"
+    );
+}

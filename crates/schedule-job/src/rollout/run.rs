@@ -69,12 +69,17 @@ impl DeviceResult {
     }
 }
 
+/// Most later jobs for a device whose job was cancelled before it ran.
+const MAX_RERUNS: u32 = plan::MAX_RETRIES;
+
 /// What the rollout knows of one device.
 #[derive(Debug, Clone, Default)]
 struct Track {
     last: Option<DeviceResult>,
     /// Retries scheduled so far, by failure type (index as [`FailureType::ALL`]).
     retries: [u32; 3],
+    /// Times the device was put in a later job because its job was cancelled before it ran.
+    reruns: u32,
 }
 
 fn type_index(kind: FailureType) -> usize {
@@ -176,15 +181,23 @@ pub struct WaveReport {
     /// The rate it ran at, devices per minute.
     pub per_minute: f64,
     /// From its start to the end of its last job, this run (replayed steps take no time).
+    #[serde(rename = "wallMs", serialize_with = "millis")]
     pub wall: Duration,
     /// Time spent creating its jobs (the active-job cap's waits included).
+    #[serde(rename = "creatingMs", serialize_with = "millis")]
     pub creating: Duration,
     /// Time spent reading its jobs' `devices.jobs` rows.
+    #[serde(rename = "readingMs", serialize_with = "millis")]
     pub reading: Duration,
     /// Its jobs, in order.
     pub jobs: Vec<String>,
     /// Its devices by latest result.
     pub counts: Counts,
+}
+
+/// A duration as whole milliseconds, as the events write them.
+fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A rollout run's result.
@@ -526,12 +539,21 @@ impl<'a> Executor<'a> {
             if job.is_terminal() {
                 return Ok(Ok((job, cancelled)));
             }
-            if !cancelled && self.options.at_window_end == WindowEnd::Cancel && self.past_window() {
+            let cancel_at_end = self.options.at_window_end == WindowEnd::Cancel;
+            if !cancelled && cancel_at_end && self.past_window() {
                 tracing::info!(job_id = %job.job_id, "window ended; cancelling the running job");
                 self.client.cancel_job(&job.job_id).await?;
                 cancelled = true;
             }
-            if !self.pause(pace.next_pause()).await {
+            let mut pause = pace.next_pause();
+            // Wake at the window's end to cancel on time.
+            if let (false, true, Some(stop)) =
+                (cancelled, cancel_at_end, self.options.stop_starting_at)
+            {
+                let left = Duration::try_from(stop - OffsetDateTime::now_utc()).unwrap_or_default();
+                pause = pause.min(left.max(Duration::from_millis(10)));
+            }
+            if !self.pause(pause).await {
                 return Ok(Err(Ending::Interrupted));
             }
             job = self.client.get_job(&job.job_id).await?;
@@ -631,13 +653,25 @@ impl<'a> Executor<'a> {
             let Some(track) = self.tracks.get_mut(id) else {
                 continue;
             };
-            if let Some(DeviceResult::Failure(kind)) = track.last {
-                let used = &mut track.retries[type_index(kind)];
-                if *used < caps.cap(kind) {
-                    *used += 1;
-                    retry.push(id.clone());
-                    *by_type.entry(kind.name()).or_default() += 1;
+            match track.last {
+                Some(DeviceResult::Failure(kind)) => {
+                    let used = &mut track.retries[type_index(kind)];
+                    if *used < caps.cap(kind) {
+                        *used += 1;
+                        retry.push(id.clone());
+                        *by_type.entry(kind.name()).or_default() += 1;
+                    }
                 }
+                // Its job was cancelled before it reached the device (the window's end with
+                // `--at-window-end cancel`, or someone's `cancel`): the device has not run, so a
+                // later run gives it a later job. Capped, so that a job cancelled again and
+                // again does not loop.
+                Some(DeviceResult::Canceled) if track.reruns < MAX_RERUNS => {
+                    track.reruns += 1;
+                    retry.push(id.clone());
+                    *by_type.entry(DeviceResult::Canceled.name()).or_default() += 1;
+                }
+                _ => {}
             }
         }
         (retry, by_type)
