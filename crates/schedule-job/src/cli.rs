@@ -26,6 +26,14 @@ Examples:
   schedule-job results JOB_ID
   schedule-job cancel JOB_ID
 
+  # Staged rollouts: a canary, then waves at a rate; abort, retries, resume (docs/rollouts.md)
+  schedule-job rollout method lockDoor --query '*' --canary 5% --max-per-minute 600 \\
+      --abort-when 'failed>10%' --abort-min-executed 20 --retry timed-out:1,offline:3 --tier S1
+  schedule-job rollout twin --desired '{\"fw\":\"2.1\"}' --query \"tags.zone = 'b'\" \\
+      --base-rate 50 --increment-factor 2 --rate-increase-after succeeded:100 --dry-run
+  schedule-job rollout status ROLLOUT_ID
+  schedule-job rollout resume ROLLOUT_ID --stop-starting-at 2030-01-02T06:00:00Z
+
 Hub, first found wins: --connection-string; --hub-env PATH; IOTHUB_CONNECTION_STRING (a service
 policy such as iothubowner or service); the local hub-emulator's default hub.env. CA from
 --ca-file, else the one that came with the connection string (hub.env) or IOTHUB_CA_FILE.
@@ -114,23 +122,168 @@ pub enum Command {
     Cancel(JobIdArg),
     /// Per-device outcomes of a job.
     Results(JobIdArg),
+    /// Staged, rate-limited, self-aborting rollouts with retries, as a series of hub jobs.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+}
+
+/// `rollout` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum RolloutCommand {
+    /// Roll a direct method out over the devices a query matches, in waves.
+    Method(RolloutMethodArgs),
+    /// Roll a twin patch out over the devices a query matches, in waves.
+    Twin(RolloutTwinArgs),
+    /// Continue a rollout from the hub's record of what ran.
+    Resume(RolloutResumeArgs),
+    /// Show a rollout's waves and counts.
+    Status(RolloutStatusArgs),
+}
+
+/// `rollout method` arguments.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct RolloutMethodArgs {
+    /// The method and how the hub calls it.
+    #[command(flatten)]
+    pub call: MethodCallArgs,
+    /// Where, how and when.
+    #[command(flatten)]
+    pub plan: RolloutPlanArgs,
+}
+
+/// `rollout twin` arguments.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct RolloutTwinArgs {
+    /// The patch.
+    #[command(flatten)]
+    pub patch: TwinPatchArgs,
+    /// Where, how and when.
+    #[command(flatten)]
+    pub plan: RolloutPlanArgs,
+}
+
+/// What `rollout method` and `rollout twin` share: the devices, the rollout, and this run.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct RolloutPlanArgs {
+    /// Which devices.
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Waves, abort rules, retries.
+    #[command(flatten)]
+    pub rollout: RolloutArgs,
+    /// Window, tier, state.
+    #[command(flatten)]
+    pub run: RolloutRunArgs,
+}
+
+/// What makes a rollout: its waves, rate, abort rules and retries (the rollout id derives from
+/// these and from what is rolled out where).
+#[derive(Debug, Clone, ClapArgs)]
+#[command(group = clap::ArgGroup::new("rate").required(true).multiple(false))]
+pub struct RolloutArgs {
+    /// The first wave, alone: a count (10) or a share of the fleet (5%). The abort rules judge
+    /// it on its own, whatever --abort-min-executed says.
+    #[arg(long, value_name = "N|PCT%")]
+    pub canary: Option<crate::rollout::plan::Canary>,
+    /// Fixed rate: at most N devices notified a minute.
+    #[arg(long, value_name = "N", group = "rate", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_per_minute: Option<u64>,
+    /// With --max-per-minute: devices per wave [default: the rate, a minute's worth].
+    #[arg(long, value_name = "N", requires = "max_per_minute", value_parser = clap::value_parser!(u64).range(1..))]
+    pub wave_size: Option<u64>,
+    /// Exponential rate: devices a minute in the first wave.
+    #[arg(long, value_name = "N", group = "rate", requires = "rate_increase_after", value_parser = clap::value_parser!(u64).range(1..))]
+    pub base_rate: Option<u64>,
+    /// Exponential rate: the rate is multiplied by F at each step (1.1 to 5).
+    #[arg(long, value_name = "F", default_value_t = 2.0, requires = "base_rate")]
+    pub increment_factor: f64,
+    /// Exponential rate: a step (one wave) is N more devices notified or succeeded.
+    #[arg(long, value_name = "notified:N|succeeded:N", requires = "base_rate")]
+    pub rate_increase_after: Option<crate::rollout::plan::IncreaseCriteria>,
+    /// Abort when a failure share exceeds a threshold: TYPE>PCT with TYPE failed, timed-out,
+    /// offline or all (repeat for several rules).
+    #[arg(long = "abort-when", value_name = "TYPE>PCT")]
+    pub abort_when: Vec<crate::rollout::plan::AbortRule>,
+    /// The abort rules apply once this many devices have executed.
+    #[arg(long, value_name = "M", default_value_t = 1)]
+    pub abort_min_executed: u64,
+    /// Retries per device by failure type, run as later jobs over just those devices,
+    /// e.g. failed:2,timed-out:1,offline:3.
+    #[arg(long, value_name = "TYPE:N,..")]
+    pub retry: Option<crate::rollout::plan::RetryCaps>,
+    /// Pause before a retry job (gives offline devices time to come back).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub retry_after: Duration,
+    /// Each job fails if it runs longer than this.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub max_execution: Duration,
+    /// Rollout id [default: derived from what, where and how, so re-running the same command
+    /// resumes the same rollout].
+    #[arg(long, value_name = "ID")]
+    pub id: Option<String>,
+    /// Print the plan (waves, sizes, the time it takes on --tier) and create nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// How this run goes: the window and where state is kept (not part of the rollout's identity:
+/// `resume` takes them anew). The hub's tier comes from the global `--tier [--units]` (or
+/// hub.env, or IOTHUB_TIER): rates are clamped to its jobs device-operations rate and the plan
+/// says how long it takes.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct RolloutRunArgs {
+    /// Create no job before this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub start_at: Option<OffsetDateTime>,
+    /// Create no job from this time on (RFC 3339): the end of the window.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    pub stop_starting_at: Option<OffsetDateTime>,
+    /// At the window's end, let the running job finish (stop) or cancel it (cancel).
+    #[arg(long, value_enum, value_name = "stop|cancel", default_value_t = WindowEnd::Stop)]
+    pub at_window_end: WindowEnd,
+    /// Where rollout state files are [default: DATA_DIR/schedule-job/rollouts].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// What happens to a running job when the window ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowEnd {
+    /// Let it finish.
+    Stop,
+    /// Cancel it.
+    Cancel,
+}
+
+/// `rollout resume` arguments.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct RolloutResumeArgs {
+    /// The rollout id.
+    #[arg(value_name = "ID")]
+    pub id: String,
+    /// Window, tier, state.
+    #[command(flatten)]
+    pub run: RolloutRunArgs,
+}
+
+/// `rollout status` arguments.
+#[derive(Debug, Clone, ClapArgs)]
+pub struct RolloutStatusArgs {
+    /// The rollout id.
+    #[arg(value_name = "ID")]
+    pub id: String,
+    /// Where rollout state files are [default: DATA_DIR/schedule-job/rollouts].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// `method` arguments.
 #[derive(Debug, Clone, ClapArgs)]
 pub struct MethodArgs {
-    /// The method name, e.g. lockDoor.
-    #[arg(value_name = "NAME")]
-    pub name: String,
-    /// JSON payload sent to each device.
-    #[arg(long, value_name = "JSON", default_value = "null", value_parser = parse_json)]
-    pub payload: Value,
-    /// How long the hub waits for each device's answer (5s..300s).
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-    pub response_timeout: Duration,
-    /// How long the hub waits for a disconnected device to connect (0s..300s).
-    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
-    pub connect_timeout: Duration,
+    /// The method and how the hub calls it.
+    #[command(flatten)]
+    pub call: MethodCallArgs,
     /// Which devices.
     #[command(flatten)]
     pub target: TargetArgs,
@@ -146,22 +299,47 @@ pub struct MethodArgs {
     pub concurrency: u32,
 }
 
+/// A direct method: its name, payload and timeouts (`method` and `rollout method`).
+#[derive(Debug, Clone, ClapArgs)]
+pub struct MethodCallArgs {
+    /// The method name, e.g. lockDoor.
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// JSON payload sent to each device.
+    #[arg(long, value_name = "JSON", default_value = "null", value_parser = parse_json)]
+    pub payload: Value,
+    /// How long the hub waits for each device's answer (5s..300s).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub response_timeout: Duration,
+    /// How long the hub waits for a disconnected device to connect (0s..300s).
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+}
+
 /// `twin` arguments.
 #[derive(Debug, Clone, ClapArgs)]
-#[command(group = clap::ArgGroup::new("patch").required(true).multiple(true))]
 pub struct TwinArgs {
-    /// Desired properties patch (JSON object; `null` values delete).
-    #[arg(long, value_name = "JSON", value_parser = parse_json_object, group = "patch")]
-    pub desired: Option<serde_json::Map<String, Value>>,
-    /// Tags patch (JSON object; `null` values delete).
-    #[arg(long, value_name = "JSON", value_parser = parse_json_object, group = "patch")]
-    pub tags: Option<serde_json::Map<String, Value>>,
+    /// The patch.
+    #[command(flatten)]
+    pub patch: TwinPatchArgs,
     /// Which devices.
     #[command(flatten)]
     pub target: TargetArgs,
     /// When and how.
     #[command(flatten)]
     pub schedule: ScheduleArgs,
+}
+
+/// A twin patch: desired properties and/or tags (`twin` and `rollout twin`).
+#[derive(Debug, Clone, ClapArgs)]
+#[command(group = clap::ArgGroup::new("patch").required(true).multiple(true))]
+pub struct TwinPatchArgs {
+    /// Desired properties patch (JSON object; `null` values delete).
+    #[arg(long, value_name = "JSON", value_parser = parse_json_object, group = "patch")]
+    pub desired: Option<serde_json::Map<String, Value>>,
+    /// Tags patch (JSON object; `null` values delete).
+    #[arg(long, value_name = "JSON", value_parser = parse_json_object, group = "patch")]
+    pub tags: Option<serde_json::Map<String, Value>>,
 }
 
 /// Which devices a job targets.

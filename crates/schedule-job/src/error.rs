@@ -65,6 +65,14 @@ pub enum Error {
         /// The hub's message.
         message: String,
     },
+    /// A rollout's state file cannot be read or written.
+    #[error("rollout state {}: {reason}", path.display())]
+    RolloutState {
+        /// The file or directory.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
     /// The hub could not be reached or refused a request.
     #[error(transparent)]
     Service(#[from] ServiceError),

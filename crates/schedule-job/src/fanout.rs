@@ -72,7 +72,7 @@ pub async fn run(
     out: Output,
     shutdown: &CancellationToken,
 ) -> Result<Outcome, Error> {
-    let method = jobs::method_call(args)?;
+    let method = jobs::method_call(&args.call)?;
     let start = jobs::start_time(&args.schedule, time::OffsetDateTime::now_utc())?;
     let ids = jobs::matching_devices(client, &args.target).await?;
     if args.schedule.dry_run {
@@ -96,7 +96,7 @@ pub async fn run(
         tokio::select! {
             () = tokio::time::sleep(delay.unsigned_abs()) => {}
             () = shutdown.cancelled() => {
-                let msg = format!("interrupted before the start time: {} was not invoked on any of the {} device(s)", args.name, ids.len());
+                let msg = format!("interrupted before the start time: {} was not invoked on any of the {} device(s)", args.call.name, ids.len());
                 note(&msg);
                 return Ok(Outcome::Failed(msg));
             }
@@ -104,7 +104,7 @@ pub async fn run(
     }
     note(format!(
         "invoking {} on {} device(s), {} at a time, from this client",
-        args.name,
+        args.call.name,
         ids.len(),
         args.concurrency
     ));
@@ -132,7 +132,7 @@ pub async fn run(
     bar.finish_and_clear();
     let summary = OutcomeSummary::of(&report.outcomes);
     out.document(&json!({
-        "method": args.name,
+        "method": args.call.name,
         "clientSide": true,
         "elapsedSeconds": report.elapsed.as_secs_f64(),
         "devicesPerSecond": report.rate(),

@@ -17,7 +17,10 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
 use crate::Outcome;
-use crate::cli::{JobKind, ListArgs, MethodArgs, ScheduleArgs, TargetArgs, TwinArgs};
+use crate::cli::{
+    JobKind, ListArgs, MethodArgs, MethodCallArgs, ScheduleArgs, TargetArgs, TwinArgs,
+    TwinPatchArgs,
+};
 use crate::error::Error;
 use crate::forecast::JobForecast;
 use crate::output::{Output, note};
@@ -43,6 +46,14 @@ impl PollPace {
     /// A pace that starts over.
     pub fn new() -> PollPace {
         PollPace { next: Self::FIRST }
+    }
+
+    /// A pace whose first pause is `first` (kept within 50 ms and [`PollPace::LONGEST`]): a
+    /// caller that knows how long a job takes polls its end sooner.
+    pub fn starting_at(first: Duration) -> PollPace {
+        PollPace {
+            next: first.clamp(Duration::from_millis(50), Self::LONGEST),
+        }
     }
 
     /// The pause before the next poll.
@@ -195,7 +206,7 @@ fn job_id(schedule: &ScheduleArgs) -> Result<String, Error> {
 }
 
 /// Checks a method's timeouts and payload size as the hub would.
-pub fn method_call(args: &MethodArgs) -> Result<CloudToDeviceMethod, Error> {
+pub fn method_call(args: &MethodCallArgs) -> Result<CloudToDeviceMethod, Error> {
     let response = args.response_timeout.as_secs();
     let connect = args.connect_timeout.as_secs();
     if !(MIN_RESPONSE_TIMEOUT_SECS..=MAX_RESPONSE_TIMEOUT_SECS).contains(&response) {
@@ -266,7 +277,7 @@ pub async fn method(
     out: Output,
     shutdown: &CancellationToken,
 ) -> Result<Outcome, Error> {
-    let call = method_call(args)?;
+    let call = method_call(&args.call)?;
     if args.schedule.dry_run {
         return dry_run(client, hub, &args.target, out).await;
     }
@@ -285,6 +296,18 @@ pub async fn method(
     create_and_follow(client, request, matched, &args.schedule, out, shutdown).await
 }
 
+/// The twin patch the arguments stand for.
+pub fn twin_patch(args: &TwinPatchArgs) -> TwinPatch {
+    let mut patch = TwinPatch::new();
+    if let Some(desired) = &args.desired {
+        patch = patch.with_desired(desired.clone());
+    }
+    if let Some(tags) = &args.tags {
+        patch = patch.with_tags(tags.clone());
+    }
+    patch
+}
+
 /// `schedule-job twin ...`.
 pub async fn twin(
     client: &ServiceClient,
@@ -293,13 +316,7 @@ pub async fn twin(
     out: Output,
     shutdown: &CancellationToken,
 ) -> Result<Outcome, Error> {
-    let mut patch = TwinPatch::new();
-    if let Some(desired) = &args.desired {
-        patch = patch.with_desired(desired.clone());
-    }
-    if let Some(tags) = &args.tags {
-        patch = patch.with_tags(tags.clone());
-    }
+    let patch = twin_patch(&args.patch);
     if args.schedule.dry_run {
         return dry_run(client, hub, &args.target, out).await;
     }

@@ -8,6 +8,7 @@
 //! - [`jobs`]: hub-side job subcommands, `--wait` progress and per-device results.
 //! - [`fanout`]: `method --client-side`, direct calls with bounded concurrency.
 //! - [`forecast`]: what the hub's tier says about a job (least duration, active-job cap).
+//! - [`rollout`]: staged rollouts (canary, rates, abort rules, retries, window, resume).
 //! - [`report`], [`output`]: per-device outcomes and how they are printed.
 //!
 //! [`run`] does it all and returns an [`Outcome`]; `main.rs` only maps it to an exit code.
@@ -19,6 +20,7 @@ pub mod forecast;
 pub mod jobs;
 pub mod output;
 pub mod report;
+pub mod rollout;
 pub mod settings;
 pub mod tutorial;
 
@@ -82,6 +84,9 @@ pub async fn run_labelled(
         Some(Command::List(l)) => jobs::list(&client, l, out).await,
         Some(Command::Cancel(c)) => jobs::cancel(&client, &c.job_id, out).await,
         Some(Command::Results(r)) => jobs::results(&client, &r.job_id, out).await,
+        Some(Command::Rollout(r)) => {
+            rollout::command(&client, hub.tier.as_ref(), r, out, &shutdown).await
+        }
     }
 }
 

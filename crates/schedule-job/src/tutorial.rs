@@ -163,7 +163,7 @@ pub async fn run(
 
 /// Whether the hub refused a job for its cap on active jobs (429004, or IoT Hub's older 403003
 /// `JobQuotaExceeded`).
-fn is_active_job_cap(error: &ServiceError) -> bool {
+pub fn is_active_job_cap(error: &ServiceError) -> bool {
     error.hub().and_then(|h| h.code).is_some_and(|code| {
         matches!(
             code,
