@@ -30,7 +30,7 @@ use super::state::{Action, RolloutState};
 use super::view::View;
 use crate::cli::WindowEnd;
 use crate::error::Error;
-use crate::jobs::PollPace;
+use crate::jobs::{JobWatch, PollPace};
 use crate::output::note;
 
 /// How this run goes: the window and the hub's tier (not part of the rollout's identity).
@@ -522,7 +522,8 @@ impl<'a> Executor<'a> {
         devices: usize,
     ) -> Result<Result<(JobResponse, bool), Ending>, Error> {
         // A job's end is polled first when the tier says it should be over (else soon, then
-        // less and less often: PollPace stays within every tier's jobs-operations throttle).
+        // less and less often: PollPace stays within every tier's jobs-operations throttle),
+        // and then when its progress says it will be (JobWatch).
         let devices = job
             .device_job_statistics
             .map_or(0, |s| s.device_count)
@@ -532,7 +533,7 @@ impl<'a> Executor<'a> {
             .tier
             .and_then(|q| q.job_duration(devices))
             .unwrap_or(Duration::ZERO);
-        let mut pace = PollPace::starting_at(expected);
+        let mut watch = JobWatch::new(PollPace::starting_at(expected));
         let mut cancelled = false;
         loop {
             self.progress(&job);
@@ -545,7 +546,10 @@ impl<'a> Executor<'a> {
                 self.client.cancel_job(&job.job_id).await?;
                 cancelled = true;
             }
-            let mut pause = pace.next_pause();
+            let mut pause = watch.next_pause(
+                std::time::Instant::now(),
+                job.device_job_statistics.as_ref(),
+            );
             // Wake at the window's end to cancel on time.
             if let (false, true, Some(stop)) =
                 (cancelled, cancel_at_end, self.options.stop_starting_at)
