@@ -810,6 +810,32 @@ async fn device_job_rows_page_by_job_and_device() {
         "{}",
         filtered.body
     );
+
+    // One job's rows, paged: the pages resume after their last row within that job.
+    let mut job_b = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = hub
+            .query(
+                "SELECT * FROM devices.jobs WHERE devices.jobs.jobId = 'job-b'",
+                Some("3"),
+                token.as_deref(),
+            )
+            .await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+        job_b.extend(
+            page.body
+                .as_array()
+                .expect("array")
+                .iter()
+                .map(|r| r["deviceId"].as_str().unwrap_or_default().to_owned()),
+        );
+        match page.header("x-ms-continuation") {
+            Some(next) => token = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(job_b, ["dev-1", "dev-2", "dev-3", "myDeviceId"]);
 }
 
 #[tokio::test]

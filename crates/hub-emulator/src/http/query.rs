@@ -170,15 +170,18 @@ fn compute_page(
                 .transpose()?;
             let returned = cursor.as_ref().map_or(0, |c| c.returned);
             let wanted = page_limit(query, returned, page_size).saturating_add(1);
-            let docs = device_job_documents(state);
-            let docs: Vec<Arc<Value>> = match &cursor {
-                // Rows are ordered by (jobId, deviceId): start strictly after the last one sent.
-                Some(cursor) => docs
-                    .into_iter()
-                    .filter(|d| job_key(d) > cursor.key)
-                    .collect(),
-                None => docs,
-            };
+            // Rows are ordered by (jobId, deviceId): start strictly after the last one sent, and
+            // within the one job the condition names, if it names one (`ServiceClient::
+            // device_jobs` and the SDKs ask for one job's rows).
+            let after = cursor.as_ref().and_then(|c| match c.key.as_slice() {
+                [job, device] => Some((job.as_str(), device.as_str())),
+                _ => None,
+            });
+            let only = query
+                .condition
+                .as_ref()
+                .and_then(|c| c.pinned_string("jobId"));
+            let docs = state.jobs.device_job_documents(only, after);
             let matched: Vec<Arc<Value>> = match &query.condition {
                 Some(condition) => query::first_matches(condition, &docs, wanted)
                     .iter()
@@ -202,11 +205,6 @@ fn compute_page(
         Source::DevicesModules => rows_page(query, &[], 0, page_size, |_| Vec::new()),
     };
     Ok(page)
-}
-
-/// The device-job rows (`FROM devices.jobs`), ordered by (jobId, deviceId).
-fn device_job_documents(state: &AppState) -> Vec<Arc<Value>> {
-    state.jobs.device_job_documents()
 }
 
 struct Page {

@@ -403,14 +403,40 @@ impl Jobs {
         (page, more)
     }
 
-    /// Every device-job row, ordered by (jobId, deviceId), for `SELECT * FROM devices.jobs`.
-    pub fn device_job_documents(&self) -> Vec<Arc<Value>> {
+    /// The device-job rows for `SELECT * FROM devices.jobs`, ordered by (jobId, deviceId): only
+    /// those of job `only` when given, and only those strictly after `after` (a page's last
+    /// row). A page of one job's rows costs that job's rows, not every row of the hub.
+    pub fn device_job_documents(
+        &self,
+        only: Option<&str>,
+        after: Option<(&str, &str)>,
+    ) -> Vec<Arc<Value>> {
+        use std::ops::Bound;
         let state = self.lock();
-        state
-            .jobs
-            .values()
-            .flat_map(|e| e.rows.values().map(|r| Arc::clone(&r.doc)))
-            .collect()
+        let jobs: Box<dyn Iterator<Item = (&String, &Entry)>> = match (only, after) {
+            (Some(job), _) => Box::new(state.jobs.get_key_value(job).into_iter()),
+            (None, Some((job, _))) => Box::new(
+                state
+                    .jobs
+                    .range::<str, _>((Bound::Included(job), Bound::Unbounded)),
+            ),
+            (None, None) => Box::new(state.jobs.iter()),
+        };
+        let mut docs = Vec::new();
+        for (job_id, entry) in jobs {
+            let rows: Box<dyn Iterator<Item = &Row>> = match after {
+                Some((after_job, after_device)) if job_id.as_str() == after_job => Box::new(
+                    entry
+                        .rows
+                        .range::<str, _>((Bound::Excluded(after_device), Bound::Unbounded))
+                        .map(|(_, row)| row),
+                ),
+                Some((after_job, _)) if job_id.as_str() < after_job => continue,
+                _ => Box::new(entry.rows.values()),
+            };
+            docs.extend(rows.map(|r| Arc::clone(&r.doc)));
+        }
+        docs
     }
 
     /// Finished jobs whose `endTime` is older than [`RETENTION`] (IoT Hub's 30 days).

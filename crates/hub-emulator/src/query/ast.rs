@@ -172,6 +172,36 @@ pub struct Condition {
 }
 
 impl Condition {
+    /// The string the condition pins a top-level field to, when one of its `AND`ed terms is
+    /// `field = 'text'` (either way round): no document with another value can match, so a scan
+    /// may look at those documents only (e.g. `devices.jobs` rows of one job).
+    pub fn pinned_string(&self, field: &str) -> Option<&str> {
+        fn pinned<'e>(expr: &'e Expr, field: &str) -> Option<&'e str> {
+            match expr {
+                Expr::Binary {
+                    op: BinaryOp::And,
+                    left,
+                    right,
+                } => pinned(left, field).or_else(|| pinned(right, field)),
+                Expr::Binary {
+                    op: BinaryOp::Eq,
+                    left,
+                    right,
+                } => match (left.as_ref(), right.as_ref()) {
+                    (Expr::Path(path), Expr::Literal(Literal::String(text)))
+                    | (Expr::Literal(Literal::String(text)), Expr::Path(path))
+                        if path.segments() == [field] =>
+                    {
+                        Some(text)
+                    }
+                    _ => None,
+                },
+                _ => None,
+            }
+        }
+        pinned(&self.expr, field)
+    }
+
     /// The condition that holds for every document (a job's `queryCondition` of `*`).
     pub fn all() -> Self {
         Condition {

@@ -1013,3 +1013,29 @@ fn aggregate_page_refuses_row_queries() {
             .is_aggregate()
     );
 }
+
+#[test]
+fn a_condition_pins_a_field_only_through_and_ed_equalities() {
+    let pinned = |text: &str| {
+        let query = parse(text).expect("parses");
+        query
+            .condition
+            .as_ref()
+            .and_then(|c| c.pinned_string("jobId"))
+            .map(str::to_owned)
+    };
+    let jobs = "SELECT * FROM devices.jobs WHERE ";
+    assert_eq!(
+        pinned(&format!("{jobs}devices.jobs.jobId = 'j1'")),
+        Some("j1".into())
+    );
+    assert_eq!(
+        pinned(&format!("{jobs}status = 'completed' AND 'j2' = jobId")),
+        Some("j2".into())
+    );
+    assert_eq!(pinned(&format!("{jobs}jobId = 'j1' OR jobId = 'j2'")), None);
+    assert_eq!(pinned(&format!("{jobs}NOT (jobId = 'j1')")), None);
+    assert_eq!(pinned(&format!("{jobs}jobId != 'j1'")), None);
+    assert_eq!(pinned(&format!("{jobs}jobId = 7")), None);
+    assert_eq!(pinned(&format!("{jobs}outcome.jobId = 'j1'")), None);
+}
