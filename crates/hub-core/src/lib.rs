@@ -23,6 +23,7 @@ pub mod query;
 pub mod sas;
 pub mod service_client;
 pub mod shutdown;
+pub mod telemetry;
 pub mod tier;
 pub mod timestamp;
 pub mod tls;

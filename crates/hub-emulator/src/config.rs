@@ -81,6 +81,22 @@ pub struct Args {
     /// with DELETE /$emulator/faults/DEVICE). See docs/faults.md.
     #[arg(long = "fault", value_name = "DEVICE=KIND[:ARG][,for=DURATION]", value_parser = crate::faults::parse_flag)]
     pub faults: Vec<(String, crate::faults::FaultSpec)>,
+    /// Do not serve the dashboard (the web page at https://localhost:8443/).
+    #[arg(long)]
+    pub no_dashboard: bool,
+    /// The dashboard's token, instead of a random one per start (16-128 letters, digits, - or
+    /// _). Anyone with it can act as iothubowner through the page: keep it as secret as a key.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "HUB_DASHBOARD_TOKEN",
+        hide_env_values = true
+    )]
+    pub dashboard_token: Option<String>,
+    /// How many recent telemetry messages each device keeps for the dashboard and for
+    /// GET /$emulator/devices/{id}/messages (0 keeps none; bodies are kept up to 1 KiB).
+    #[arg(long, value_name = "N", default_value_t = crate::telemetry::DEFAULT_PER_DEVICE)]
+    pub telemetry_ring: usize,
 }
 
 /// The default data directory: `$XDG_DATA_HOME/iothub-emulator` or its platform equivalent.
@@ -132,6 +148,17 @@ pub struct Config {
     pub body_read_timeout: std::time::Duration,
     /// Faults injected at start (`--fault`), by device id; their `for` counts from the start.
     pub faults: Vec<(String, crate::faults::FaultSpec)>,
+    /// The dashboard (None: not served).
+    pub dashboard: Option<DashboardConfig>,
+    /// Recent telemetry messages kept per device ([`crate::telemetry`]).
+    pub telemetry_ring: usize,
+}
+
+/// How the dashboard is served.
+#[derive(Debug, Clone, Default)]
+pub struct DashboardConfig {
+    /// Its token (None: random per start).
+    pub token: Option<String>,
 }
 
 impl Config {
@@ -154,6 +181,8 @@ impl Config {
             pending_eviction_age: crate::listener::PENDING_EVICTION_AGE,
             body_read_timeout: crate::http::BODY_READ_TIMEOUT,
             faults: Vec::new(),
+            dashboard: Some(DashboardConfig::default()),
+            telemetry_ring: crate::telemetry::DEFAULT_PER_DEVICE,
         }
     }
 
@@ -213,6 +242,10 @@ impl TryFrom<Args> for Config {
             pending_eviction_age: crate::listener::PENDING_EVICTION_AGE,
             body_read_timeout: crate::http::BODY_READ_TIMEOUT,
             faults: args.faults,
+            dashboard: (!args.no_dashboard).then_some(DashboardConfig {
+                token: args.dashboard_token,
+            }),
+            telemetry_ring: args.telemetry_ring,
         })
     }
 }

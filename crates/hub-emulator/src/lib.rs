@@ -21,7 +21,9 @@
 //! [`start`] binds the listeners and returns a [`RunningHub`]; [`run`] is the binary's loop.
 
 pub mod config;
+pub mod dashboard;
 pub mod faults;
+pub mod feed;
 pub mod http;
 pub mod hub;
 pub mod jobs;
@@ -30,6 +32,7 @@ mod listener;
 pub mod mqtt;
 pub mod query;
 pub mod store;
+pub mod telemetry;
 pub mod throttle;
 pub mod tls;
 pub mod twins;
@@ -82,6 +85,9 @@ pub enum StartError {
     /// A `--fault` could not be set.
     #[error("--fault: {0}")]
     Fault(#[from] faults::FaultError),
+    /// `--dashboard-token` is not a usable token.
+    #[error("--dashboard-token: {0}")]
+    DashboardToken(#[from] dashboard::InvalidToken),
     /// hub.env could not be written.
     #[error("cannot write {}: {source}", path.display())]
     Env {
@@ -138,6 +144,8 @@ pub struct RunningHub {
     pub https_addr: SocketAddr,
     /// Connection strings and CA.
     pub env: ConnectionInfo,
+    /// The dashboard's link, with this start's token (None: `--no-dashboard`).
+    pub dashboard_url: Option<String>,
     hub: Hub,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -249,6 +257,15 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     let mut host_names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
     host_names.extend(config.hostnames.iter().cloned());
     let hub = Hub::open(store, host_names)?;
+    hub.telemetry().set_per_device(config.telemetry_ring);
+    let dashboard = match &config.dashboard {
+        Some(dashboard) => Some(dashboard::Dashboard::new(
+            dashboard.token.clone(),
+            hub.policy_permissions(dashboard::DASHBOARD_POLICY)
+                .unwrap_or(hub_core::policy::Permissions::NONE),
+        )?),
+        None => None,
+    };
     for (device_id, spec) in &config.faults {
         hub.set_fault(device_id, spec.clone())?;
     }
@@ -300,6 +317,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     let router = http::router(http::AppState {
         body_read_timeout: config.body_read_timeout,
         throttles,
+        dashboard: dashboard.clone(),
         ..http::AppState::new(hub.clone(), jobs.clone(), shutdown.clone(), tracker.clone())
     });
     tracker.spawn(http::serve(
@@ -337,10 +355,18 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         write_secret_file(&path, &env.to_env_lines())
             .map_err(|source| StartError::Env { path, source })?;
     }
+    let dashboard_url = dashboard.map(|dashboard| {
+        format!(
+            "https://localhost:{}{}",
+            https_addr.port(),
+            dashboard.login_path()
+        )
+    });
     Ok(RunningHub {
         mqtt_addr,
         https_addr,
         env,
+        dashboard_url,
         hub,
         shutdown,
         tracker,
@@ -430,6 +456,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Star
             "# faults injected (--fault): {}; list and clear them at /$emulator/faults (docs/faults.md)",
             faults.join(", ")
         );
+    }
+    if let Some(url) = &running.dashboard_url {
+        // The token in it lets a browser act as iothubowner: it is printed for the person who
+        // started the hub, like a notebook server's, and never logged.
+        println!("# dashboard: {url}");
     }
     println!("hub-emulator ready");
     shutdown.cancelled().await;

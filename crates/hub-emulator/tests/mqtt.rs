@@ -402,6 +402,31 @@ async fn connect_marks_device_connected_and_acks_telemetry() {
             b"plain".to_vec(),
         )
         .await;
+    // Both are kept for reading back, with the topic's property bag decoded.
+    let mut kept = fx.hub().telemetry().read("dev-ok");
+    for _ in 0..100 {
+        if kept.total == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        kept = fx.hub().telemetry().read("dev-ok");
+    }
+    assert_eq!(kept.total, 2);
+    assert_eq!(kept.messages[0].body, r#"{"t":21.5}"#);
+    assert_eq!(
+        kept.messages[0].properties,
+        [
+            ("$.ct".to_owned(), "application/json".to_owned()),
+            ("alert".to_owned(), "high temp".to_owned())
+        ]
+    );
+    assert_eq!(
+        (
+            kept.messages[1].body.as_str(),
+            kept.messages[1].sequence_number
+        ),
+        ("plain", 2)
+    );
 
     device.client.disconnect().await.expect("queue DISCONNECT");
     device.expect_closed().await;

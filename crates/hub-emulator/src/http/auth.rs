@@ -51,12 +51,26 @@ pub async fn authenticate(
     Ok(response)
 }
 
+/// Who made an authorized request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// A service client with a shared access policy's SAS token.
+    Policy,
+    /// The dashboard page, with its cookie (see [`crate::dashboard`]): device keys are blanked
+    /// in what it reads.
+    Dashboard,
+}
+
 /// Checks that the request carries a valid policy token that grants `needed`.
 ///
 /// Which permission each operation needs (reference §2.3): reading identities `RegistryRead`,
 /// creating/updating/deleting them `RegistryWrite`; twins, methods, queries and jobs
 /// `ServiceConnect`. Device-key tokens (no `skn`) are refused: they only grant `DeviceConnect`.
-pub fn require(state: &AppState, headers: &HeaderMap, needed: Permission) -> Result<(), ApiError> {
+pub fn require(
+    state: &AppState,
+    headers: &HeaderMap,
+    needed: Permission,
+) -> Result<Caller, ApiError> {
     check(state, headers, Some(needed))
 }
 
@@ -65,8 +79,16 @@ fn check(
     state: &AppState,
     headers: &HeaderMap,
     needed: Option<Permission>,
-) -> Result<(), ApiError> {
+) -> Result<Caller, ApiError> {
     let Some(value) = headers.get(AUTHORIZATION) else {
+        // The dashboard's page holds a cookie instead of a token; the same permission applies.
+        if let Some(authorized) = state
+            .dashboard
+            .as_ref()
+            .and_then(|dashboard| dashboard.authorize(headers, needed))
+        {
+            return authorized.map(|()| Caller::Dashboard);
+        }
         return Err(ApiError::unauthorized(
             "the Authorization header is missing; send `SharedAccessSignature sr=...&sig=...&se=...&skn=<policy>`",
         ));
@@ -84,7 +106,7 @@ fn check(
         Some(needed) => state.hub.authorize_service(value, needed, now),
         None => state.hub.authenticate_service(value, now).map(|_| ()),
     };
-    checked.map_err(|error| {
+    checked.map(|()| Caller::Policy).map_err(|error| {
         tracing::debug!(reason = %error, "service request refused");
         let message = match error {
             AuthError::MissingPermission(permission) => {

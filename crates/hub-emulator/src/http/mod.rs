@@ -62,6 +62,8 @@ pub struct AppState {
     pub body_read_timeout: std::time::Duration,
     /// The tier's throttles (none without `--tier`).
     pub throttles: crate::throttle::Throttles,
+    /// The dashboard's secrets (None: `--no-dashboard`, or a router built without one).
+    pub dashboard: Option<crate::dashboard::Dashboard>,
 }
 
 impl AppState {
@@ -74,6 +76,7 @@ impl AppState {
             tracker,
             body_read_timeout: BODY_READ_TIMEOUT,
             throttles: crate::throttle::Throttles::unlimited(),
+            dashboard: None,
         }
     }
 }
@@ -117,6 +120,10 @@ pub fn router(state: AppState) -> Router {
             get(faults::list_faults).delete(faults::clear_faults),
         )
         .route(
+            "/$emulator/devices/{id}/messages",
+            get(twins::device_messages),
+        )
+        .route(
             "/$emulator/faults/{id}",
             get(faults::get_fault)
                 .put(faults::put_fault)
@@ -140,6 +147,7 @@ pub fn router(state: AppState) -> Router {
             auth::authenticate,
         ))
         .merge(crate::mqtt::websocket::routes())
+        .merge(crate::dashboard::routes(state.clone()))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -11,7 +11,7 @@ use hub_core::device::PurgeMessageQueueResult;
 use hub_core::policy::Permission;
 
 use super::AppState;
-use super::auth::require;
+use super::auth::{Caller, require};
 use super::error::ApiError;
 use super::extract::{IdPath, JsonBody, if_match};
 use crate::hub::OperationError;
@@ -30,6 +30,14 @@ pub(crate) fn with_etag(doc: Value) -> Response {
         response.headers_mut().insert(header::ETAG, value);
     }
     response
+}
+
+/// A device identity as `caller` may see it: the dashboard never gets keys.
+pub(crate) fn for_caller(caller: Caller, mut device: Value) -> Value {
+    if caller == Caller::Dashboard {
+        crate::dashboard::redact_keys(&mut device);
+    }
+    device
 }
 
 /// `GET /devices/{id}`.
@@ -65,8 +73,8 @@ pub(crate) fn get_device_named(
     headers: &HeaderMap,
     id: &str,
 ) -> Result<Response, ApiError> {
-    require(state, headers, Permission::RegistryRead)?;
-    Ok(with_etag(state.hub.get_device(id)?))
+    let caller = require(state, headers, Permission::RegistryRead)?;
+    Ok(with_etag(for_caller(caller, state.hub.get_device(id)?)))
 }
 
 pub(crate) async fn put_device_named(
@@ -75,13 +83,13 @@ pub(crate) async fn put_device_named(
     id: &str,
     body: &Value,
 ) -> Result<Response, ApiError> {
-    require(state, headers, Permission::RegistryWrite)?;
+    let caller = require(state, headers, Permission::RegistryWrite)?;
     let device = state
         .hub
         .create_or_update_device(id, body, if_match(headers)?)
         .await?;
     tracing::info!(device_id = %id, "device saved");
-    Ok(with_etag(device))
+    Ok(with_etag(for_caller(caller, device)))
 }
 
 pub(crate) async fn delete_device_named(
@@ -122,7 +130,7 @@ pub async fn list_devices(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Vec<Value>>, ApiError> {
-    require(&state, &headers, Permission::RegistryRead)?;
+    let caller = require(&state, &headers, Permission::RegistryRead)?;
     let top = match query_param(query.as_deref(), "top") {
         None => MAX_LIST,
         Some(text) => text
@@ -134,7 +142,10 @@ pub async fn list_devices(
             })?
             .clamp(1, MAX_LIST),
     };
-    Ok(Json(state.hub.list_devices(top)))
+    let devices = state.hub.list_devices(top);
+    Ok(Json(
+        devices.into_iter().map(|d| for_caller(caller, d)).collect(),
+    ))
 }
 
 /// `GET /statistics/devices`.

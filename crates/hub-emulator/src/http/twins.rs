@@ -1,6 +1,7 @@
 //! Twin and direct-method routes: `GET/PATCH/PUT /twins/{id}` (tags and desired properties,
 //! optimistic concurrency through `If-Match`) and `POST /twins/{id}/methods`.
-//! All need `ServiceConnect` (reference §2.3).
+//! All need `ServiceConnect` (reference §2.3). Also the emulator's own read of a device's recent
+//! telemetry, `GET /$emulator/devices/{id}/messages`.
 
 use axum::Json;
 use axum::extract::State;
@@ -87,4 +88,18 @@ pub async fn invoke_method(
     Ok(Json(
         json!({"status": outcome.status, "payload": outcome.payload}),
     ))
+}
+
+/// `GET /$emulator/devices/{id}/messages`: the device's recent telemetry (the emulator's own
+/// route; see [`crate::telemetry`]). Reading messages is what `ServiceConnect` grants on IoT Hub.
+pub async fn device_messages(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    IdPath(id): IdPath,
+) -> Result<Json<hub_core::telemetry::DeviceMessages>, ApiError> {
+    require(&state, &headers, Permission::ServiceConnect)?;
+    if !state.hub.device_exists(&id) {
+        return Err(crate::hub::OperationError::DeviceNotFound(id).into());
+    }
+    Ok(Json(state.hub.telemetry().read(&id)))
 }

@@ -85,6 +85,15 @@ impl Hub {
             .map(|(k, _)| k.clone())
     }
 
+    /// What a policy grants (the dashboard acts as one).
+    pub fn policy_permissions(&self, name: &str) -> Option<Permissions> {
+        self.inner
+            .policies
+            .iter()
+            .find(|(k, _)| k.name == name)
+            .map(|(_, permissions)| *permissions)
+    }
+
     /// A device's primary key (for writing its connection string).
     pub fn device_primary_key(&self, id: &str) -> Option<String> {
         lock(&self.inner.state)

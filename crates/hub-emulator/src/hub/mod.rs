@@ -61,7 +61,9 @@ pub use router::{
 pub use twins::TWIN_READ_CHUNK;
 
 use crate::faults::{FaultError, FaultKind, FaultSpec, Faults};
+use crate::feed::{Change, Feed};
 use crate::store::{Store, Write};
+use crate::telemetry::TelemetryRings;
 use methods::PendingMethod;
 use record::DeviceRecord;
 use router::Sessions;
@@ -82,6 +84,8 @@ struct Inner {
     next_id: AtomicU64,
     store: Store,
     faults: Faults,
+    feed: Feed,
+    telemetry: TelemetryRings,
 }
 
 /// A cheap handle to the hub's shared state.
@@ -193,6 +197,8 @@ impl Hub {
                 next_id: AtomicU64::new(1),
                 store,
                 faults: Faults::default(),
+                feed: Feed::default(),
+                telemetry: TelemetryRings::new(crate::telemetry::DEFAULT_PER_DEVICE),
             }),
         };
         if hub.inner.store.meta("created")?.is_none() {
@@ -213,6 +219,26 @@ impl Hub {
     /// The injected faults (see [`crate::faults`]).
     pub fn faults(&self) -> &Faults {
         &self.inner.faults
+    }
+
+    /// What changed, for watchers (see [`crate::feed`]).
+    pub fn feed(&self) -> &Feed {
+        &self.inner.feed
+    }
+
+    /// Every device's recent telemetry (see [`crate::telemetry`]).
+    pub fn telemetry(&self) -> &TelemetryRings {
+        &self.inner.telemetry
+    }
+
+    /// Keeps a device-to-cloud message the hub took from `device_id`, and tells watchers.
+    pub fn record_telemetry(&self, device_id: &str, body: &[u8], properties: &[(String, String)]) {
+        self.inner
+            .telemetry
+            .record(device_id, body, properties, self.now());
+        self.inner
+            .feed
+            .publish(|| Change::Telemetry(Arc::from(device_id)));
     }
 
     /// Makes the device misbehave as `spec` says, from now. An offline fault also closes the
@@ -305,11 +331,18 @@ impl Hub {
                 if let Some(patch) = desired_patch {
                     router::queue_desired_patch(&sessions, &record.device_id, patch);
                 }
+                self.inner
+                    .feed
+                    .publish(|| Change::Device(Arc::from(record.device_id.as_str())));
                 state.devices.insert(record.device_id.clone(), record);
             }
         }
         for id in &change.delete {
             state.devices.remove(id);
+            self.inner.telemetry.forget(id);
+            self.inner
+                .feed
+                .publish(|| Change::Device(Arc::from(id.as_str())));
         }
         drop(state);
         for id in &change.close_sessions {

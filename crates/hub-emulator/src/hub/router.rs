@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::DeviceGrant;
 use super::{AuthError, DeviceChange, Hub, State, lock};
+use crate::feed::{Change, Feed};
 
 /// How many messages may wait for one device session before the hub drops it.
 pub const SESSION_QUEUE: usize = 64;
@@ -173,6 +174,7 @@ impl Hub {
             device.set_connected(true, now);
         }
         drop(state);
+        self.inner.feed.publish(|| Change::Device(device_id.into()));
         if let Some(previous) = previous {
             previous.kill.cancel();
         }
@@ -229,7 +231,7 @@ impl Hub {
             }
         };
         if removed {
-            mark_disconnected(&mut state, &ticket.device_id, now);
+            mark_disconnected(&self.inner.feed, &mut state, &ticket.device_id, now);
         }
     }
 
@@ -298,7 +300,7 @@ impl Hub {
         let removed = lock(&self.inner.sessions).remove(device_id);
         if let Some(entry) = removed {
             // The session's own detach will find its entry gone: record the disconnect here.
-            mark_disconnected(&mut state, device_id, now);
+            mark_disconnected(&self.inner.feed, &mut state, device_id, now);
             entry.kill.cancel();
         }
         drop(state);
@@ -310,7 +312,7 @@ impl Hub {
         let now = self.now();
         let mut state = lock(&self.inner.state);
         for (device_id, entry) in lock(&self.inner.sessions).drain() {
-            mark_disconnected(&mut state, &device_id, now.clone());
+            mark_disconnected(&self.inner.feed, &mut state, &device_id, now.clone());
             entry.kill.cancel();
         }
     }
@@ -328,8 +330,9 @@ impl Hub {
     }
 }
 
-fn mark_disconnected(state: &mut State, device_id: &str, now: String) {
+fn mark_disconnected(feed: &Feed, state: &mut State, device_id: &str, now: String) {
     if let Some(device) = state.devices.get_mut(device_id) {
         device.set_connected(false, now);
+        feed.publish(|| Change::Device(device_id.into()));
     }
 }

@@ -306,6 +306,9 @@ impl Jobs {
             if created.is_ok() {
                 tracing::info!(job_id = %id, status = status.as_str(), "job created");
                 jobs.inner.wake.notify_one();
+                jobs.hub()
+                    .feed()
+                    .publish(|| crate::feed::Change::Job(Arc::from(id.as_str())));
             }
             // Released before the caller hears back (see `Hub::commit_devices`).
             drop(jobs);
@@ -482,10 +485,15 @@ impl Jobs {
         Ok(expired.len())
     }
 
-    /// Takes the write lock of job `id` (`None` if there is no such job).
-    async fn write_lock(&self, id: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+    /// Takes the write lock of job `id` (`None` if there is no such job). Every change of a
+    /// created job is made under it, so its release tells the hub's watchers the job changed.
+    async fn write_lock(&self, id: &str) -> Option<JobWriting> {
         let writing = Arc::clone(&self.lock().jobs.get(id)?.writing);
-        Some(writing.lock_owned().await)
+        Some(JobWriting {
+            _guard: writing.lock_owned().await,
+            jobs: self.clone(),
+            id: Arc::from(id),
+        })
     }
 
     /// Ends a job: rows not done get the status `how` implies, the job its terminal status and
@@ -590,6 +598,23 @@ impl Jobs {
 }
 
 /// The writes that delete `ids` with their device rows.
+/// A job's write lock; when released, watchers hear that the job may have changed.
+struct JobWriting {
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+    jobs: Jobs,
+    id: Arc<str>,
+}
+
+impl Drop for JobWriting {
+    fn drop(&mut self) {
+        let id = Arc::clone(&self.id);
+        self.jobs
+            .hub()
+            .feed()
+            .publish(|| crate::feed::Change::Job(id));
+    }
+}
+
 fn delete_jobs(ids: &[String]) -> Vec<Write> {
     ids.iter()
         .map(|id| Write::DeleteJob { id: id.clone() })

@@ -663,7 +663,7 @@ impl Session<'_> {
             Topic::Telemetry {
                 device_id,
                 module_id,
-                ..
+                properties,
             } => {
                 if device_id != self.device_id() || module_id.is_some() {
                     return Err(End::Forbidden(format!(
@@ -681,6 +681,9 @@ impl Session<'_> {
                 }
                 self.telemetry += 1;
                 debug!(topic = %publish.topic, bytes = publish.payload.len(), "telemetry");
+                self.attached
+                    .hub
+                    .record_telemetry(self.device_id(), &publish.payload, &properties);
             }
             Topic::MethodResponse { status, rid } => {
                 debug!(%rid, status, "method response");
