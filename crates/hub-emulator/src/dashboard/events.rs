@@ -1,9 +1,10 @@
 //! `GET /$dashboard/events`: the hub's change feed ([`crate::feed`]) as server-sent events, in
-//! batches. A batch gathers what changed over [`BATCH_WINDOW`] into one event naming the devices,
-//! the devices that sent telemetry and the jobs; the page then reads what it shows through the
-//! REST API. So an open page costs the hub one event per window however busy the fleet is, and
-//! a batch naming more than [`MAX_NAMED`] ids says `resync` (read everything shown again)
-//! instead, as does a watcher that fell behind the feed.
+//! batches. A batch is one event naming the devices that changed, the devices that sent telemetry
+//! and the jobs; the page then reads what it shows through the REST API. A change after a quiet
+//! spell goes out at once; after that, at most one batch per [`BATCH_WINDOW`] gathers what
+//! changed meanwhile. So an open page costs the hub a few events a second however busy the
+//! fleet is, and a batch naming more than [`MAX_NAMED`] ids says `resync` (read everything shown
+//! again) instead, as does a watcher that fell behind the feed.
 
 use std::collections::BTreeSet;
 use std::convert::Infallible;
@@ -79,18 +80,17 @@ pub(super) async fn events(
         ));
     }
     let watcher = state.hub.feed().watch();
-    let shutdown = state.shutdown.clone();
     let stream = futures_util::stream::unfold(
-        (watcher, shutdown, true),
-        |(mut watcher, shutdown, first)| async move {
-            if first {
+        (watcher, state.shutdown.clone(), None),
+        |(mut watcher, shutdown, last_batch)| async move {
+            let Some(last_batch) = last_batch else {
                 // Tells the page the stream is up, so it can read its view once, knowing
                 // nothing that changes from now on is missed.
                 let hello = Bytes::from_static(b"event: ready\ndata: {}\n\n");
-                return Some((Ok::<_, Infallible>(hello), (watcher, shutdown, false)));
-            }
-            let chunk = next_chunk(&mut watcher, &shutdown, KEEP_ALIVE).await?;
-            Some((Ok(chunk), (watcher, shutdown, false)))
+                return Some((Ok::<_, Infallible>(hello), (watcher, shutdown, Some(None))));
+            };
+            let (chunk, sent) = next_chunk(&mut watcher, &shutdown, last_batch, KEEP_ALIVE).await?;
+            Some((Ok(chunk), (watcher, shutdown, Some(sent.or(last_batch)))))
         },
     );
     Ok((
@@ -103,16 +103,21 @@ pub(super) async fn events(
         .into_response())
 }
 
-/// The next bytes of the stream: a batch, or a keep-alive comment; `None` at shutdown or when
-/// the feed is gone.
+/// The next bytes of the stream and, for a batch, when it was made: a batch, or a keep-alive
+/// comment; `None` at shutdown or when the feed is gone. A change after a quiet spell goes out at
+/// once (with whatever is already queued); later ones wait until [`BATCH_WINDOW`] after the
+/// previous batch (`last_batch`), so a busy fleet makes one event per window.
 async fn next_chunk(
     watcher: &mut Watcher,
     shutdown: &tokio_util::sync::CancellationToken,
+    last_batch: Option<Instant>,
     keep_alive: Duration,
-) -> Option<Bytes> {
+) -> Option<(Bytes, Option<Instant>)> {
     let mut batch = tokio::select! {
         () = shutdown.cancelled() => return None,
-        () = tokio::time::sleep(keep_alive) => return Some(Bytes::from_static(b": keep-alive\n\n")),
+        () = tokio::time::sleep(keep_alive) => {
+            return Some((Bytes::from_static(b": keep-alive\n\n"), None));
+        }
         received = watcher.receiver.recv() => match received {
             Ok(change) => {
                 let mut batch = Batch::default();
@@ -123,20 +128,26 @@ async fn next_chunk(
             Err(RecvError::Closed) => return None,
         },
     };
-    let until = Instant::now() + BATCH_WINDOW;
+    let now = Instant::now();
+    let until = last_batch.map_or(now, |last| (last + BATCH_WINDOW).max(now));
     loop {
         tokio::select! {
+            // Queued changes first: with `until` already here, they still join this batch.
+            biased;
             () = shutdown.cancelled() => return None,
-            () = tokio::time::sleep_until(until) => break,
             received = watcher.receiver.recv() => match received {
                 Ok(change) => batch.add(change),
                 Err(RecvError::Lagged(_)) => batch = Batch::lagged(),
                 Err(RecvError::Closed) => break,
             },
+            () = tokio::time::sleep_until(until) => break,
         }
     }
     let data = serde_json::to_string(&batch).unwrap_or_else(|_| r#"{"resync":true}"#.to_owned());
-    Some(Bytes::from(format!("event: changes\ndata: {data}\n\n")))
+    Some((
+        Bytes::from(format!("event: changes\ndata: {data}\n\n")),
+        Some(Instant::now()),
+    ))
 }
 
 #[cfg(test)]
@@ -161,27 +172,44 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn changes_within_the_window_are_one_event() {
+    async fn a_change_after_quiet_goes_at_once_and_later_ones_wait_for_the_window() {
         let feed = crate::feed::Feed::default();
         let mut watcher = feed.watch();
         let shutdown = tokio_util::sync::CancellationToken::new();
+        let quick = Duration::from_millis(50);
         feed.publish(|| Change::Device("a".into()));
         feed.publish(|| Change::Job("j".into()));
-        let chunk = next_chunk(&mut watcher, &shutdown, Duration::from_millis(50))
+        let started = Instant::now();
+        let (chunk, sent) = next_chunk(&mut watcher, &shutdown, None, quick)
             .await
             .expect("a batch");
+        assert!(
+            started.elapsed() < BATCH_WINDOW,
+            "the first batch does not wait"
+        );
         let text = String::from_utf8(chunk.to_vec()).expect("utf8");
         assert_eq!(
             text,
             "event: changes\ndata: {\"devices\":[\"a\"],\"telemetry\":[],\"jobs\":[\"j\"],\"resync\":false}\n\n"
         );
-        let quiet = next_chunk(&mut watcher, &shutdown, Duration::from_millis(50))
+        let sent = sent.expect("a batch's time");
+        feed.publish(|| Change::Telemetry("b".into()));
+        let (chunk, _) = next_chunk(&mut watcher, &shutdown, Some(sent), quick)
+            .await
+            .expect("a batch");
+        assert!(
+            sent.elapsed() >= BATCH_WINDOW,
+            "the next batch waits for the window"
+        );
+        assert!(String::from_utf8_lossy(&chunk).contains("\"telemetry\":[\"b\"]"));
+
+        let (quiet, none) = next_chunk(&mut watcher, &shutdown, Some(sent), quick)
             .await
             .expect("keep-alive");
-        assert_eq!(&quiet[..], b": keep-alive\n\n");
+        assert_eq!((&quiet[..], none), (&b": keep-alive\n\n"[..], None));
         shutdown.cancel();
         assert!(
-            next_chunk(&mut watcher, &shutdown, Duration::from_millis(50))
+            next_chunk(&mut watcher, &shutdown, None, quick)
                 .await
                 .is_none()
         );
