@@ -111,7 +111,7 @@ def main():
         cpu_with = statistics.median(c for _, c in with_page)
         print(f"median hub CPU per job: {cpu_without:.2f} s without the page, {cpu_with:.2f} s with it "
               f"(overhead {cpu_with - cpu_without:+.2f} s, {100 * (cpu_with - cpu_without) / cpu_without:+.1f}%)")
-        print(f"hub resident with the page open: {rss_mib(hub.proc.pid):.0f} MiB")
+        print(f"hub resident after {2 * rounds + 1} jobs over the fleet (their rows are kept): {rss_mib(hub.proc.pid):.0f} MiB")
 
         idle = latency_probes(hub, browser, "bench-1", 20)
         busy = latency_probes(hub, browser, "bench-1", 20, during=lambda: hub.rest("PUT", "/jobs/v2/busy-twins", {

@@ -581,7 +581,7 @@ function jobView(id) {
       const stats = job.deviceJobStatistics || { deviceCount: 0, succeededCount: 0, failedCount: 0, runningCount: 0, pendingCount: 0 };
       const percent = jobProgress(stats);
       const active = ["scheduled", "queued", "running"].includes(job.status);
-      head.replaceChildren(
+      head.replaceChildren(...[
         el("div", { class: "stats" },
           el("span", { id: "job-status", text: `status ${job.status}` }),
           el("span", { text: job.type }),
@@ -602,7 +602,7 @@ function jobView(id) {
           id: "job-cancel",
           text: "Cancel job",
           onclick: () => api("POST", `/jobs/v2/${encodeId(id)}/cancel`).then(load, (e) => showError(errors, e)),
-        }) : null);
+        }) : null].filter(Boolean));
       const page = await queryPage(sql, null, 100);
       continuation = page.continuation;
       outcomes.replaceChildren(...page.items.map(outcomeRow));
