@@ -6,12 +6,14 @@
 //! shutdown), [`error`] ([`ApiError`]),
 //! [`auth`] (SAS checks), `extract` (JSON body / path / `If-Match`), `throttle` (the tier's
 //! throttles per request), `registry`, `twins`, `query`, `faults` (the emulator's own
-//! fault-injection routes under `/$emulator/faults`).
+//! fault-injection routes under `/$emulator/faults`), `health` (the emulator's own
+//! unauthenticated `GET /health`).
 
 pub mod auth;
 pub mod error;
 mod extract;
 mod faults;
+mod health;
 mod query;
 mod registry;
 mod server;
@@ -140,6 +142,9 @@ pub fn router(state: AppState) -> Router {
             auth::authenticate,
         ))
         .merge(crate::mqtt::websocket::routes())
+        // The emulator's own readiness route (IoT Hub has none), added after the layers above
+        // so that it is neither authenticated nor throttled.
+        .route("/health", get(health::health))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
