@@ -83,7 +83,10 @@ impl AppState {
 /// The REST API's routes, with the MQTT-over-WebSocket and Jobs v2 routes merged in.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/devices", get(registry::list_devices))
+        .route(
+            "/devices",
+            get(registry::list_devices).post(registry::bulk_devices),
+        )
         // `/devices/query` is a static route and wins over `/devices/{id}`; the extra methods keep
         // a device that is really named `query` reachable.
         .route(

@@ -4,6 +4,7 @@
 //!
 //! - `auth`: policies and their keys, service and device authentication.
 //! - `registry`: device identities (create, update, delete, read, list).
+//! - `bulk`: the bulk registry (`POST /devices`), staged with `registry`'s own staging.
 //! - `twins`: service twin updates (one device or a job's batch) and device reported patches.
 //! - `router`: device sessions, presence, the outbound queue, desired-patch delivery.
 //! - `methods`: direct-method calls waiting for a device's answer.
@@ -35,6 +36,7 @@
 //!   cannot leave a commit on disk that `state` never saw.
 
 mod auth;
+mod bulk;
 mod error;
 mod methods;
 mod record;
@@ -51,6 +53,7 @@ use time::OffsetDateTime;
 use tokio::sync::{Notify, OwnedMutexGuard, oneshot};
 
 pub use auth::{DeviceGrant, PolicyKeys, SAS_SKEW_SECS};
+pub use bulk::{BulkRequestError, check_bulk_request};
 pub use error::{AuthError, OperationError};
 pub use methods::{MAX_METHOD_PAYLOAD, MethodCall, MethodOutcome, validate_method_name};
 pub use record::{NEVER, timestamp};
