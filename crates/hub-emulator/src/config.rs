@@ -24,6 +24,7 @@ pub const DEFAULT_MAX_ACTIVE_JOBS: usize = 10;
   hub-emulator --data-dir ./hub --hostname myhub.azure-devices.net
   hub-emulator --in-memory --mqtt-port 0 --https-port 0   # throwaway hub on free ports
   hub-emulator --fault dev1=offline,for=30s --fault dev2=slow:2s   # misbehaving devices
+  hub-emulator --seed devices.json          # devices, keys, tags and desired properties from a file
 
 Then, in other terminals: sim-device, and schedule-job. With the default data directory they
 find the hub by themselves (through its hub.env, rewritten at every start, --in-memory too);
@@ -81,6 +82,11 @@ pub struct Args {
     /// with DELETE /$emulator/faults/DEVICE). See docs/faults.md.
     #[arg(long = "fault", value_name = "DEVICE=KIND[:ARG][,for=DURATION]", value_parser = crate::faults::parse_flag)]
     pub faults: Vec<(String, crate::faults::FaultSpec)>,
+    /// Devices (id, status, keys, tags, desired properties) to create or bring up to date at
+    /// every start, from a JSON file; a restart with the same file changes nothing. See
+    /// docs/seed.md.
+    #[arg(long, value_name = "FILE")]
+    pub seed: Option<PathBuf>,
 }
 
 /// The default data directory: `$XDG_DATA_HOME/iothub-emulator` or its platform equivalent.
@@ -132,6 +138,8 @@ pub struct Config {
     pub body_read_timeout: std::time::Duration,
     /// Faults injected at start (`--fault`), by device id; their `for` counts from the start.
     pub faults: Vec<(String, crate::faults::FaultSpec)>,
+    /// The seed file (`--seed`), read and checked; applied by `start` once the state is open.
+    pub seed: Option<crate::seed::Seed>,
 }
 
 impl Config {
@@ -154,6 +162,7 @@ impl Config {
             pending_eviction_age: crate::listener::PENDING_EVICTION_AGE,
             body_read_timeout: crate::http::BODY_READ_TIMEOUT,
             faults: Vec::new(),
+            seed: None,
         }
     }
 
@@ -183,6 +192,12 @@ impl TryFrom<Args> for Config {
                 ));
             }
         }
+        // Read and checked before anything is opened, so a bad file is a usage error that
+        // leaves the data directory as it was.
+        let seed = match &args.seed {
+            Some(path) => Some(crate::seed::Seed::load(path).map_err(|e| e.to_string())?),
+            None => None,
+        };
         let tier = match args.tier {
             Some(tier) => Some(
                 tier.with_units(args.units)
@@ -213,6 +228,7 @@ impl TryFrom<Args> for Config {
             pending_eviction_age: crate::listener::PENDING_EVICTION_AGE,
             body_read_timeout: crate::http::BODY_READ_TIMEOUT,
             faults: args.faults,
+            seed,
         })
     }
 }

@@ -114,7 +114,7 @@ pub async fn bulk_devices(
         return Err(ApiError::argument(format!(
             "the bulk registry body must be a JSON array of devices \
              ([{{\"id\": \"dev1\", \"importMode\": \"create\"}}, ...]), got {}",
-            json_kind(&body)
+            crate::twins::kind(&body)
         )));
     };
     // Counted before each entry is parsed: the body's size is bounded, its entries' work too.
@@ -161,18 +161,6 @@ pub async fn bulk_devices(
         StatusCode::BAD_REQUEST
     };
     Ok((status, Json(result)).into_response())
-}
-
-/// A JSON value's kind, for error messages.
-fn json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// `DELETE /devices/{id}/commands`: purges the device's cloud-to-device queue, as the service
