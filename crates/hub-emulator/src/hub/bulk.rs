@@ -177,19 +177,21 @@ fn stage_entry(
         | ImportMode::CreateOrUpdateIfMatchETag => {
             // Each mode as the If-Match of an equivalent `PUT /devices/{id}`: none creates only,
             // `*` overwrites whatever the etag, an etag overwrites only a device that has it.
-            let if_match = match (mode, existing) {
-                (ImportMode::Create, _) => None,
-                (ImportMode::CreateOrUpdate, _) => Some("*"),
-                (ImportMode::Update, Some(_)) => Some("*"),
-                (ImportMode::CreateOrUpdateIfMatchETag, None) => None,
-                (
-                    ImportMode::UpdateIfMatchETag | ImportMode::CreateOrUpdateIfMatchETag,
-                    Some(_),
-                ) => Some(required_etag(device, mode)?),
-                // Update and updateIfMatchETag of a missing device; the other modes were
-                // handled above.
-                (_, None) => return Err(missing()),
-                (_, Some(_)) => Some("*"),
+            let if_match = match (mode, existing.is_some()) {
+                (ImportMode::Create, _) | (ImportMode::CreateOrUpdateIfMatchETag, false) => None,
+                (ImportMode::CreateOrUpdate, _) | (ImportMode::Update, true) => Some("*"),
+                (ImportMode::UpdateIfMatchETag | ImportMode::CreateOrUpdateIfMatchETag, true) => {
+                    Some(required_etag(device, mode)?)
+                }
+                (ImportMode::Update | ImportMode::UpdateIfMatchETag, false) => {
+                    return Err(missing());
+                }
+                // The delete and twin modes are matched by the arms above this one.
+                (other, _) => {
+                    return Err(OperationError::Internal(format!(
+                        "importMode {other} reached the create/update staging"
+                    )));
+                }
             };
             let update = parse_device_update(id, &device_body(device)?)?;
             let record = stage_device(existing, id, update, if_match, now)?;
