@@ -45,6 +45,9 @@ error_codes! {
     ArgumentInvalid = 400004,
     /// 400006: malformed request (bad JSON shape, bad method payload).
     IotHubFormatError = 400006,
+    /// 400011: a bulk registry call names one device twice (Microsoft Learn, "Understand and
+    /// resolve Azure IoT Hub errors": DeviceDefinedMultipleTimes).
+    DeviceDefinedMultipleTimes = 400011,
     /// 400012: the body could not be deserialized.
     DeserializationError = 400012,
     /// 400023: the etag in the body does not match.
@@ -416,6 +419,7 @@ mod tests {
         let expected = [
             ("ArgumentInvalid", 400004),
             ("IotHubFormatError", 400006),
+            ("DeviceDefinedMultipleTimes", 400011),
             ("DeserializationError", 400012),
             ("EtagDoesNotMatch", 400023),
             ("IotHubUnauthorizedAccess", 401002),

@@ -2,14 +2,15 @@
 //!
 //! Module map:
 //! - protocol (pure: no I/O, no clock reads): [`connection_string`], [`sas`], [`policy`],
-//!   [`topic`], [`timestamp`], and the wire model [`device`], [`twin`], [`method`], [`job`],
-//!   [`query`], [`error`]; [`hub_env`] (the local hub's settings file); [`tier`] (tiers and
+//!   [`topic`], [`timestamp`], and the wire model [`device`], [`bulk`], [`twin`], [`method`],
+//!   [`job`], [`query`], [`error`]; [`hub_env`] (the local hub's settings file); [`tier`] (tiers and
 //!   their quotas).
 //! - clients (async I/O on tokio): [`tls`] (trust roots), [`device_client`] (MQTT),
 //!   [`service_client`] (REST); [`shutdown`] (Ctrl-C/SIGTERM) and [`duration`] (`20s`, `2m`) for
 //!   our binaries.
 #![warn(missing_docs)]
 
+pub mod bulk;
 pub mod connection_string;
 pub mod device;
 pub mod device_client;

@@ -24,6 +24,7 @@ pub const DEFAULT_MAX_ACTIVE_JOBS: usize = 10;
   hub-emulator --data-dir ./hub --hostname myhub.azure-devices.net
   hub-emulator --in-memory --mqtt-port 0 --https-port 0   # throwaway hub on free ports
   hub-emulator --fault dev1=offline,for=30s --fault dev2=slow:2s   # misbehaving devices
+  hub-emulator --seed devices.json          # devices, keys, tags and desired properties from a file
 
 Then, in other terminals: sim-device, and schedule-job. With the default data directory they
 find the hub by themselves (through its hub.env, rewritten at every start, --in-memory too);
@@ -97,6 +98,11 @@ pub struct Args {
     /// GET /$emulator/devices/{id}/messages (0 keeps none; bodies are kept up to 1 KiB).
     #[arg(long, value_name = "N", default_value_t = crate::telemetry::DEFAULT_PER_DEVICE)]
     pub telemetry_ring: usize,
+    /// Devices (id, status, keys, tags, desired properties) to create or bring up to date at
+    /// every start, from a JSON file; a restart with the same file changes nothing. See
+    /// docs/seed.md.
+    #[arg(long, value_name = "FILE")]
+    pub seed: Option<PathBuf>,
 }
 
 /// The default data directory: `$XDG_DATA_HOME/iothub-emulator` or its platform equivalent.
@@ -148,6 +154,8 @@ pub struct Config {
     pub body_read_timeout: std::time::Duration,
     /// Faults injected at start (`--fault`), by device id; their `for` counts from the start.
     pub faults: Vec<(String, crate::faults::FaultSpec)>,
+    /// The seed file (`--seed`), read and checked; applied by `start` once the state is open.
+    pub seed: Option<crate::seed::Seed>,
     /// The dashboard (None: not served).
     pub dashboard: Option<DashboardConfig>,
     /// Recent telemetry messages kept per device ([`crate::telemetry`]).
@@ -183,6 +191,7 @@ impl Config {
             faults: Vec::new(),
             dashboard: Some(DashboardConfig::default()),
             telemetry_ring: crate::telemetry::DEFAULT_PER_DEVICE,
+            seed: None,
         }
     }
 
@@ -212,6 +221,12 @@ impl TryFrom<Args> for Config {
                 ));
             }
         }
+        // Read and checked before anything is opened, so a bad file is a usage error that
+        // leaves the data directory as it was.
+        let seed = match &args.seed {
+            Some(path) => Some(crate::seed::Seed::load(path).map_err(|e| e.to_string())?),
+            None => None,
+        };
         let tier = match args.tier {
             Some(tier) => Some(
                 tier.with_units(args.units)
@@ -246,6 +261,7 @@ impl TryFrom<Args> for Config {
                 token: args.dashboard_token,
             }),
             telemetry_ring: args.telemetry_ring,
+            seed,
         })
     }
 }

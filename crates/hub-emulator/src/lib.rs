@@ -15,6 +15,7 @@
 //! - [`query`]: the IoT Hub query language (parser and evaluator).
 //! - [`throttle`]: the tier's operation throttles (traffic shaping, then 429).
 //! - [`jobs`]: Jobs v2, scheduled direct methods and twin updates over a query.
+//! - [`seed`]: the seed file (`--seed`), devices created or brought up to date at start.
 //! - [`faults`]: injected device faults for users' own tests (slow, offline, failing methods,
 //!   throttled twins), set with `--fault` or `/$emulator/faults`.
 //!
@@ -31,6 +32,7 @@ pub mod limits;
 mod listener;
 pub mod mqtt;
 pub mod query;
+pub mod seed;
 pub mod store;
 pub mod telemetry;
 pub mod throttle;
@@ -82,6 +84,9 @@ pub enum StartError {
     /// The stored state could not be loaded.
     #[error("cannot load the hub's state: {0}")]
     State(#[from] hub::OperationError),
+    /// The seed file could not be applied.
+    #[error(transparent)]
+    Seed(#[from] seed::SeedError),
     /// A `--fault` could not be set.
     #[error("--fault: {0}")]
     Fault(#[from] faults::FaultError),
@@ -268,6 +273,16 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     };
     for (device_id, spec) in &config.faults {
         hub.set_fault(device_id, spec.clone())?;
+    }
+    if let Some(seed) = &config.seed {
+        let outcome = seed.apply(&hub).await?;
+        tracing::info!(
+            file = %seed.path().display(),
+            created = outcome.created,
+            updated = outcome.updated,
+            unchanged = outcome.unchanged,
+            "seed applied"
+        );
     }
 
     let mqtt_listener = bind(

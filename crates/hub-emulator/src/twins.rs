@@ -66,7 +66,8 @@ pub enum TwinError {
     NothingToUpdate,
 }
 
-fn kind(value: &Value) -> &'static str {
+/// A JSON value's kind, for error messages (`an object`, `a string`, ...).
+pub fn kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -484,6 +485,19 @@ fn check_patch_size(section: &'static str, patch: &Value, limit: usize) -> Resul
     Ok(())
 }
 
+/// Whether merging `patch` into `target` (as a twin PATCH merges tags or desired properties:
+/// `null` removes, an object merges into an object, anything else replaces) would change it. A
+/// seed applied again at restart uses it to leave an up-to-date twin's versions alone.
+pub fn patch_changes(target: &Map<String, Value>, patch: &Map<String, Value>) -> bool {
+    patch
+        .iter()
+        .any(|(name, value)| match (value, target.get(name)) {
+            (Value::Null, current) => current.is_some(),
+            (Value::Object(inner), Some(Value::Object(current))) => patch_changes(current, inner),
+            (value, current) => current != Some(value),
+        })
+}
+
 /// A section without its `$metadata` (what devices receive in a GET twin answer keeps it out).
 pub fn without_metadata(section: &Map<String, Value>) -> Map<String, Value> {
     section
@@ -502,6 +516,33 @@ mod tests {
         match v {
             Value::Object(m) => m,
             _ => panic!("not an object"),
+        }
+    }
+
+    #[test]
+    fn a_patch_changes_a_section_unless_it_holds_the_patch_already() {
+        let current = obj(json!({"a": 1, "b": {"c": "x", "d": [1, 2]}, "$version": 4}));
+        let unchanged = [
+            json!({}),
+            json!({"a": 1}),
+            json!({"b": {"c": "x"}}),
+            json!({"b": {"d": [1, 2]}, "gone": null}),
+        ];
+        for patch in unchanged {
+            assert!(!patch_changes(&current, &obj(patch.clone())), "{patch}");
+        }
+        let changes = [
+            json!({"a": 2}),
+            json!({"a": null}),
+            json!({"b": {"c": "y"}}),
+            json!({"b": {"e": 1}}),
+            json!({"b": {"c": null}}),
+            json!({"a": {"x": 1}}),
+            json!({"new": {}}),
+            json!({"b": 5}),
+        ];
+        for patch in changes {
+            assert!(patch_changes(&current, &obj(patch.clone())), "{patch}");
         }
     }
 

@@ -1013,3 +1013,47 @@ async fn existing_secret_files_are_tightened_to_0600() {
     }
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn health_is_ready_without_a_token_and_never_throttled() {
+    // S1 with a one-second burst and no queue: the second registry call in a second is refused,
+    // so twenty health checks in a row would be too if /health were throttled like the registry.
+    let hub = TestHub::start_with(hub_emulator::Config {
+        tier: Some(hub_core::tier::Tier::S1.with_units(1).expect("S1")),
+        throttle_shaping: (Duration::from_secs(1), Duration::ZERO),
+        ..hub_emulator::Config::ephemeral()
+    })
+    .await;
+    for attempt in 0..20 {
+        let answer = hub.call_as(None, Method::GET, "/health", None, &[]).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "attempt {attempt}: {}",
+            answer.body
+        );
+        assert_eq!(answer.body, json!({"status": "ready"}));
+    }
+    // The same hub does throttle a registry call made as fast.
+    let first = hub.call(Method::GET, "/devices/myDeviceId", None).await;
+    let second = hub.call(Method::GET, "/devices/myDeviceId", None).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    second.assert_error(StatusCode::TOO_MANY_REQUESTS, "ThrottlingException");
+    // A forged token is not looked at either: /health reads no header.
+    let forged = hub
+        .call_as(
+            Some("SharedAccessSignature sr=x&sig=y&se=1&skn=iothubowner"),
+            Method::GET,
+            "/health",
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(forged.status, StatusCode::OK);
+    // Other methods on it are refused as any route refuses them.
+    let posted = hub
+        .call_as(None, Method::POST, "/health", Some(&json!({})), &[])
+        .await;
+    assert_eq!(posted.status, StatusCode::METHOD_NOT_ALLOWED);
+    hub.running.shutdown().await;
+}

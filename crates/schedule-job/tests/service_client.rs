@@ -320,3 +320,69 @@ async fn throttled_creations_are_retried_because_the_hub_did_not_run_them() {
     let refused = impatient.create_device(&Device::new("thr-5")).await;
     assert_eq!(kind(refused), HubErrorKind::Throttled);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bulk_registry_reads_per_device_failures_as_an_answer_and_whole_refusals_as_errors() {
+    use hub_core::bulk::{ExportImportDevice, ImportMode, MAX_BULK_DEVICES};
+    use hub_core::error::ErrorCode;
+    let hub = TestHub::start().await;
+    let c = &hub.client;
+    let created = c
+        .bulk_registry(&[
+            ExportImportDevice::new("bulk-1", ImportMode::Create),
+            ExportImportDevice::new("bulk-2", ImportMode::Create),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        created.is_successful && created.errors.is_empty(),
+        "{created:?}"
+    );
+    assert_eq!(c.get_device("bulk-2").await.unwrap().device_id, "bulk-2");
+    // The hub answers 400 with the failures; the others apply.
+    let mixed = c
+        .bulk_registry(&[
+            ExportImportDevice::new("bulk-1", ImportMode::Create),
+            ExportImportDevice::new("bulk-3", ImportMode::Create),
+            ExportImportDevice::new("bulk-2", ImportMode::Delete),
+        ])
+        .await
+        .unwrap();
+    assert!(!mixed.is_successful);
+    let failed: Vec<(&str, &str)> = mixed
+        .errors
+        .iter()
+        .map(|e| (e.device_id.as_str(), e.error_code.as_str()))
+        .collect();
+    assert_eq!(failed, [("bulk-1", "DeviceAlreadyExists")]);
+    assert_eq!(
+        kind(c.get_device("bulk-2").await),
+        HubErrorKind::DeviceNotFound
+    );
+    // A call refused whole is an error with the hub's code.
+    let twice = c
+        .bulk_registry(&[
+            ExportImportDevice::new("bulk-4", ImportMode::Create),
+            ExportImportDevice::new("bulk-4", ImportMode::Create),
+        ])
+        .await;
+    match twice {
+        Err(ServiceError::Hub(h)) => {
+            assert_eq!(h.status, 400);
+            assert_eq!(h.code, Some(ErrorCode::DeviceDefinedMultipleTimes));
+        }
+        other => panic!("expected DeviceDefinedMultipleTimes, got {other:?}"),
+    }
+    // Too many is refused before anything is sent.
+    let many: Vec<ExportImportDevice> = (0..=MAX_BULK_DEVICES)
+        .map(|i| ExportImportDevice::new(format!("many-{i}"), ImportMode::Create))
+        .collect();
+    assert!(matches!(
+        c.bulk_registry(&many).await,
+        Err(ServiceError::InvalidArgument(_))
+    ));
+    assert_eq!(
+        kind(c.get_device("many-0").await),
+        HubErrorKind::DeviceNotFound
+    );
+}

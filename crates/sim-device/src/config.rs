@@ -60,7 +60,8 @@ pub struct Args {
     /// Device id prefix for --count.
     #[arg(long, value_name = "P", default_value = "simDevice-")]
     pub id_prefix: String,
-    /// Create fleet devices that do not exist yet (needs a service connection string with registry write).
+    /// Create fleet devices that do not exist yet, 100 per bulk registry call (needs a service
+    /// connection string with registry write).
     #[arg(long, requires = "count")]
     pub register: bool,
     /// MQTT over WebSocket (port 443 unless the host names one) instead of MQTT over TLS (8883).

@@ -22,11 +22,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use hub_core::bulk::{ExportImportDevice, ImportMode, MAX_BULK_DEVICES};
 use hub_core::connection_string::{DeviceAuth, DeviceConnectionString, SharedKey};
-use hub_core::device::Device;
+use hub_core::device::{Authentication, AuthenticationType, Device, SymmetricKey};
 use hub_core::device_client::{
     Backoff, ConnectError, DeviceClient, DeviceClientOptions, Transport,
 };
+use hub_core::error::ErrorCode;
 use hub_core::service_client::{HubErrorKind, RetryPolicy, ServiceClient, ServiceError};
 use hub_core::tls::{TlsError, TrustOptions};
 use tokio_util::sync::CancellationToken;
@@ -38,6 +40,10 @@ pub use device::{METHODS, Stats};
 pub const CONNECT_CONCURRENCY: usize = 256;
 /// How many registry calls a fleet makes at once.
 const REGISTRY_CONCURRENCY: usize = 32;
+/// How many bulk registry calls (up to [`MAX_BULK_DEVICES`] devices each) a fleet makes at
+/// once: each is one registry operation for the hub's throttle but a hundred records for its
+/// store, so a few in flight keep 10,000 devices' creation to seconds without a burst of 100.
+const BULK_CONCURRENCY: usize = 4;
 /// The fleet's registry calls: hub-core's client retries a 429 itself (so the fleet does not
 /// retry again on top), but its default four attempts suit an interactive tool; a fleet
 /// registering on S1, 100 registry operations a minute shared by [`REGISTRY_CONCURRENCY`]
@@ -118,6 +124,16 @@ pub enum SimError {
     NotRegistered {
         /// The device.
         device_id: String,
+    },
+    /// The hub refused to create a fleet device (one entry of a bulk registry call).
+    #[error("creating device {device_id} failed: {status} ({code})")]
+    NotCreated {
+        /// The device.
+        device_id: String,
+        /// The hub's error code name, e.g. `ArgumentInvalid`.
+        code: String,
+        /// The hub's words.
+        status: String,
     },
     /// A fleet device has no symmetric key.
     #[error(
@@ -417,25 +433,117 @@ async fn fleet_device_key(
     })
 }
 
+/// A new random device key: 32 bytes (two v4 UUIDs' worth of the OS's randomness).
+fn random_key() -> SharedKey {
+    let mut bytes = Vec::with_capacity(32);
+    bytes.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+    bytes.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+    SharedKey::from_bytes(bytes)
+}
+
+/// Creates `ids` with bulk registry calls of [`MAX_BULK_DEVICES`] and returns the keys of those
+/// created. The keys are made here and sent with the devices, as a bulk answer carries none. A
+/// device that exists already (beyond the listing, or created meanwhile) is left out, to be
+/// looked up; any other refusal is an error naming the device. A throttled call is retried by
+/// the client ([`REGISTRY_RETRY`]).
+async fn create_fleet_devices(
+    service: &ServiceClient,
+    ids: &[String],
+) -> Result<HashMap<String, SharedKey>, SimError> {
+    // The calls are made before they are streamed: a closure mapping the chunks inside the
+    // stream leaves the future's lifetimes too general for `tokio::spawn` to see it as Send.
+    let calls: Vec<_> = ids
+        .chunks(MAX_BULK_DEVICES)
+        .map(|chunk| create_fleet_chunk(service, chunk))
+        .collect();
+    let calls = futures_util::stream::iter(calls).buffer_unordered(BULK_CONCURRENCY);
+    tokio::pin!(calls);
+    let mut created = HashMap::with_capacity(ids.len());
+    while let Some(batch) = calls.next().await {
+        created.extend(batch?);
+    }
+    Ok(created)
+}
+
+/// One bulk registry call of [`create_fleet_devices`]: the ids created, with their keys.
+async fn create_fleet_chunk(
+    service: &ServiceClient,
+    chunk: &[String],
+) -> Result<Vec<(String, SharedKey)>, SimError> {
+    let mut keys = Vec::with_capacity(chunk.len());
+    let mut devices = Vec::with_capacity(chunk.len());
+    for id in chunk {
+        let key = random_key();
+        devices.push(ExportImportDevice {
+            authentication: Some(Authentication {
+                symmetric_key: Some(SymmetricKey::new(key.to_base64(), random_key().to_base64())),
+                auth_type: Some(AuthenticationType::Sas),
+                ..Authentication::default()
+            }),
+            ..ExportImportDevice::new(id.clone(), ImportMode::Create)
+        });
+        keys.push((id.clone(), key));
+    }
+    let result = match service.bulk_registry(&devices).await {
+        Ok(result) => result,
+        Err(source) => {
+            return Err(SimError::Service {
+                what: format!(
+                    "creating devices {} to {}",
+                    chunk.first().map(String::as_str).unwrap_or_default(),
+                    chunk.last().map(String::as_str).unwrap_or_default()
+                ),
+                source,
+            });
+        }
+    };
+    let mut exists = std::collections::HashSet::with_capacity(result.errors.len());
+    for error in result.errors {
+        if error.error_code != ErrorCode::DeviceAlreadyExists.name() {
+            return Err(SimError::NotCreated {
+                device_id: error.device_id,
+                code: error.error_code,
+                status: error.error_status,
+            });
+        }
+        exists.insert(error.device_id);
+    }
+    keys.retain(|(id, _)| !exists.contains(id));
+    Ok(keys)
+}
+
 /// Finds (or, with `register`, creates) each fleet device and returns its connection string:
-/// one listing first, then one registry call per device the listing did not hold, so a fleet
-/// of up to a thousand costs one registry operation of the hub's rate (S1: 100 a minute)
-/// instead of one each.
+/// one listing first; with `register`, bulk creations of 100 of the devices it did not hold;
+/// then one lookup per device still unknown. A new fleet of up to a thousand costs two registry
+/// operations of the hub's rate (S1: 100 a minute) plus one per hundred devices, instead of two
+/// per device.
 async fn fleet_connection_strings(
     config: &Config,
     fleet: &Fleet,
     service: &ServiceClient,
     shutdown: &CancellationToken,
 ) -> Result<Vec<DeviceConnectionString>, SimError> {
-    let listed = tokio::select! {
+    let mut known = tokio::select! {
         _ = shutdown.cancelled() => return Ok(Vec::new()),
         listed = listed_fleet_keys(service, fleet) => listed,
     };
+    if fleet.register {
+        let missing: Vec<String> = fleet
+            .device_ids()
+            .filter(|id| !known.contains_key(id))
+            .collect();
+        if !missing.is_empty() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(Vec::new()),
+                created = create_fleet_devices(service, &missing) => known.extend(created?),
+            }
+        }
+    }
     let base = &config.connection_string;
-    let listed = &listed;
+    let known = &known;
     let lookups = futures_util::stream::iter(fleet.device_ids())
         .map(|id| async move {
-            let key = match listed.get(&id) {
+            let key = match known.get(&id) {
                 Some(key) => key.clone(),
                 None => fleet_device_key(service, fleet, &id).await?,
             };

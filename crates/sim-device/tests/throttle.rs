@@ -145,13 +145,53 @@ async fn the_same_fleet_without_a_tier_is_never_throttled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registering_on_s1_retries_throttled_registry_calls() {
     let running = start_s1_hub().await;
-    // A listing, then a lookup (404) and a creation per device: nine registry calls where S1
-    // admits one every 0.6 s.
+    // A listing, then one bulk creation of the four: two registry calls where S1 admits one
+    // every 0.6 s.
     let summary = run_until_connected(&running, fleet_config(&running, "new-", 4, true)).await;
     assert_eq!((summary.devices, summary.connected), (4, 4));
     assert!(
         summary.throttled.registry_calls > 0,
         "S1 throttled no registry call of nine at once: {summary:?}"
     );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registering_a_fleet_takes_one_bulk_call_per_hundred_devices() {
+    // S1 as IoT Hub shapes it: a minute's worth (100 registry operations) passes at once, then
+    // 10 s of queue at 1.67 a second, then 429. 250 new devices made one call each (a lookup and
+    // a creation per device, 501 operations) would be throttled for minutes; in bulk they are a
+    // listing and three calls.
+    init_tracing();
+    let running = match hub_emulator::start(hub_emulator::Config {
+        tier: Some(Tier::S1.with_units(1).expect("S1")),
+        ..hub_emulator::Config::ephemeral()
+    })
+    .await
+    {
+        Ok(hub) => hub,
+        Err(e) => panic!("hub-emulator did not start: {e}"),
+    };
+    let started = std::time::Instant::now();
+    let summary = run_until_connected(&running, fleet_config(&running, "bulk-", 250, true)).await;
+    assert_eq!((summary.devices, summary.connected), (250, 250));
+    assert_eq!(
+        summary.throttled.registry_calls, 0,
+        "four registry operations stay within S1's burst: {summary:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+    for id in ["bulk-1", "bulk-100", "bulk-101", "bulk-250"] {
+        let device = running.hub().get_device(id).expect("registered");
+        assert!(
+            device["authentication"]["symmetricKey"]["primaryKey"]
+                .as_str()
+                .is_some_and(|k| k.len() >= 40),
+            "{id} has a 32-byte key: {device}"
+        );
+    }
     running.shutdown().await;
 }

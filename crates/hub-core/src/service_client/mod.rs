@@ -22,6 +22,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::bulk::{BulkRegistryOperationResult, ExportImportDevice, MAX_BULK_DEVICES};
 use crate::connection_string::ServiceConnectionString;
 use crate::device::Device;
 use crate::error::ErrorCode;
@@ -191,6 +192,8 @@ struct Call<'a> {
     headers: Vec<(&'static str, String)>,
     idempotency: Idempotency,
     timeout: Option<Duration>,
+    /// A non-2xx status whose body is still the operation's answer (the bulk registry's 400).
+    answer_status: Option<StatusCode>,
     _marker: std::marker::PhantomData<&'a ()>,
 }
 
@@ -204,6 +207,7 @@ impl Call<'_> {
             headers: Vec::new(),
             idempotency,
             timeout: None,
+            answer_status: None,
             _marker: std::marker::PhantomData,
         }
     }
@@ -243,6 +247,7 @@ pub fn quote_etag(etag: &str) -> String {
 }
 
 struct Answer {
+    status: StatusCode,
     headers: HeaderMap,
     body: bytes::Bytes,
 }
@@ -344,6 +349,46 @@ impl ServiceClient {
         )
         .if_match(etag);
         self.send(call).await.map(drop)
+    }
+
+    /// `POST /devices`: the bulk registry, at most [`MAX_BULK_DEVICES`] devices each with its
+    /// own import mode. Devices that failed are in the result's `errors` (the hub answers 400
+    /// with the same body, which is read as an answer, not an error); a call refused as a whole
+    /// (too many devices, a malformed body, no permission) is an `Err`. Not retried on ambiguous
+    /// failures (a repeated create would fail as DeviceAlreadyExists), but a 429 is.
+    pub async fn bulk_registry(
+        &self,
+        devices: &[ExportImportDevice],
+    ) -> Result<BulkRegistryOperationResult, ServiceError> {
+        if devices.len() > MAX_BULK_DEVICES {
+            return Err(ServiceError::InvalidArgument(format!(
+                "a bulk registry call may name at most {MAX_BULK_DEVICES} devices, got {}",
+                devices.len()
+            )));
+        }
+        let mut call = Call::new(
+            Method::POST,
+            "/devices".to_owned(),
+            Idempotency::NotIdempotent,
+        )
+        .json(devices)?;
+        call.answer_status = Some(StatusCode::BAD_REQUEST);
+        let request = call.describe();
+        let answer = self.send(call).await?;
+        if answer.status.is_success() {
+            return decode(&request, &answer.body);
+        }
+        // A 400 is per-device failures only if it lists some; IoT Hub's classic error body
+        // (every field of the result is optional) is a refusal of the whole call.
+        match serde_json::from_slice::<BulkRegistryOperationResult>(&answer.body) {
+            Ok(result) if !result.errors.is_empty() => Ok(result),
+            _ => Err(hub_error(
+                &request,
+                answer.status,
+                &answer.headers,
+                &answer.body,
+            )),
+        }
     }
 
     // ---- twins ----------------------------------------------------------------------------
@@ -652,7 +697,13 @@ impl ServiceClient {
                     let status = response.status();
                     let headers = response.headers().clone();
                     match response.bytes().await {
-                        Ok(body) if status.is_success() => return Ok(Answer { headers, body }),
+                        Ok(body) if status.is_success() || call.answer_status == Some(status) => {
+                            return Ok(Answer {
+                                status,
+                                headers,
+                                body,
+                            });
+                        }
                         Ok(body) => hub_error(&request, status, &headers, &body),
                         Err(e) => self.transport_error(&request, timeout, e),
                     }

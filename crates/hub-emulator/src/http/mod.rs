@@ -6,12 +6,14 @@
 //! shutdown), [`error`] ([`ApiError`]),
 //! [`auth`] (SAS checks), `extract` (JSON body / path / `If-Match`), `throttle` (the tier's
 //! throttles per request), `registry`, `twins`, `query`, `faults` (the emulator's own
-//! fault-injection routes under `/$emulator/faults`).
+//! fault-injection routes under `/$emulator/faults`), `health` (the emulator's own
+//! unauthenticated `GET /health`).
 
 pub mod auth;
 pub mod error;
 mod extract;
 mod faults;
+mod health;
 mod query;
 mod registry;
 mod server;
@@ -84,7 +86,10 @@ impl AppState {
 /// The REST API's routes, with the MQTT-over-WebSocket and Jobs v2 routes merged in.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/devices", get(registry::list_devices))
+        .route(
+            "/devices",
+            get(registry::list_devices).post(registry::bulk_devices),
+        )
         // `/devices/query` is a static route and wins over `/devices/{id}`; the extra methods keep
         // a device that is really named `query` reachable.
         .route(
@@ -148,6 +153,9 @@ pub fn router(state: AppState) -> Router {
         ))
         .merge(crate::mqtt::websocket::routes())
         .merge(crate::dashboard::routes(state.clone()))
+        // The emulator's own readiness route (IoT Hub has none), added after the layers above
+        // so that it is neither authenticated nor throttled.
+        .route("/health", get(health::health))
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -1,5 +1,5 @@
-//! Identity registry routes: `PUT/GET/DELETE /devices/{id}`, `GET /devices?top=n` and the
-//! statistics. IoT Hub answers 200 (never 201) on create and 204 on delete (reference §4.1).
+//! Identity registry routes: `PUT/GET/DELETE /devices/{id}`, `GET /devices?top=n`, the bulk
+//! registry `POST /devices` and the statistics. IoT Hub answers 200 (never 201) on create and 204 on delete (reference §4.1).
 
 use axum::Json;
 use axum::extract::{RawQuery, State};
@@ -7,14 +7,16 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use hub_core::bulk::{BulkRegistryOperationResult, ExportImportDevice, MAX_BULK_DEVICES};
 use hub_core::device::PurgeMessageQueueResult;
+use hub_core::error::ErrorCode;
 use hub_core::policy::Permission;
 
 use super::AppState;
 use super::auth::{Caller, require};
 use super::error::ApiError;
 use super::extract::{IdPath, JsonBody, if_match};
-use crate::hub::OperationError;
+use crate::hub::{BulkRequestError, OperationError, check_bulk_request};
 
 /// Most devices `GET /devices` returns (also its default).
 pub const MAX_LIST: usize = 1000;
@@ -101,6 +103,72 @@ pub(crate) async fn delete_device_named(
     state.hub.delete_device(id, if_match(headers)?).await?;
     tracing::info!(device_id = %id, "device deleted");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /devices`: the bulk registry ("Bulk Registry - Update Registry" in the REST
+/// reference). Needs RegistryWrite, as `PUT /devices/{id}` does. Answers IoT Hub's
+/// `BulkRegistryOperationResult`: 200 when every device succeeded, 400 with an error per failed
+/// device otherwise (the reference lists that body for both statuses, and azure-iot-hub-python
+/// `protocol/operations/bulk_registry_operations.py` accepts exactly 200 and 400 and reads it
+/// from either). A call that is malformed as a whole (not an array, more than 100 devices, one
+/// device twice) is refused with IoT Hub's classic error body before anything changes.
+pub async fn bulk_devices(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Response, ApiError> {
+    require(&state, &headers, Permission::RegistryWrite)?;
+    let Value::Array(items) = body else {
+        return Err(ApiError::argument(format!(
+            "the bulk registry body must be a JSON array of devices \
+             ([{{\"id\": \"dev1\", \"importMode\": \"create\"}}, ...]), got {}",
+            crate::twins::kind(&body)
+        )));
+    };
+    // Counted before each entry is parsed: the body's size is bounded, its entries' work too.
+    if items.len() > MAX_BULK_DEVICES {
+        return Err(ApiError::argument(
+            BulkRequestError::TooMany {
+                count: items.len(),
+                max: MAX_BULK_DEVICES,
+            }
+            .to_string(),
+        ));
+    }
+    let devices = items
+        .into_iter()
+        .enumerate()
+        .map(|(index, item)| {
+            serde_json::from_value::<ExportImportDevice>(item).map_err(|e| {
+                ApiError::argument(format!(
+                    "device [{index}] of the bulk registry call is invalid: {e}"
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    check_bulk_request(&devices).map_err(|error| match error {
+        BulkRequestError::Duplicate(_) => {
+            ApiError::new(ErrorCode::DeviceDefinedMultipleTimes, error.to_string())
+        }
+        other => ApiError::argument(other.to_string()),
+    })?;
+    let errors = state.hub.bulk_registry(&devices).await?;
+    tracing::info!(
+        devices = devices.len(),
+        failed = errors.len(),
+        "bulk registry call"
+    );
+    let result = BulkRegistryOperationResult {
+        is_successful: errors.is_empty(),
+        errors,
+        warnings: Vec::new(),
+    };
+    let status = if result.is_successful {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    Ok((status, Json(result)).into_response())
 }
 
 /// `DELETE /devices/{id}/commands`: purges the device's cloud-to-device queue, as the service

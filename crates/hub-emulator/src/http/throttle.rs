@@ -89,6 +89,8 @@ mod tests {
         let cases = [
             (Method::GET, "/devices/dev1", Some((Operation::Registry, 1))),
             (Method::GET, "/devices", Some((Operation::Registry, 1))),
+            // A bulk call is one registry operation, whatever its device count.
+            (Method::POST, "/devices", Some((Operation::Registry, 1))),
             (Method::POST, "/devices/query", Some((Operation::Query, 1))),
             (
                 Method::GET,

@@ -4,6 +4,8 @@
 //!
 //! - `auth`: policies and their keys, service and device authentication.
 //! - `registry`: device identities (create, update, delete, read, list).
+//! - `bulk`: the bulk registry (`POST /devices`), staged with `registry`'s own staging.
+//! - `seed`: a seed file's devices applied at start, idempotently.
 //! - `twins`: service twin updates (one device or a job's batch) and device reported patches.
 //! - `router`: device sessions, presence, the outbound queue, desired-patch delivery.
 //! - `methods`: direct-method calls waiting for a device's answer.
@@ -35,11 +37,13 @@
 //!   cannot leave a commit on disk that `state` never saw.
 
 mod auth;
+mod bulk;
 mod error;
 mod methods;
 mod record;
 mod registry;
 mod router;
+mod seed;
 mod twins;
 
 use std::collections::{BTreeMap, HashMap};
@@ -51,6 +55,7 @@ use time::OffsetDateTime;
 use tokio::sync::{Notify, OwnedMutexGuard, oneshot};
 
 pub use auth::{DeviceGrant, PolicyKeys, SAS_SKEW_SECS};
+pub use bulk::{BulkRequestError, check_bulk_request};
 pub use error::{AuthError, OperationError};
 pub use methods::{MAX_METHOD_PAYLOAD, MethodCall, MethodOutcome, validate_method_name};
 pub use record::{NEVER, timestamp};
@@ -58,6 +63,7 @@ pub use registry::{TUTORIAL_DEVICE_ID, validate_device_id};
 pub use router::{
     GrantedQos, OpenedSession, Outbound, SESSION_QUEUE, SessionTicket, Subscriptions,
 };
+pub use seed::{SeedDevice, SeedOutcome, SeedRefused};
 pub use twins::TWIN_READ_CHUNK;
 
 use crate::faults::{FaultError, FaultKind, FaultSpec, Faults};

@@ -23,7 +23,7 @@ pub fn validate_device_id(id: &str) -> Result<(), OperationError> {
 
 /// A `PUT /devices/{id}` body, validated: what a create or an update sets.
 #[derive(Debug)]
-struct DeviceUpdate {
+pub(super) struct DeviceUpdate {
     status: Option<String>,
     status_reason: Option<String>,
     auth_type: String,
@@ -35,7 +35,7 @@ struct DeviceUpdate {
 }
 
 /// Validates a `PUT /devices/{id}` body for device `id`.
-fn parse_device_update(id: &str, body: &Value) -> Result<DeviceUpdate, OperationError> {
+pub(super) fn parse_device_update(id: &str, body: &Value) -> Result<DeviceUpdate, OperationError> {
     validate_device_id(id)?;
     if let Some(body_id) = body.get("deviceId").and_then(Value::as_str)
         && body_id != id
@@ -119,7 +119,7 @@ fn parse_device_update(id: &str, body: &Value) -> Result<DeviceUpdate, Operation
 }
 
 /// The record a create (`existing` is `None`) or an update makes, as of `now`.
-fn stage_device(
+pub(super) fn stage_device(
     existing: Option<&DeviceRecord>,
     id: &str,
     update: DeviceUpdate,

@@ -22,7 +22,7 @@ const TWIN_JOBS_REMEMBERED: usize = 32;
 pub const TWIN_READ_CHUNK: usize = 4096;
 
 /// One device's place in a twin batch: its staged record, or the twin as it is.
-enum Staged {
+pub(super) enum Staged {
     Changed(Box<DeviceRecord>, Option<Map<String, Value>>),
     AlreadyApplied(Arc<Value>),
 }
@@ -30,7 +30,7 @@ enum Staged {
 /// Applies a service update (`tags`, `desired`) to `record`, as of `now`. `replace` replaces
 /// the sections (`PUT`) instead of merging (`PATCH`); `job_id` makes it a twin job's update,
 /// applied once.
-fn stage_twin_update(
+pub(super) fn stage_twin_update(
     mut record: DeviceRecord,
     twins::ServiceUpdate { tags, desired }: twins::ServiceUpdate<'_>,
     if_match: Option<&str>,
