@@ -309,14 +309,41 @@ def test_a_job_over_a_fleet_is_scheduled_from_the_form_and_reaches_100_percent(h
              what="the status filter applied")
 
 
+def test_a_scheduled_job_is_cancelled_from_its_page(hub, browser):
+    signed_in(browser, hub)
+    browser.get(hub.base + "/#/jobs")
+    job_id = wait_for(lambda: browser.find_element(By.ID, "job-id"), what="the job form")
+    job_id.clear()
+    job_id.send_keys("later-twin-job")
+    Select(browser.find_element(By.ID, "job-kind")).select_by_value("scheduleUpdateTwin")
+    # An hour from now, in the page's local time (datetime-local takes yyyy-mm-ddThh:mm:ss).
+    later = browser.execute_script("""
+        const d = new Date(Date.now() + 3600 * 1000);
+        const p = (n) => String(n).padStart(2, '0');
+        return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}T${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
+    """)
+    browser.execute_script("document.getElementById('job-start').value = arguments[0];", later)
+    browser.find_element(By.CSS_SELECTOR, "#job-form button[type=submit]").click()
+    wait_for(lambda: "scheduled" in text_of(browser, "#job-status"), what="the job scheduled")
+    click(browser, "#job-cancel")
+    wait_for(lambda: "cancelled" in text_of(browser, "#job-status"), what="the job cancelled")
+    assert hub.rest("GET", "/jobs/v2/later-twin-job")["status"] == "cancelled"
+    assert not browser.find_elements(By.ID, "job-cancel"), "no cancel button on an ended job"
+
+
 def test_the_query_console_pages_and_shows_errors(hub, browser):
+    for n in range(1, 106):
+        hub.rest("PUT", f"/devices/q-{n}", {"deviceId": f"q-{n}"})
     signed_in(browser, hub)
     browser.get(hub.base + "/#/query")
     text = wait_for(lambda: browser.find_element(By.ID, "query-text"), what="the console")
     text.clear()
-    text.send_keys("SELECT deviceId FROM devices WHERE STARTSWITH(deviceId, 'door-')")
+    text.send_keys("SELECT deviceId FROM devices WHERE STARTSWITH(deviceId, 'q-')")
     browser.find_element(By.CSS_SELECTOR, "#query-form button[type=submit]").click()
-    wait_for(lambda: "Page 1: 50 rows" in text_of(browser, "#query-results"), what="one page of 50")
+    wait_for(lambda: "Page 1: 100 rows" in text_of(browser, "#query-results"), what="a first page of 100")
+    click(browser, "#query-more")
+    wait_for(lambda: "Page 2: 5 rows" in text_of(browser, "#query-results"), what="the second page of 5")
+    assert not browser.find_element(By.ID, "query-more").is_displayed(), "no third page"
     text.clear()
     text.send_keys("SELECT * FROM devices WHERE")
     browser.find_element(By.CSS_SELECTOR, "#query-form button[type=submit]").click()
