@@ -17,6 +17,7 @@ pub mod device_client;
 pub mod duration;
 pub mod error;
 pub mod hub_env;
+pub mod import_export;
 pub mod job;
 pub mod method;
 pub mod policy;

@@ -27,6 +27,7 @@ pub mod faults;
 pub mod feed;
 pub mod http;
 pub mod hub;
+pub mod import_export;
 pub mod jobs;
 pub mod limits;
 mod listener;

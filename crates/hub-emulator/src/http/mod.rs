@@ -14,6 +14,7 @@ pub mod error;
 mod extract;
 mod faults;
 mod health;
+mod import_export;
 mod query;
 mod registry;
 mod server;
@@ -66,12 +67,20 @@ pub struct AppState {
     pub throttles: crate::throttle::Throttles,
     /// The dashboard's secrets (None: `--no-dashboard`, or a router built without one).
     pub dashboard: Option<crate::dashboard::Dashboard>,
+    /// Import and export jobs.
+    pub import_export: crate::import_export::ImportExportJobs,
 }
 
 impl AppState {
     /// Bundles the shared handles.
     pub fn new(hub: Hub, jobs: Jobs, shutdown: CancellationToken, tracker: TaskTracker) -> Self {
+        let import_export = crate::import_export::ImportExportJobs::new(
+            hub.clone(),
+            shutdown.clone(),
+            tracker.clone(),
+        );
         AppState {
+            import_export,
             hub,
             jobs,
             shutdown,
@@ -119,6 +128,12 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/twins/{id}/methods", post(twins::invoke_method))
         .merge(crate::jobs::routes())
+        .route("/jobs/create", post(import_export::create))
+        .route("/jobs", get(import_export::list))
+        .route(
+            "/jobs/{id}",
+            get(import_export::get).delete(import_export::cancel),
+        )
         // The emulator's own routes (not IoT Hub's): fault injection for users' tests.
         .route(
             "/$emulator/faults",

@@ -27,7 +27,8 @@ pub fn classify(method: &Method, path: &str, content_length: usize) -> Option<(O
         }
         (["twins", _], &Method::GET) => Operation::TwinRead,
         (["twins", _], _) => Operation::TwinUpdate,
-        // Jobs v2, the only jobs served (import/export jobs, which basic tiers have, are not).
+        // Jobs v2, and import/export jobs (IoT Hub's "Jobs operations (create, update, list,
+        // delete)" throttle covers both).
         (["jobs", ..], _) => Operation::JobsOperation,
         _ => return None,
     };
@@ -55,6 +56,11 @@ pub async fn throttle(
     if let Some(quotas) = state.throttles.quotas()
         && quotas.rate(operation).is_none()
     {
+        // Basic tiers have import/export jobs (Microsoft Learn, "Choose the right IoT Hub tier":
+        // identity registry operations, bulk import/export, are in every tier), not Jobs v2.
+        if is_import_export(request.uri().path()) {
+            return Ok(next.run(request).await);
+        }
         return Err(not_in_tier(quotas.tier, operation));
     }
     if let Err(throttled) = state.throttles.pass(operation, cost).await {
@@ -64,6 +70,13 @@ pub async fn throttle(
         ));
     }
     Ok(next.run(request).await)
+}
+
+/// Whether `path` is an import/export job route (`/jobs/create`, `/jobs`, `/jobs/{id}`), not
+/// Jobs v2's (`/jobs/v2/...`).
+fn is_import_export(path: &str) -> bool {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    matches!(segments.as_slice(), ["jobs"] | ["jobs", _]) && segments.get(1) != Some(&"v2")
 }
 
 /// IoT Hub's refusal of a feature the hub's tier lacks: 403 with 403010 ("This operation is not
@@ -83,6 +96,16 @@ pub fn not_in_tier(tier: Tier, operation: Operation) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn import_export_routes_are_told_from_jobs_v2() {
+        for path in ["/jobs/create", "/jobs", "/jobs/abc"] {
+            assert!(is_import_export(path), "{path}");
+        }
+        for path in ["/jobs/v2", "/jobs/v2/job1", "/jobs/v2/query", "/devices"] {
+            assert!(!is_import_export(path), "{path}");
+        }
+    }
 
     #[test]
     fn requests_map_to_the_throttle_microsoft_lists_them_under() {
@@ -117,6 +140,11 @@ mod tests {
             (
                 Method::GET,
                 "/jobs/v2/query",
+                Some((Operation::JobsOperation, 1)),
+            ),
+            (
+                Method::POST,
+                "/jobs/create",
                 Some((Operation::JobsOperation, 1)),
             ),
             (Method::GET, "/$iothub/websocket", None),

@@ -39,6 +39,7 @@
 mod auth;
 mod bulk;
 mod error;
+mod export;
 mod methods;
 mod record;
 mod registry;
