@@ -168,12 +168,31 @@ def test_the_page_is_refused_without_the_token(hub, browser):
     browser.get(hub.base + "/?token=not-this-hubs-token")
     assert "not from this start" in text_of(browser, "#refused")
     shot(browser, "01-refused-without-token")
-    # The REST API does not take the page's cookie without its CSRF header either.
+    # The REST API takes the page's cookie only with the page's CSRF header (checked in
+    # test_the_cookie_is_no_credential_without_the_csrf_header once signed in).
     context = ssl.create_default_context(cafile=hub.ca_file)
     request = urllib.request.Request(f"{hub.base}/devices/myDeviceId")
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, context=context, timeout=10)
     assert refused.value.code == 401
+
+
+def test_the_cookie_is_no_credential_without_the_csrf_header(hub, browser):
+    signed_in(browser, hub)
+    cookie = next(c for c in browser.get_cookies() if c["name"].startswith("hub_dashboard_"))
+    context = ssl.create_default_context(cafile=hub.ca_file)
+    hub.rest("PUT", "/devices/csrf-target", {"deviceId": "csrf-target"})
+    for method, path, csrf in (("GET", "/devices/myDeviceId", None),
+                               ("DELETE", "/devices/csrf-target", None),
+                               ("DELETE", "/devices/csrf-target", "forged")):
+        headers = {"Cookie": f"{cookie['name']}={cookie['value']}", "If-Match": "*"}
+        if csrf:
+            headers["x-dashboard-csrf"] = csrf
+        request = urllib.request.Request(f"{hub.base}{path}", method=method, headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, context=context, timeout=10)
+        assert refused.value.code == 401, (method, path, csrf)
+    assert hub.rest("GET", "/devices/csrf-target")["deviceId"] == "csrf-target", "nothing deleted"
 
 
 def test_the_token_is_exchanged_for_a_cookie_and_keys_never_reach_the_page(hub, browser):
@@ -198,6 +217,7 @@ def test_the_tutorial_device_connects_answers_lock_door_and_acknowledges_desired
     wait_for(lambda: text_of(browser, row) == "Disconnected", what="myDeviceId listed")
     hub.sim_device()
     wait_for(lambda: text_of(browser, row) == "Connected", what="myDeviceId shown connected, live")
+    wait_for(lambda: text_of(browser, "#count-connected") == "1", what="the header's connected count")
     shot(browser, "02-device-connected")
 
     browser.find_element(By.LINK_TEXT, "myDeviceId").click()
@@ -282,8 +302,11 @@ def test_telemetry_is_shown_on_the_device_page(hub, browser):
 
 def test_a_job_over_a_fleet_is_scheduled_from_the_form_and_reaches_100_percent(hub, browser):
     hub.sim_device("--count", "50", "--id-prefix", "door-", "--register")
-    wait_for(lambda: hub.rest("GET", "/statistics/service")["connectedDeviceCount"] >= 51,
-             timeout=60, what="the fleet connected")
+    def fleet_connected():
+        rows = hub.rest("POST", "/devices/query", {
+            "query": "SELECT COUNT() AS n FROM devices WHERE STARTSWITH(deviceId, 'door-') AND connectionState = 'Connected'"})
+        return rows and rows[0]["n"] == 50
+    wait_for(fleet_connected, timeout=60, what="the 50-device fleet connected")
     signed_in(browser, hub)
     browser.get(hub.base + "/#/jobs")
     condition = wait_for(lambda: browser.find_element(By.ID, "job-condition"), what="the job form")

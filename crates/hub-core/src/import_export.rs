@@ -53,7 +53,8 @@ impl ImportExportStatus {
 }
 
 /// The job document, as created (the caller sets `type` and the blob fields) and as answered.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// Its `Debug` leaves out the container URIs' queries: they are SAS credentials.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ImportExportJob {
     /// `jobId` (the hub's; ignored on create).
@@ -104,6 +105,30 @@ pub struct ImportExportJob {
     pub failure_reason: Option<String>,
 }
 
+impl std::fmt::Debug for ImportExportJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let without_sas = |uri: &Option<String>| {
+            uri.as_deref()
+                .map(|u| u.split_once('?').map_or(u, |(base, _)| base).to_owned())
+        };
+        f.debug_struct("ImportExportJob")
+            .field("job_id", &self.job_id)
+            .field("job_type", &self.job_type)
+            .field("status", &self.status)
+            .field("progress", &self.progress)
+            .field(
+                "input_blob_container",
+                &without_sas(&self.input_blob_container_uri),
+            )
+            .field(
+                "output_blob_container",
+                &without_sas(&self.output_blob_container_uri),
+            )
+            .field("failure_reason", &self.failure_reason)
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +153,10 @@ mod tests {
         assert_eq!(json["status"], "running");
         assert_eq!(json["type"], "export");
         assert_eq!(json["progress"], 40);
+        assert!(
+            !format!("{answered:?}").contains("sig=x"),
+            "Debug leaves the SAS out"
+        );
         assert!(ImportExportStatus::Cancelled.is_terminal());
         assert!(!ImportExportStatus::Enqueued.is_terminal());
     }

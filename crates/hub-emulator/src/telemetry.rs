@@ -73,8 +73,26 @@ impl TelemetryRings {
             ),
             Err(_) => (BASE64.encode(kept), "base64"),
         };
+        // The property bag shares the body's budget: a topic may carry 64 KB of properties.
+        let mut budget = KEPT_BODY_BYTES;
+        let mut kept_properties = Vec::new();
+        let mut properties_cut = false;
+        for (name, value) in properties {
+            let size = name.len() + value.len();
+            if size > budget {
+                properties_cut = true;
+                break;
+            }
+            budget -= size;
+            kept_properties.push((name.clone(), value.clone()));
+        }
         let mut rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
-        let ring = rings.entry(device_id.to_owned()).or_default();
+        if !rings.contains_key(device_id) {
+            rings.insert(device_id.to_owned(), Ring::default());
+        }
+        let Some(ring) = rings.get_mut(device_id) else {
+            return;
+        };
         ring.total += 1;
         while ring.messages.len() >= per_device {
             ring.messages.pop_front();
@@ -85,8 +103,8 @@ impl TelemetryRings {
             size: body.len(),
             body: text,
             body_encoding: encoding.to_owned(),
-            truncated: kept.len() < body.len(),
-            properties: properties.to_vec(),
+            truncated: kept.len() < body.len() || properties_cut,
+            properties: kept_properties,
         });
     }
 
@@ -149,6 +167,14 @@ mod tests {
         assert_eq!(
             (last.body_encoding.as_str(), last.body.as_str()),
             ("base64", "//4=")
+        );
+
+        let long = vec![("p".to_owned(), "v".repeat(KEPT_BODY_BYTES))];
+        rings.record("d", b"m", &long, "t".into());
+        let last = rings.read("d").messages.pop().expect("kept");
+        assert!(
+            last.truncated && last.properties.is_empty(),
+            "properties share the budget"
         );
 
         rings.forget("d");

@@ -407,3 +407,46 @@ async fn without_the_dashboard_the_page_is_not_served() {
         .expect("page");
     assert_eq!(page.status(), StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn an_export_made_from_the_page_leaves_keys_out_and_the_page_never_sees_a_sas() {
+    let hub = hub().await;
+    let client = plain_client(&hub);
+    let (cookie, csrf) = sign_in(&hub, &client).await;
+    // Port 9 on loopback: nothing listens, so the job fails fast; what matters is the request.
+    let uri = "http://127.0.0.1:9/devstoreaccount1/exports?sv=2021&sig=secret";
+    let (status, job) = as_page(
+        &client,
+        &hub,
+        Method::POST,
+        "/jobs/create",
+        &cookie,
+        Some(&csrf),
+        Some(
+            json!({"type": "export", "outputBlobContainerUri": uri, "excludeKeysInExport": false}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{job}");
+    assert_eq!(job["excludeKeysInExport"], true, "forced for the page");
+    let shown = job["outputBlobContainerUri"].as_str().expect("uri");
+    assert!(
+        !shown.contains("secret") && shown.starts_with("http://127.0.0.1:9/"),
+        "{shown}"
+    );
+    let id = job["jobId"].as_str().expect("id").to_owned();
+    let (_, listed) = as_page(
+        &client,
+        &hub,
+        Method::GET,
+        "/jobs",
+        &cookie,
+        Some(&csrf),
+        None,
+    )
+    .await;
+    assert!(!listed.to_string().contains("secret"), "{listed}");
+    // A SAS-token caller sees the job as IoT Hub shows it, URI included.
+    let answer = hub.call(Method::GET, &format!("/jobs/{id}"), None).await;
+    assert_eq!(answer.body["outputBlobContainerUri"], uri);
+}

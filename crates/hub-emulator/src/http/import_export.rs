@@ -14,7 +14,7 @@ use hub_core::import_export::{ImportExportJob, ImportExportType};
 use hub_core::policy::Permission;
 
 use super::AppState;
-use super::auth::require;
+use super::auth::{Caller, require};
 use super::error::ApiError;
 use super::extract::JsonBody;
 use crate::import_export::ImportExportError;
@@ -34,14 +34,38 @@ impl From<ImportExportError> for ApiError {
 pub async fn create(
     State(state): State<AppState>,
     headers: HeaderMap,
-    JsonBody(request): JsonBody<ImportExportJob>,
+    JsonBody(mut request): JsonBody<ImportExportJob>,
 ) -> Result<Json<ImportExportJob>, ApiError> {
     let needed = match request.job_type {
         Some(ImportExportType::Export) => Permission::RegistryRead,
         _ => Permission::RegistryWrite,
     };
-    require(&state, &headers, needed)?;
-    Ok(Json(state.import_export.create(request)?))
+    let caller = require(&state, &headers, needed)?;
+    if caller == Caller::Dashboard {
+        // No key leaves through the page, not even by way of a blob it names.
+        request.exclude_keys_in_export = Some(true);
+    }
+    let job = state.import_export.create(request)?;
+    Ok(Json(for_caller(caller, job)))
+}
+
+/// A job as `caller` may see it: container URIs carry storage credentials (SAS), which the
+/// dashboard's page does not get.
+fn for_caller(caller: Caller, mut job: ImportExportJob) -> ImportExportJob {
+    if caller == Caller::Dashboard {
+        for uri in [
+            &mut job.input_blob_container_uri,
+            &mut job.output_blob_container_uri,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if let Some((base, _sas)) = uri.split_once('?') {
+                *uri = format!("{base}?(SAS hidden)");
+            }
+        }
+    }
+    job
 }
 
 /// `GET /jobs`: the jobs the hub remembers, oldest first.
@@ -49,8 +73,11 @@ pub async fn list(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<Vec<ImportExportJob>>, ApiError> {
-    require(&state, &headers, Permission::RegistryRead)?;
-    Ok(Json(state.import_export.list()))
+    let caller = require(&state, &headers, Permission::RegistryRead)?;
+    let jobs = state.import_export.list();
+    Ok(Json(
+        jobs.into_iter().map(|j| for_caller(caller, j)).collect(),
+    ))
 }
 
 /// `GET /jobs/{id}`.
@@ -59,8 +86,8 @@ pub async fn get(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<ImportExportJob>, ApiError> {
-    require(&state, &headers, Permission::RegistryRead)?;
-    Ok(Json(state.import_export.get(&id)?))
+    let caller = require(&state, &headers, Permission::RegistryRead)?;
+    Ok(Json(for_caller(caller, state.import_export.get(&id)?)))
 }
 
 /// `DELETE /jobs/{id}`: cancels the job if it is still active.

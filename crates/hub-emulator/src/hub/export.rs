@@ -20,7 +20,9 @@ impl Hub {
         max: usize,
         exclude_keys: bool,
     ) -> Vec<ExportImportDevice> {
-        let docs: Vec<(Value, Value)> = {
+        // Copied under the lock, turned into documents after it: the lock is held for clones,
+        // not for building JSON.
+        let records: Vec<_> = {
             let state = lock(&self.inner.state);
             let range = match after {
                 Some(after) => state
@@ -28,14 +30,17 @@ impl Hub {
                     .range::<str, _>((Bound::Excluded(after), Bound::Unbounded)),
                 None => state.devices.range::<str, _>(..),
             };
-            range
-                .take(max)
-                .map(|(_, record)| (record.device_json(), record.twin_json()))
-                .collect()
+            range.take(max).map(|(_, record)| record.clone()).collect()
         };
-        docs.into_iter()
-            .map(|(device, twin)| export_line(device, &twin, exclude_keys))
+        records
+            .into_iter()
+            .map(|record| export_line(record.device_json(), &record.twin_json(), exclude_keys))
             .collect()
+    }
+
+    /// How many devices the registry holds.
+    pub fn device_count(&self) -> usize {
+        lock(&self.inner.state).devices.len()
     }
 }
 

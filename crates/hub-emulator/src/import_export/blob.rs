@@ -163,6 +163,8 @@ impl Container {
             blob: name.to_owned(),
             response,
             buffer: Vec::new(),
+            start: 0,
+            scanned: 0,
             line: 0,
             done: false,
         })
@@ -195,42 +197,52 @@ pub struct BlobLines {
     container: Container,
     blob: String,
     response: reqwest::Response,
+    /// Bytes received and not yet consumed start at `start`; no newline lies before `scanned`.
     buffer: Vec<u8>,
+    start: usize,
+    scanned: usize,
     line: usize,
     done: bool,
 }
 
 impl BlobLines {
-    /// The next non-empty line with its number (from 1), or `None` at the end.
+    /// The next non-empty line with its number (from 1), or `None` at the end. Each byte is
+    /// scanned once and the buffer compacted once per chunk, so splitting is linear in the
+    /// blob's size.
     pub async fn next(&mut self) -> Result<Option<(usize, Bytes)>, BlobError> {
         loop {
-            if let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
-                let mut line: Vec<u8> = self.buffer.drain(..=end).collect();
-                line.pop();
+            let from = self.scanned.max(self.start);
+            if let Some(offset) = self.buffer[from..].iter().position(|&b| b == b'\n') {
+                let end = from + offset;
+                let mut line = &self.buffer[self.start..end];
                 if line.last() == Some(&b'\r') {
-                    line.pop();
+                    line = &line[..line.len() - 1];
                 }
+                let line = Bytes::copy_from_slice(line);
+                self.start = end + 1;
+                self.scanned = self.start;
                 self.line += 1;
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                return Ok(Some((self.line, Bytes::from(line))));
+                return Ok(Some((self.line, line)));
             }
-            if self.buffer.len() > MAX_LINE_BYTES {
+            self.scanned = self.buffer.len();
+            if self.buffer.len() - self.start > MAX_LINE_BYTES {
                 return Err(BlobError::LineTooLong {
                     blob: self.blob.clone(),
                     line: self.line + 1,
                 });
             }
             if self.done {
-                if self.buffer.iter().all(u8::is_ascii_whitespace) {
+                let rest = &self.buffer[self.start..];
+                if rest.iter().all(u8::is_ascii_whitespace) {
                     return Ok(None);
                 }
+                let line = Bytes::copy_from_slice(rest);
+                self.start = self.buffer.len();
                 self.line += 1;
-                return Ok(Some((
-                    self.line,
-                    Bytes::from(std::mem::take(&mut self.buffer)),
-                )));
+                return Ok(Some((self.line, line)));
             }
             match self
                 .response
@@ -238,7 +250,12 @@ impl BlobLines {
                 .await
                 .map_err(|e| self.container.unreachable(&e))?
             {
-                Some(chunk) => self.buffer.extend_from_slice(&chunk),
+                Some(chunk) => {
+                    self.buffer.drain(..self.start);
+                    self.scanned -= self.start;
+                    self.start = 0;
+                    self.buffer.extend_from_slice(&chunk);
+                }
                 None => self.done = true,
             }
         }

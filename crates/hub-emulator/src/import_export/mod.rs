@@ -12,6 +12,8 @@
 //! reading a blob's lines), `run` (what an export and an import do).
 //!
 //! Jobs are kept in memory: a hub restart forgets them (IoT Hub keeps 30 days of history).
+//! Cancelling stops a job at its next await; a batch of an import already being committed is
+//! still applied (a commit, once queued, always completes: see [`crate::hub`]).
 
 mod blob;
 mod run;
@@ -81,8 +83,9 @@ impl std::fmt::Debug for ImportExportJobs {
 impl ImportExportJobs {
     /// The job table; jobs run on `tracker` and stop at `shutdown`.
     pub fn new(hub: Hub, shutdown: CancellationToken, tracker: TaskTracker) -> ImportExportJobs {
+        // A silence of 60 s fails a job; a long transfer that keeps moving does not.
         let client = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(300))
+            .read_timeout(std::time::Duration::from_secs(60))
             .connect_timeout(std::time::Duration::from_secs(30))
             .build()
             .unwrap_or_default();

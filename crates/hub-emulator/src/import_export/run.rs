@@ -20,6 +20,9 @@ use crate::hub::OperationError;
 
 /// Devices read from the registry per page of an export.
 const EXPORT_PAGE: usize = 1000;
+/// Most failures an import lists in its error log; past it, one last line says how many more
+/// there were, so a blob of garbage cannot grow the hub's memory.
+pub const MAX_LOGGED_ERRORS: usize = 10_000;
 
 /// Why a job failed (its `failureReason`).
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +70,13 @@ impl Plan {
                     uri.ok_or_else(|| invalid(format!("{field} is required for this job type")))?;
                 Container::parse(field, uri).map_err(|e| invalid(e.to_string()))
             };
+        if request.include_configurations == Some(true) {
+            return Err(invalid(
+                "includeConfigurations is not supported: hub-emulator has no configurations yet; \
+                 leave it out or false"
+                    .into(),
+            ));
+        }
         let name = |field: &str, name: Option<&String>| -> Result<String, ImportExportError> {
             let name = blob_name(name);
             if name.starts_with('/') || name.contains(['?', '#']) || name.len() > 1024 {
@@ -138,7 +148,7 @@ async fn export(
     blob: &str,
     exclude_keys: bool,
 ) -> Result<(), RunError> {
-    let total = jobs.hub.twin_documents_after(None).len().max(1);
+    let total = jobs.hub.device_count().max(1);
     let mut body = Vec::new();
     let mut after: Option<String> = None;
     let mut written = 0usize;
@@ -173,7 +183,7 @@ async fn import(
 ) -> Result<(), RunError> {
     let mut lines = input.lines(&jobs.client, input_blob).await?;
     let mut batch: Vec<ExportImportDevice> = Vec::with_capacity(MAX_BULK_DEVICES);
-    let mut errors: Vec<DeviceRegistryOperationError> = Vec::new();
+    let mut errors = ErrorLog::default();
     while let Some((number, line)) = lines.next().await? {
         let device = match import_line(&line) {
             Ok(device) => device,
@@ -199,7 +209,18 @@ async fn import(
         errors.extend(jobs.hub.bulk_registry(&batch).await?);
     }
     let mut log = Vec::new();
-    for error in &errors {
+    if errors.dropped > 0 {
+        errors.kept.push(DeviceRegistryOperationError {
+            device_id: String::new(),
+            error_code: "ArgumentInvalid".into(),
+            error_status: format!(
+                "{} more lines failed; only the first {MAX_LOGGED_ERRORS} are listed",
+                errors.dropped
+            ),
+            ..DeviceRegistryOperationError::default()
+        });
+    }
+    for error in &errors.kept {
         if let Ok(text) = serde_json::to_vec(error) {
             log.extend_from_slice(&text);
             log.push(b'\n');
@@ -207,6 +228,29 @@ async fn import(
     }
     output.put(&jobs.client, IMPORT_ERRORS_BLOB, log).await?;
     Ok(())
+}
+
+/// An import's failures: the first [`MAX_LOGGED_ERRORS`], and how many more.
+#[derive(Default)]
+struct ErrorLog {
+    kept: Vec<DeviceRegistryOperationError>,
+    dropped: usize,
+}
+
+impl ErrorLog {
+    fn push(&mut self, error: DeviceRegistryOperationError) {
+        if self.kept.len() < MAX_LOGGED_ERRORS {
+            self.kept.push(error);
+        } else {
+            self.dropped += 1;
+        }
+    }
+
+    fn extend(&mut self, errors: Vec<DeviceRegistryOperationError>) {
+        for error in errors {
+            self.push(error);
+        }
+    }
 }
 
 /// One import line as a bulk entry: `importMode` defaults to `createOrUpdate` ("If the

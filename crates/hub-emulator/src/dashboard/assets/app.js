@@ -89,13 +89,20 @@ function showError(box, error) {
 function debounce(fn, ms) {
   let timer = null;
   let again = false;
+  const arm = () => {
+    timer = setTimeout(() => {
+      timer = null;
+      if (again) {
+        again = false;
+        fn();
+        arm();
+      }
+    }, ms);
+  };
   return () => {
     if (timer) { again = true; return; }
     fn();
-    timer = setTimeout(() => {
-      timer = null;
-      if (again) { again = false; fn(); }
-    }, ms);
+    arm();
   };
 }
 
@@ -119,7 +126,7 @@ async function refreshCounts() {
     document.getElementById("count-devices").textContent = devices.json.totalDeviceCount;
   } catch (_) { /* shown by the views */ }
 }
-const countsSoon = debounce(refreshCounts, 2000);
+const countsSoon = debounce(refreshCounts, 500);
 
 // The current view's reaction to a batch of changes ({devices, telemetry, jobs, resync}).
 let onChanges = () => {};
@@ -194,7 +201,10 @@ function devicesView() {
     return `SELECT deviceId, connectionState, lastActivityTime, authenticationType, status FROM devices${where}`;
   };
   // Reads the first `shown` rows again (live updates keep what is on screen current).
+  let generation = 0;
   const reload = async () => {
+    // An answer to an older search (or view) must not overwrite a newer one.
+    const mine = ++generation;
     try {
       const page = await queryPage(sql(), null, Math.min(shown, 100));
       const rows = page.items;
@@ -204,6 +214,7 @@ function devicesView() {
         rows.push(...further.items);
         next = further.continuation;
       }
+      if (mine !== generation) return;
       continuation = next;
       body.replaceChildren(...rows.map((d) => deviceRow(d, reload, errors)));
       more.hidden = !continuation;
@@ -250,7 +261,8 @@ function devicesView() {
     const visible = new Set([...body.children].map((row) => row.dataset.device));
     // A created device may belong on screen too: any change outside the rows shown reloads
     // when the list is not full.
-    if (batch.resync || batch.devices.some((id) => visible.has(id) || body.children.length < shown)) reloadSoon();
+    const touched = batch.devices.concat(batch.telemetry);
+    if (batch.resync || touched.some((id) => visible.has(id) || body.children.length < shown)) reloadSoon();
   };
   reload();
 }
@@ -469,7 +481,16 @@ function jobsView() {
       const params = new URLSearchParams();
       if (type.value) params.set("jobType", type.value);
       if (status.value) params.set("jobStatus", status.value);
-      const jobs = (await api("GET", `/jobs/v2/query?${params}`, undefined, { "x-ms-max-item-count": "100" })).json || [];
+      // The hub pages jobs by id; read up to 1,000 so the newest are among them.
+      const jobs = [];
+      let continuation = null;
+      do {
+        const headers = { "x-ms-max-item-count": "100" };
+        if (continuation) headers["x-ms-continuation"] = continuation;
+        const answer = await api("GET", `/jobs/v2/query?${params}`, undefined, headers);
+        jobs.push(...(answer.json || []));
+        continuation = answer.headers.get("x-ms-continuation");
+      } while (continuation && jobs.length < 1000);
       jobs.sort((a, b) => (b.createdTime || "").localeCompare(a.createdTime || ""));
       rows.replaceChildren(...jobs.map((job) => {
         const percent = jobProgress(job.deviceJobStatistics);
@@ -563,6 +584,7 @@ function jobView(id) {
   const outcomes = el("tbody", { id: "job-devices" });
   const more = el("button", { type: "button", text: "More devices", hidden: true });
   let continuation = null;
+  let shownRows = 100;
   const sql = `SELECT * FROM devices.jobs WHERE devices.jobs.jobId = '${id.replace(/'/g, "")}'`;
 
   function outcomeRow(row) {
@@ -603,9 +625,16 @@ function jobView(id) {
           text: "Cancel job",
           onclick: () => api("POST", `/jobs/v2/${encodeId(id)}/cancel`).then(load, (e) => showError(errors, e)),
         }) : null].filter(Boolean));
-      const page = await queryPage(sql, null, 100);
-      continuation = page.continuation;
-      outcomes.replaceChildren(...page.items.map(outcomeRow));
+      // Live reloads keep as many rows as "More devices" has shown.
+      const rows = [];
+      let next = null;
+      do {
+        const page = await queryPage(sql, next, 100);
+        rows.push(...page.items);
+        next = page.continuation;
+      } while (next && rows.length < shownRows);
+      continuation = next;
+      outcomes.replaceChildren(...rows.map(outcomeRow));
       more.hidden = !continuation;
       errors.textContent = "";
     } catch (error) { showError(errors, error); }
@@ -614,6 +643,7 @@ function jobView(id) {
     try {
       const page = await queryPage(sql, continuation, 100);
       outcomes.append(...page.items.map(outcomeRow));
+      shownRows = outcomes.children.length;
       continuation = page.continuation;
       more.hidden = !continuation;
     } catch (error) { showError(errors, error); }
