@@ -383,3 +383,144 @@ async fn a_device_disabled_deleted_or_rekeyed_after_authenticating_gets_no_sessi
         "Connected"
     );
 }
+
+#[tokio::test]
+async fn module_documents_resume_across_chunks_and_cursors_in_id_order() {
+    let hub = hub();
+    for device in ["a", "b", "c", "d"] {
+        hub.create_or_update_device(device, &json!({}), None)
+            .await
+            .expect("device");
+    }
+    for (device, module) in [
+        ("a", "m1"),
+        ("a", "m2"),
+        ("c", "m1"),
+        ("d", "x"),
+        ("d", "y"),
+    ] {
+        hub.create_or_update_module(device, module, &json!({}), None)
+            .await
+            .expect("module");
+    }
+    let pairs = |docs: Vec<Arc<Value>>| -> Vec<String> {
+        docs.iter()
+            .map(|d| {
+                format!(
+                    "{}/{}",
+                    d["deviceId"].as_str().unwrap_or(""),
+                    d["moduleId"].as_str().unwrap_or("")
+                )
+            })
+            .collect()
+    };
+    let all = ["a/m1", "a/m2", "c/m1", "d/x", "d/y"];
+    for chunk in [1, 2, 3, TWIN_READ_CHUNK] {
+        assert_eq!(
+            pairs(hub.module_documents_chunked(None, usize::MAX, chunk)),
+            all,
+            "chunk {chunk}"
+        );
+        assert_eq!(
+            pairs(hub.module_documents_chunked(Some(("a", "m1")), usize::MAX, chunk)),
+            &all[1..],
+            "chunk {chunk}"
+        );
+        assert_eq!(
+            pairs(hub.module_documents_chunked(Some(("a", "m2")), 2, chunk)),
+            ["c/m1", "d/x"],
+            "chunk {chunk}"
+        );
+        assert_eq!(
+            pairs(hub.module_documents_chunked(Some(("b", "zz")), usize::MAX, chunk)),
+            &all[2..],
+            "chunk {chunk}: a cursor in a device without modules"
+        );
+        assert!(
+            hub.module_documents_chunked(Some(("d", "y")), 10, chunk)
+                .is_empty()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_module_record_is_stored_with_its_device_and_old_records_load_without_modules() {
+    let hub = hub();
+    hub.create_or_update_device("dev", &json!({}), None)
+        .await
+        .expect("device");
+    hub.create_or_update_module("dev", "m", &json!({"managedBy": "IotEdge"}), None)
+        .await
+        .expect("module");
+    let record = lock(&hub.inner.state)
+        .devices
+        .get("dev")
+        .cloned()
+        .expect("record");
+    let text = serde_json::to_string(&record).expect("encode");
+    let mut back: record::DeviceRecord = serde_json::from_str(&text).expect("decode");
+    back.refresh_all();
+    assert_eq!(back.modules["m"].managed_by.as_deref(), Some("IotEdge"));
+    assert_eq!(back.modules["m"].doc["moduleId"], "m");
+    // A record written before modules existed has no `modules` member.
+    let mut old: Value = serde_json::from_str(&text).expect("JSON");
+    old.as_object_mut().expect("object").remove("modules");
+    let old: record::DeviceRecord = serde_json::from_value(old).expect("old record loads");
+    assert!(old.modules.is_empty());
+    // And a record without modules writes none.
+    let plain = lock(&hub.inner.state)
+        .devices
+        .get(TUTORIAL_DEVICE_ID)
+        .cloned()
+        .expect("record");
+    assert!(
+        !serde_json::to_string(&plain)
+            .expect("encode")
+            .contains("\"modules\"")
+    );
+}
+
+#[tokio::test]
+async fn module_sessions_are_keyed_apart_from_their_device() {
+    let hub = hub();
+    hub.create_or_update_device("dev", &json!({}), None)
+        .await
+        .expect("device");
+    hub.create_or_update_module("dev", "m", &json!({}), None)
+        .await
+        .expect("module");
+    let device = hub
+        .attach_session("dev", &DeviceGrant::for_tests(), true)
+        .await
+        .expect("device session");
+    let module = hub
+        .attach_session("dev/m", &DeviceGrant::for_tests(), true)
+        .await
+        .expect("module session");
+    assert_eq!(module.ticket.device_id, "dev");
+    assert_eq!(module.ticket.module_id.as_deref(), Some("m"));
+    assert!(
+        !device.ticket.kill.is_cancelled(),
+        "the module replaced the device"
+    );
+    assert_eq!(hub.connected_count(), 2);
+    assert_eq!(
+        hub.get_module("dev", "m").expect("module")["connectionState"],
+        "Connected"
+    );
+    hub.detach_session(&module.ticket);
+    assert_eq!(
+        hub.get_module("dev", "m").expect("module")["connectionState"],
+        "Disconnected"
+    );
+    assert_eq!(
+        hub.get_device("dev").expect("device")["connectionState"],
+        "Connected"
+    );
+    // A session for a module that does not exist is refused.
+    assert!(
+        hub.attach_session("dev/ghost", &DeviceGrant::for_tests(), true)
+            .await
+            .is_err()
+    );
+}
