@@ -1,7 +1,7 @@
 //! Module identities end to end: the registry's module routes, module twins, module MQTT
-//! sessions beside their device's, module direct methods and modules kept across a restart,
-//! against the real hub on 127.0.0.1:0 with real TLS (REST through reqwest, MQTT through
-//! rumqttc as a module client would connect).
+//! sessions beside their device's, module direct methods, `FROM devices.modules` and modules
+//! kept across a restart, against the real hub on 127.0.0.1:0 with real TLS (REST through
+//! reqwest, MQTT through rumqttc as a module client would connect).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -71,6 +71,16 @@ impl TestHub {
         )
         .await
         .ok("create module")
+    }
+
+    async fn query(&self, text: &str, extra: &[(&str, &str)]) -> Answer {
+        self.call_with(
+            Method::POST,
+            "/devices/query",
+            Some(&json!({"query": text})),
+            extra,
+        )
+        .await
     }
 
     fn connection_state(&self, device: &str, module: Option<&str>) -> String {
@@ -834,6 +844,113 @@ async fn a_module_twin_desired_patch_reaches_the_module_and_its_reported_patch_i
             .is_none()
     );
     assert!(device_twin["properties"]["desired"].get("rate").is_none());
+}
+
+#[tokio::test]
+async fn devices_modules_queries_return_module_twins_paged() {
+    let hub = TestHub::start().await;
+    for device in ["a", "b"] {
+        hub.add_device(device).await;
+    }
+    for (device, module) in [("a", "m1"), ("a", "m2"), ("b", "m1")] {
+        hub.add_module(device, module).await;
+        hub.call(
+            Method::PATCH,
+            &format!("/twins/{device}/modules/{module}"),
+            Some(&json!({"tags": {"kind": format!("{device}-{module}")}})),
+        )
+        .await
+        .ok("tag");
+    }
+    let pairs = |rows: &Value| -> Vec<String> {
+        rows.as_array()
+            .expect("rows")
+            .iter()
+            .map(|r| {
+                format!(
+                    "{}/{}",
+                    r["deviceId"].as_str().unwrap(),
+                    r["moduleId"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+
+    let all = hub.query("SELECT * FROM devices.modules", &[]).await;
+    assert_eq!(all.status, StatusCode::OK, "{}", all.body);
+    assert_eq!(all.header("x-ms-item-type"), Some("Twin"));
+    assert_eq!(pairs(&all.body), ["a/m1", "a/m2", "b/m1"]);
+    assert!(all.header("x-ms-continuation").is_none());
+
+    let m1 = hub
+        .query("SELECT * FROM devices.modules WHERE moduleId = 'm1'", &[])
+        .await
+        .ok("where moduleId");
+    assert_eq!(pairs(&m1), ["a/m1", "b/m1"]);
+    let tagged = hub
+        .query(
+            "SELECT * FROM devices.modules WHERE tags.kind = 'a-m2'",
+            &[],
+        )
+        .await
+        .ok("where tags");
+    assert_eq!(pairs(&tagged), ["a/m2"]);
+    let reported = hub
+        .query(
+            "SELECT * FROM devices.modules WHERE properties.desired.$version = 1 AND deviceId = 'b'",
+            &[],
+        )
+        .await
+        .ok("where properties");
+    assert_eq!(pairs(&reported), ["b/m1"]);
+
+    // Paged: two, then the last one.
+    let first = hub
+        .query(
+            "SELECT * FROM devices.modules",
+            &[("x-ms-max-item-count", "2")],
+        )
+        .await;
+    assert_eq!(pairs(&first.body), ["a/m1", "a/m2"]);
+    let token = first
+        .header("x-ms-continuation")
+        .expect("a continuation")
+        .to_owned();
+    let rest = hub
+        .query(
+            "SELECT * FROM devices.modules",
+            &[("x-ms-max-item-count", "2"), ("x-ms-continuation", &token)],
+        )
+        .await;
+    assert_eq!(pairs(&rest.body), ["b/m1"]);
+    assert!(rest.header("x-ms-continuation").is_none());
+
+    // Aggregates and projections, and module twins stay out of `FROM devices`.
+    let count = hub
+        .query("SELECT COUNT() AS n FROM devices.modules", &[])
+        .await
+        .ok("count");
+    assert_eq!(count, json!([{"n": 3}]));
+    let ids = hub
+        .query(
+            "SELECT moduleId FROM devices.modules WHERE deviceId = 'a'",
+            &[],
+        )
+        .await
+        .ok("projection");
+    assert_eq!(ids, json!([{"moduleId": "m1"}, {"moduleId": "m2"}]));
+    let devices = hub
+        .query("SELECT * FROM devices WHERE deviceId IN ['a', 'b']", &[])
+        .await
+        .ok("devices");
+    assert_eq!(devices.as_array().unwrap().len(), 2);
+    assert!(
+        devices
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d.get("moduleId").is_none() || d["moduleId"].is_null())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
