@@ -1008,3 +1008,52 @@ async fn modules_and_their_twins_survive_a_restart() {
     let _session = hub.connect("keep", Some("m1"), &primary_key(&module)).await;
     assert_eq!(hub.connection_state("keep", Some("m1")), "Connected");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_devices_modules_are_disconnected_and_refused() {
+    let hub = TestHub::start().await;
+    hub.add_device("dev1").await;
+    let module_key = primary_key(&hub.add_module("dev1", "mod1").await);
+    // A policy with DeviceConnect may connect on a module's behalf, as on a device's.
+    let mut options = hub.mqtt_options("dev1", Some("mod1"), &module_key);
+    options.set_credentials(
+        "localhost/dev1/mod1/?api-version=2021-04-12",
+        hub.policy_token("device", now() + 3600),
+    );
+    drop(
+        Client::connect(options)
+            .await
+            .expect("a policy token connects"),
+    );
+    let mut module = hub.connect("dev1", Some("mod1"), &module_key).await;
+    module.subscribe("$iothub/methods/POST/#").await;
+
+    let device = hub
+        .call(Method::GET, "/devices/dev1", None)
+        .await
+        .ok("device");
+    let mut disabled = device.clone();
+    disabled["status"] = json!("disabled");
+    let etag = format!("\"{}\"", device["etag"].as_str().unwrap());
+    hub.call_with(
+        Method::PUT,
+        "/devices/dev1",
+        Some(&disabled),
+        &[("If-Match", &etag)],
+    )
+    .await
+    .ok("disable");
+    loop {
+        match timeout(WAIT, module.events.recv()).await {
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(_)) | None) => break,
+            Err(_) => panic!("the module's session outlived its device's enablement"),
+        }
+    }
+    assert!(
+        Client::connect(hub.mqtt_options("dev1", Some("mod1"), &module_key))
+            .await
+            .is_err(),
+        "a module of a disabled device connected"
+    );
+}
