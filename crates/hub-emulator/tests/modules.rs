@@ -428,6 +428,24 @@ async fn module_create_get_update_list_delete_follow_etags_and_iot_hub_errors() 
     )
     .await
     .assert_error(StatusCode::BAD_REQUEST, "ArgumentInvalid");
+    for managed_by in [json!(5), json!("x".repeat(129))] {
+        let refused = hub
+            .call(
+                Method::PUT,
+                "/devices/dev1/modules/mod2",
+                Some(&json!({"managedBy": managed_by})),
+            )
+            .await;
+        refused.assert_error(StatusCode::BAD_REQUEST, "ArgumentInvalid");
+        assert!(
+            refused.body["Message"]
+                .as_str()
+                .unwrap()
+                .contains("managedBy"),
+            "{}",
+            refused.body
+        );
+    }
     let reader = hub.policy_token("registryRead", now() + 3600);
     let refused = hub
         .call_as(

@@ -24,6 +24,9 @@ use crate::twins::{self, Section};
 /// record, which is rewritten on every change of the device, bounded.
 pub const MAX_MODULES_PER_DEVICE: usize = 50;
 
+/// Longest `managedBy` accepted (see [`stage_module`]).
+const MAX_MANAGED_BY: usize = 128;
+
 /// Checks a module id against IoT Hub's rules (shared with the clients in hub-core).
 pub fn validate_module_id(id: &str) -> Result<(), OperationError> {
     hub_core::connection_string::validate_module_id(id)
@@ -74,12 +77,21 @@ fn stage_module(
             "the body's moduleId `{body_id}` does not match the URL's `{module_id}`"
         )));
     }
+    // IoT Hub documents no length for `managedBy`; 128 is this hub's bound, the one the
+    // identity registry documents for `generationId` and `statusReason` (Microsoft Learn,
+    // "Understand the identity registry in your IoT hub", device identity properties).
     let managed_by = match body.get("managedBy") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.len() <= 128 => Some(s.clone()),
+        Some(Value::String(s)) if s.len() <= MAX_MANAGED_BY => Some(s.clone()),
+        Some(Value::String(s)) => {
+            return Err(OperationError::InvalidArgument(format!(
+                "managedBy must be at most {MAX_MANAGED_BY} characters, got {}",
+                s.len()
+            )));
+        }
         Some(other) => {
             return Err(OperationError::InvalidArgument(format!(
-                "managedBy must be a string of at most 128 characters, got {}",
+                "managedBy must be a string, got {}",
                 crate::twins::kind(other)
             )));
         }

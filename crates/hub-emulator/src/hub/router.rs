@@ -165,8 +165,9 @@ impl Hub {
         grant.still_valid(key, state.devices.get(device_id))?;
         // Checked under the state lock: a fault set meanwhile closes this session through
         // `kill_session`, which waits for this lock, so no connect slips past an offline fault.
-        if self.inner.faults.is_offline(device_id) {
-            return Err(AuthError::HeldOffline(device_id.to_owned()));
+        // Faults name a device's own session (`crate::faults`); a module's key names none.
+        if self.inner.faults.is_offline(key) {
+            return Err(AuthError::HeldOffline(key.to_owned()));
         }
         let restored = if clean_session {
             None
