@@ -643,6 +643,14 @@ async fn a_module_connects_beside_its_device_and_answers_its_own_methods() {
     module.subscribe("$iothub/methods/POST/#").await;
     assert_eq!(hub.connection_state("edge1", None), "Connected");
     assert_eq!(hub.connection_state("edge1", Some("filter")), "Connected");
+    let statistics = hub
+        .call(Method::GET, "/statistics/service", None)
+        .await
+        .ok("statistics");
+    assert_eq!(
+        statistics["connectedDeviceCount"], 1,
+        "a module's connection is not a device's"
+    );
 
     // A module method goes to the module's session, not the device's.
     let invoking = {

@@ -302,7 +302,7 @@ pub async fn service_statistics(
 ) -> Result<Json<Value>, ApiError> {
     require(&state, &headers, Permission::ServiceConnect)?;
     Ok(Json(
-        json!({"connectedDeviceCount": state.hub.connected_count()}),
+        json!({"connectedDeviceCount": state.hub.connected_device_count()}),
     ))
 }
 

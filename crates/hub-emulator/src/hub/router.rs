@@ -356,6 +356,16 @@ impl Hub {
         lock(&self.inner.sessions).len()
     }
 
+    /// How many devices are connected, their modules' sessions left out (`GET
+    /// /statistics/service`'s `connectedDeviceCount`). Walks the session table: for that rare
+    /// call only.
+    pub fn connected_device_count(&self) -> usize {
+        lock(&self.inner.sessions)
+            .keys()
+            .filter(|key| !key.contains('/'))
+            .count()
+    }
+
     /// Whether the identity (a device id, or `{deviceId}/{moduleId}`) is connected and
     /// subscribed to method requests.
     pub fn method_ready(&self, key: &str) -> bool {
