@@ -450,6 +450,51 @@ pub struct Capabilities {
     pub extra: Map<String, Value>,
 }
 
+/// A module identity on a device (swagger model `Module`, `GET/PUT /devices/{id}/modules/{mid}`;
+/// the field list of azure-iot-sdk-python `azure-iot-hub/azure/iot/hub/protocol/models/module.py`
+/// and the REST reference "Modules - Get Identity"). Unlike a device it has no `status` or
+/// `capabilities`, and it has `managedBy`. Unknown keys are kept in `extra`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Module {
+    /// `moduleId` (required).
+    pub module_id: String,
+    /// `managedBy`: who manages the module (`"IotEdge"` for Edge-deployed modules);
+    /// `Some(None)` = `null`.
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub managed_by: Option<Option<String>>,
+    /// `deviceId` (required).
+    pub device_id: String,
+    /// `generationId`: hub-generated, distinguishes re-created modules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation_id: Option<String>,
+    /// `etag` (unquoted, as in the body).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+    /// `connectionState`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_state: Option<ConnectionState>,
+    /// `connectionStateUpdatedTime`, verbatim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_state_updated_time: Option<String>,
+    /// `lastActivityTime`, verbatim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_activity_time: Option<String>,
+    /// `cloudToDeviceMessageCount`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_to_device_message_count: Option<u64>,
+    /// `authentication`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authentication: Option<Authentication>,
+    /// Keys this crate does not model, kept for the round trip.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
 /// The answer to `DELETE /devices/{id}/commands` (purge the device's cloud-to-device queue),
 /// as the REST reference's `PurgeMessageQueueResult` describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -468,6 +513,17 @@ pub struct PurgeMessageQueueResult {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn modules_round_trip_with_managed_by_null() {
+        let text = r#"{"moduleId":"m1","managedBy":null,"deviceId":"d1","etag":"MQ==","connectionState":"Disconnected","cloudToDeviceMessageCount":0}"#;
+        let module: Module = serde_json::from_str(text).unwrap();
+        assert_eq!(module.module_id, "m1");
+        assert_eq!(module.managed_by, Some(None));
+        assert_eq!(module.connection_state, Some(ConnectionState::Disconnected));
+        let back = serde_json::to_value(&module).unwrap();
+        assert_eq!(back, serde_json::from_str::<Value>(text).unwrap());
+    }
     use proptest::prelude::*;
     use serde_json::json;
 

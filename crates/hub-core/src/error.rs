@@ -83,10 +83,17 @@ error_codes! {
     DeviceAlreadyExists = 409001,
     /// 409104: a job with that id already exists.
     JobAlreadyExists = 409104,
+    /// 409301: a module with that id already exists on the device (azure-iot-sdk-csharp
+    /// `iothub/service/src/Exceptions/IotHubServiceErrorCode.cs`: returned by module creates).
+    ModuleAlreadyExistsOnDevice = 409301,
     /// 412001: `If-Match` etag does not match.
     PreconditionFailed = 412001,
     /// 413001: message or payload too large.
     MessageTooLarge = 413001,
+    /// 413003: too many modules on one device (Microsoft Learn, "Understand and resolve Azure
+    /// IoT Hub errors"; azure-iot-sdk-csharp `RegistryManager` maps a module create's 413 to
+    /// `TooManyModulesOnDeviceException`).
+    TooManyModulesOnDevice = 413003,
     /// 429000: too many requests.
     GenericTooManyRequests = 429000,
     /// 429001: throttled.
@@ -436,8 +443,10 @@ mod tests {
             ("DeviceConnectionClosedRemotely", 404104),
             ("DeviceAlreadyExists", 409001),
             ("JobAlreadyExists", 409104),
+            ("ModuleAlreadyExistsOnDevice", 409301),
             ("PreconditionFailed", 412001),
             ("MessageTooLarge", 413001),
+            ("TooManyModulesOnDevice", 413003),
             ("GenericTooManyRequests", 429000),
             ("ThrottlingException", 429001),
             ("ThrottleBacklogLimitExceeded", 429002),

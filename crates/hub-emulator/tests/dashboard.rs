@@ -277,6 +277,60 @@ async fn the_cookie_with_the_csrf_header_is_a_rest_credential_that_never_sees_ke
 }
 
 #[tokio::test]
+async fn the_page_never_sees_module_keys() {
+    let hub = hub().await;
+    let client = plain_client(&hub);
+    let (cookie, csrf) = sign_in(&hub, &client).await;
+    let blank = json!({"primaryKey": null, "secondaryKey": null});
+
+    let (status, created) = as_page(
+        &client,
+        &hub,
+        Method::PUT,
+        "/devices/myDeviceId/modules/mod1",
+        &cookie,
+        Some(&csrf),
+        Some(json!({"moduleId": "mod1"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    assert_eq!(created["authentication"]["symmetricKey"], blank);
+    let (status, module) = as_page(
+        &client,
+        &hub,
+        Method::GET,
+        "/devices/myDeviceId/modules/mod1",
+        &cookie,
+        Some(&csrf),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{module}");
+    assert_eq!(module["authentication"]["symmetricKey"], blank);
+    let (status, list) = as_page(
+        &client,
+        &hub,
+        Method::GET,
+        "/devices/myDeviceId/modules",
+        &cookie,
+        Some(&csrf),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    assert_eq!(list[0]["authentication"]["symmetricKey"], blank);
+    // A SAS client still sees the keys the hub generated.
+    let module = hub
+        .call(Method::GET, "/devices/myDeviceId/modules/mod1", None)
+        .await
+        .body;
+    assert!(
+        module["authentication"]["symmetricKey"]["primaryKey"].is_string(),
+        "{module}"
+    );
+}
+
+#[tokio::test]
 async fn another_start_s_cookie_is_not_a_credential_here() {
     let hub = hub().await;
     let other = TestHub::start().await;

@@ -523,13 +523,30 @@ async fn bad_credentials_are_refused_with_not_authorized() {
     assert_eq!(fx.connection_state("dev-auth"), "Disconnected");
     assert_eq!(fx.hub().connected_count(), 0);
 
-    // Module identities are not supported: the client id is refused.
+    // A module client id for a module that is not registered, with its device's token, is
+    // not authorized (modules have their own keys; see tests/modules.rs), and a client id with
+    // more than one `/` is no identity at all.
     let module = fx.options(
         "dev-auth/mod1",
         token("dev-auth", &key, in_an_hour()),
         fx.tls_transport(),
     );
     let refused = Device::connect(module).await.err();
+    assert!(
+        matches!(
+            refused,
+            Some(ConnectionError::ConnectionRefused(
+                ConnectReturnCode::NotAuthorized
+            ))
+        ),
+        "{refused:?}"
+    );
+    let nested = fx.options(
+        "dev-auth/mod1/extra",
+        token("dev-auth", &key, in_an_hour()),
+        fx.tls_transport(),
+    );
+    let refused = Device::connect(nested).await.err();
     assert!(
         matches!(
             refused,

@@ -1,5 +1,6 @@
 //! Request extractors whose rejections are IoT Hub errors instead of axum's plain-text ones:
-//! a JSON body ([`JsonBody`]), a path id ([`IdPath`]) and the `If-Match` header; and
+//! a JSON body ([`JsonBody`]), a path id ([`IdPath`]), a device and module id pair
+//! ([`ModulePath`]) and the `If-Match` header; and
 //! [`read_body`], the middleware that reads an authenticated request's body under a deadline.
 
 use axum::body::Body;
@@ -137,6 +138,29 @@ where
             .map_err(|rejection| {
                 ApiError::argument(format!(
                     "the device id in the URL is invalid: {}",
+                    rejection.body_text()
+                ))
+            })
+    }
+}
+
+/// The `{id}` and `{mid}` segments of a module route, percent-decoded.
+#[derive(Debug)]
+pub struct ModulePath(pub String, pub String);
+
+impl<S> FromRequestParts<S> for ModulePath
+where
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<(String, String)>::from_request_parts(parts, state)
+            .await
+            .map(|Path((device, module))| ModulePath(device, module))
+            .map_err(|rejection| {
+                ApiError::argument(format!(
+                    "the device or module id in the URL is invalid: {}",
                     rejection.body_text()
                 ))
             })

@@ -35,7 +35,7 @@ use tracing::Instrument as _;
 use hub_core::error::ErrorCode;
 
 pub use error::ApiError;
-pub use extract::{IdPath, JsonBody};
+pub use extract::{IdPath, JsonBody, ModulePath};
 pub use server::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS, MAX_PENDING_CONNECTIONS, serve};
 
 use crate::hub::Hub;
@@ -114,6 +114,13 @@ pub fn router(state: AppState) -> Router {
                 .put(registry::put_device)
                 .delete(registry::delete_device),
         )
+        .route("/devices/{id}/modules", get(registry::list_modules))
+        .route(
+            "/devices/{id}/modules/{mid}",
+            get(registry::get_module)
+                .put(registry::put_module)
+                .delete(registry::delete_module),
+        )
         .route(
             "/devices/{id}/commands",
             axum::routing::delete(registry::purge_commands),
@@ -127,6 +134,16 @@ pub fn router(state: AppState) -> Router {
                 .put(twins::replace_twin),
         )
         .route("/twins/{id}/methods", post(twins::invoke_method))
+        .route(
+            "/twins/{id}/modules/{mid}",
+            get(twins::get_module_twin)
+                .patch(twins::patch_module_twin)
+                .put(twins::replace_module_twin),
+        )
+        .route(
+            "/twins/{id}/modules/{mid}/methods",
+            post(twins::invoke_module_method),
+        )
         .merge(crate::jobs::routes())
         .route("/jobs/create", post(import_export::create))
         .route("/jobs", get(import_export::list))

@@ -1,10 +1,11 @@
-//! `POST /devices/query`: the IoT Hub query language over twins (`FROM devices`) and device-job
-//! rows (`FROM devices.jobs`), answered as a JSON array with `x-ms-item-type` and, when more rows
-//! follow, `x-ms-continuation` (reference §4.5).
+//! `POST /devices/query`: the IoT Hub query language over twins (`FROM devices`), module twins
+//! (`FROM devices.modules`) and device-job rows (`FROM devices.jobs`), answered as a JSON array
+//! with `x-ms-item-type` and, when more rows follow, `x-ms-continuation` (reference §4.5).
 //!
 //! Paging invariant: every query pages, at most 100 rows a page. A continuation token names
-//! where the last page ended — the last document (its device id, or its (jobId, deviceId) for
-//! `devices.jobs`) for `SELECT *` and projections, the last group for aggregates — and the next
+//! where the last page ended — the last document (its device id, its (deviceId, moduleId) for
+//! `devices.modules`, or its (jobId, deviceId) for `devices.jobs`) for `SELECT *` and
+//! projections, the last group for aggregates — and the next
 //! page starts strictly after it in that order, so while the registry changes no row appears
 //! twice and no row (or group) that existed throughout is skipped.
 
@@ -192,17 +193,67 @@ fn compute_page(
             };
             rows_page(query, &matched, returned, page_size, job_key)
         }
-        // The emulator has no module identities: the collection exists and is empty.
         Source::DevicesModules if query.is_aggregate() => {
-            let groups = query::aggregate_page(query, std::iter::empty(), None, page_size)
-                .map_err(query_error)?;
+            let cursor = continuation.map(GroupCursor::decode).transpose()?;
+            let returned = cursor.as_ref().map_or(0, |c| c.returned);
+            let limit = page_limit(query, returned, page_size);
+            // As for device twins: every page of an aggregate reads every module twin.
+            let docs = state.hub.module_documents_from(None, usize::MAX);
+            let groups = query::aggregate_page(
+                query,
+                docs.iter().map(|d| d.as_ref()),
+                cursor.as_ref().map(|c| &c.after),
+                limit,
+            )
+            .map_err(query_error)?;
+            let sent = returned + groups.rows.len() as u64;
+            let more = groups.more && query.top.is_none_or(|top| sent < top);
+            let next = groups.last.filter(|_| more).map(|after| {
+                GroupCursor {
+                    after,
+                    returned: sent,
+                }
+                .encode()
+            });
             Page {
                 rows: groups.rows,
-                next: None,
+                next,
                 item_type: QueryItemType::Raw,
             }
         }
-        Source::DevicesModules => rows_page(query, &[], 0, page_size, |_| Vec::new()),
+        // Module twins in (deviceId, moduleId) order, read a batch at a time as device twins are.
+        Source::DevicesModules => {
+            let cursor = continuation
+                .map(|t| Cursor::decode(t, 2, query.top.is_some()))
+                .transpose()?;
+            let returned = cursor.as_ref().map_or(0, |c| c.returned);
+            let wanted = page_limit(query, returned, page_size).saturating_add(1);
+            let mut after: Option<(String, String)> = cursor.and_then(|c| match c.key.as_slice() {
+                [device, module] => Some((device.clone(), module.clone())),
+                _ => None,
+            });
+            let mut matched: Vec<Arc<Value>> = Vec::new();
+            loop {
+                let batch = state.hub.module_documents_from(
+                    after.as_ref().map(|(d, m)| (d.as_str(), m.as_str())),
+                    SCAN_BATCH,
+                );
+                let still = wanted - matched.len();
+                let found = match &query.condition {
+                    Some(condition) => query::first_matches(condition, &batch, still),
+                    None => (0..batch.len().min(still)).collect(),
+                };
+                matched.extend(found.iter().filter_map(|&i| batch.get(i)).cloned());
+                if matched.len() >= wanted || batch.len() < SCAN_BATCH {
+                    break;
+                }
+                after = batch.last().map(|d| module_key_pair(d));
+            }
+            rows_page(query, &matched, returned, page_size, |doc| {
+                let (device, module) = module_key_pair(doc);
+                vec![device, module]
+            })
+        }
     };
     Ok(page)
 }
@@ -268,6 +319,10 @@ fn text_field(doc: &Value, name: &str) -> String {
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned()
+}
+
+fn module_key_pair(doc: &Value) -> (String, String) {
+    (text_field(doc, "deviceId"), text_field(doc, "moduleId"))
 }
 
 fn job_key(doc: &Value) -> Vec<String> {

@@ -1,5 +1,6 @@
 //! Identity registry routes: `PUT/GET/DELETE /devices/{id}`, `GET /devices?top=n`, the bulk
-//! registry `POST /devices` and the statistics. IoT Hub answers 200 (never 201) on create and 204 on delete (reference §4.1).
+//! registry `POST /devices`, module identities (`PUT/GET/DELETE /devices/{id}/modules/{mid}`,
+//! `GET /devices/{id}/modules`) and the statistics. IoT Hub answers 200 (never 201) on create and 204 on delete (reference §4.1).
 
 use axum::Json;
 use axum::extract::{RawQuery, State};
@@ -15,7 +16,7 @@ use hub_core::policy::Permission;
 use super::AppState;
 use super::auth::{Caller, require};
 use super::error::ApiError;
-use super::extract::{IdPath, JsonBody, if_match};
+use super::extract::{IdPath, JsonBody, ModulePath, if_match};
 use crate::hub::{BulkRequestError, OperationError, check_bulk_request};
 
 /// Most devices `GET /devices` returns (also its default).
@@ -103,6 +104,66 @@ pub(crate) async fn delete_device_named(
     state.hub.delete_device(id, if_match(headers)?).await?;
     tracing::info!(device_id = %id, "device deleted");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /devices/{id}/modules/{mid}` (RegistryRead, as a device read).
+pub async fn get_module(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ModulePath(device_id, module_id): ModulePath,
+) -> Result<Response, ApiError> {
+    let caller = require(&state, &headers, Permission::RegistryRead)?;
+    Ok(with_etag(for_caller(
+        caller,
+        state.hub.get_module(&device_id, &module_id)?,
+    )))
+}
+
+/// `PUT /devices/{id}/modules/{mid}`: create without `If-Match`, update with it (REST
+/// reference, "Modules - Create Or Update Identity"); 200 either way, as for devices.
+pub async fn put_module(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ModulePath(device_id, module_id): ModulePath,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<Response, ApiError> {
+    let caller = require(&state, &headers, Permission::RegistryWrite)?;
+    let module = state
+        .hub
+        .create_or_update_module(&device_id, &module_id, &body, if_match(&headers)?)
+        .await?;
+    tracing::info!(%device_id, %module_id, "module saved");
+    Ok(with_etag(for_caller(caller, module)))
+}
+
+/// `DELETE /devices/{id}/modules/{mid}`: 204, which azure-iot-hub-python's
+/// `protocol/operations/modules_operations.py` requires (reference §4.1).
+pub async fn delete_module(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ModulePath(device_id, module_id): ModulePath,
+) -> Result<StatusCode, ApiError> {
+    require(&state, &headers, Permission::RegistryWrite)?;
+    state
+        .hub
+        .delete_module(&device_id, &module_id, if_match(&headers)?)
+        .await?;
+    tracing::info!(%device_id, %module_id, "module deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /devices/{id}/modules`: the device's modules (REST reference, "Modules - Get Modules
+/// On Device"); 404 DeviceNotFound for an unknown device.
+pub async fn list_modules(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    IdPath(device_id): IdPath,
+) -> Result<Json<Vec<Value>>, ApiError> {
+    let caller = require(&state, &headers, Permission::RegistryRead)?;
+    let modules = state.hub.list_modules(&device_id)?;
+    Ok(Json(
+        modules.into_iter().map(|m| for_caller(caller, m)).collect(),
+    ))
 }
 
 /// `POST /devices`: the bulk registry ("Bulk Registry - Update Registry" in the REST
@@ -241,7 +302,7 @@ pub async fn service_statistics(
 ) -> Result<Json<Value>, ApiError> {
     require(&state, &headers, Permission::ServiceConnect)?;
     Ok(Json(
-        json!({"connectedDeviceCount": state.hub.connected_count()}),
+        json!({"connectedDeviceCount": state.hub.connected_device_count()}),
     ))
 }
 

@@ -1,6 +1,7 @@
 //! Who may do what: the hub's shared access policies with their keys ([`PolicyKeys`]), the
 //! checks of a service request's SAS token against a policy and permission, and of a device's
-//! MQTT CONNECT (client id, username, SAS signed with the device's key or a policy's).
+//! or module's MQTT CONNECT (client id, username, SAS signed with the identity's key or a
+//! policy's).
 
 use std::fmt;
 
@@ -9,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use hub_core::policy::{Permission, Permissions, Policy};
 use hub_core::sas::SasToken;
 
+use super::modules::split_key;
 use super::record::{DeviceRecord, random_key};
 use super::{AuthError, Hub, OperationError, lock};
 
@@ -181,9 +183,14 @@ impl Hub {
         ))
     }
 
-    /// Authenticates an MQTT CONNECT: client id, username and SAS password. The grant it
-    /// returns is checked again when the session registers ([`Hub::attach_session`]), so a
-    /// device disabled, deleted or given new keys in between does not get a session.
+    /// Authenticates an MQTT CONNECT: client id, username and SAS password. The client id is
+    /// `{deviceId}` for a device and `{deviceId}/{moduleId}` for a module, whose username is
+    /// `{host}/{deviceId}/{moduleId}/?api-version=...` and whose token's audience is
+    /// `{host}/devices/{deviceId}/modules/{moduleId}`, signed with the module's own key
+    /// ([DOCS mqtt] "Using the MQTT protocol directly (as a module)"; reference §2.2, §7.3).
+    /// The grant it returns is checked again when the session registers
+    /// ([`Hub::attach_session`]), so an identity disabled, deleted or given new keys in between
+    /// does not get a session.
     pub fn authenticate_device(
         &self,
         client_id: &str,
@@ -191,20 +198,26 @@ impl Hub {
         password: &str,
         now_unix: u64,
     ) -> Result<DeviceGrant, AuthError> {
-        let device_id = client_id;
-        // Username is `{host}/{deviceId}/?api-version=...`; any api-version is accepted.
-        let mut parts = username.splitn(3, '/');
-        let (_host, user_device) = (parts.next(), parts.next());
-        if user_device != Some(device_id) {
+        let (device_id, module_id) = split_key(client_id);
+        // Username is `{host}/{clientId}/?api-version=...`; any api-version is accepted.
+        let expected_user = client_id;
+        let user_identity = username
+            .split_once('/')
+            .and_then(|(_host, rest)| rest.split_once("/?").map(|(id, _)| id).or(Some(rest)))
+            .map(|id| id.trim_end_matches('/'));
+        if user_identity != Some(expected_user) {
             return Err(AuthError::Refused(format!(
-                "the MQTT username must be `{{host}}/{device_id}/?api-version=...`"
+                "the MQTT username must be `{{host}}/{expected_user}/?api-version=...`"
             )));
         }
         let token = SasToken::parse(password).map_err(|e| AuthError::Malformed(e.to_string()))?;
         token
             .check_expiry(now_unix, SAS_SKEW_SECS)
             .map_err(|e| AuthError::Refused(e.to_string()))?;
-        let path = format!("devices/{device_id}");
+        let path = match module_id {
+            Some(module_id) => format!("devices/{device_id}/modules/{module_id}"),
+            None => format!("devices/{device_id}"),
+        };
         if !self.audience_ok(&token, &path) {
             return Err(AuthError::Refused(format!(
                 "the token's audience `{}` does not cover {}/{path}",
@@ -222,9 +235,15 @@ impl Hub {
         // refused. A policy token keeps the prefix rule: "A protocol gateway could use the same
         // token for all devices simply setting the resource URI to `myhub.azure-devices.net/devices`"
         // (same page, "Use a shared access policy to access on behalf of a device").
-        if token.key_name.is_none() && self.audience_ok(&token, "devices") {
+        // A module's key-signed token must name the module, not only its device: the module
+        // is an identity of its own, with its own keys.
+        let too_broad = match module_id {
+            Some(_) => self.audience_ok(&token, &format!("devices/{device_id}/modules")),
+            None => self.audience_ok(&token, "devices"),
+        };
+        if token.key_name.is_none() && too_broad {
             return Err(AuthError::Refused(format!(
-                "a token signed with a device key must be scoped to {}/{path}, not `{}`",
+                "a token signed with an identity's key must be scoped to {}/{path}, not `{}`",
                 self.host_name(),
                 token.resource
             )));
@@ -236,11 +255,26 @@ impl Hub {
                     "device {device_id} is not registered"
                 )));
             };
-            (
-                device.primary_key.clone(),
-                device.secondary_key.clone(),
-                device.status == "enabled",
-            )
+            let enabled = device.status == "enabled";
+            match module_id {
+                None => (
+                    device.primary_key.clone(),
+                    device.secondary_key.clone(),
+                    enabled,
+                ),
+                Some(module_id) => {
+                    let Some(module) = device.modules.get(module_id) else {
+                        return Err(AuthError::Refused(format!(
+                            "module {module_id} of device {device_id} is not registered"
+                        )));
+                    };
+                    (
+                        module.primary_key.clone(),
+                        module.secondary_key.clone(),
+                        enabled,
+                    )
+                }
+            }
         };
         let credential = match token.key_name.as_deref() {
             Some(policy) => {
@@ -276,7 +310,7 @@ impl Hub {
     }
 }
 
-/// What authenticated a device connection, kept until its session is registered.
+/// What authenticated a device or module connection, kept until its session is registered.
 pub struct DeviceGrant {
     /// When the token expires (Unix seconds); `None` for sessions made by tests.
     pub(super) expiry: Option<u64>,
@@ -286,7 +320,8 @@ pub struct DeviceGrant {
 enum Credential {
     /// A shared access policy with DeviceConnect (policies do not change while the hub runs).
     Policy,
-    /// The device's own keys as they were when the token was verified.
+    /// The identity's own keys (the device's, or the module's) as they were when the token
+    /// was verified.
     DeviceKeys {
         primary: Option<String>,
         secondary: Option<String>,
@@ -319,9 +354,10 @@ impl DeviceGrant {
     /// session sees the change and is refused.
     pub(super) fn still_valid(
         &self,
-        device_id: &str,
+        key: &str,
         device: Option<&DeviceRecord>,
     ) -> Result<(), AuthError> {
+        let (device_id, module_id) = split_key(key);
         let Some(device) = device else {
             return Err(AuthError::Refused(format!(
                 "device {device_id} was deleted while it connected"
@@ -330,14 +366,24 @@ impl DeviceGrant {
         if device.status != "enabled" {
             return Err(AuthError::DeviceDisabled(device_id.to_owned()));
         }
+        let (primary, secondary) = match module_id {
+            None => (&device.primary_key, &device.secondary_key),
+            Some(module_id) => match device.modules.get(module_id) {
+                Some(module) => (&module.primary_key, &module.secondary_key),
+                None => {
+                    return Err(AuthError::Refused(format!(
+                        "module {key} was deleted while it connected"
+                    )));
+                }
+            },
+        };
         match &self.credential {
-            Credential::DeviceKeys { primary, secondary }
-                if *primary != device.primary_key || *secondary != device.secondary_key =>
-            {
-                Err(AuthError::Refused(format!(
-                    "the keys of device {device_id} changed while it connected"
-                )))
-            }
+            Credential::DeviceKeys {
+                primary: was_primary,
+                secondary: was_secondary,
+            } if was_primary != primary || was_secondary != secondary => Err(AuthError::Refused(
+                format!("the keys of {key} changed while it connected"),
+            )),
             _ => Ok(()),
         }
     }

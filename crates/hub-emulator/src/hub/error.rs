@@ -16,6 +16,15 @@ pub enum OperationError {
     /// Create with an id that exists.
     #[error("A device with ID '{0}' is already registered.")]
     DeviceAlreadyExists(String),
+    /// No module with this id on the device.
+    #[error("Module {module} on device {device} not registered")]
+    ModuleNotFound { device: String, module: String },
+    /// Module create with an id that exists on the device.
+    #[error("A module with ID '{module}' is already registered on device '{device}'.")]
+    ModuleAlreadyExists { device: String, module: String },
+    /// A module create beyond the per-device cap.
+    #[error("Device {device} already has {max} modules, the most this hub allows on one device.")]
+    TooManyModules { device: String, max: usize },
     /// `If-Match` named another etag.
     #[error("Precondition failed: the etag does not match the current {what} etag of '{id}'.")]
     PreconditionFailed { what: &'static str, id: String },
@@ -64,6 +73,9 @@ impl OperationError {
         match self {
             OperationError::DeviceNotFound(_) => ErrorCode::DeviceNotFound,
             OperationError::DeviceAlreadyExists(_) => ErrorCode::DeviceAlreadyExists,
+            OperationError::ModuleNotFound { .. } => ErrorCode::ModuleNotFound,
+            OperationError::ModuleAlreadyExists { .. } => ErrorCode::ModuleAlreadyExistsOnDevice,
+            OperationError::TooManyModules { .. } => ErrorCode::TooManyModulesOnDevice,
             OperationError::PreconditionFailed { .. } => ErrorCode::PreconditionFailed,
             OperationError::InvalidArgument(_) | OperationError::Twin(_) => {
                 ErrorCode::ArgumentInvalid

@@ -1,5 +1,6 @@
 //! Direct methods: a validated call ([`MethodCall`]), the table of requests waiting for a
-//! device's answer, and the wait for a device to come online and subscribe.
+//! device's or module's answer, and the wait for it to come online and subscribe. Calls are
+//! addressed by identity key (`{deviceId}` or `{deviceId}/{moduleId}`, see `modules`).
 
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use tokio::sync::oneshot;
 
 use hub_core::topic::Topic;
 
+use super::modules::split_key;
 use super::router::Outbound;
 use super::{Hub, OperationError, lock};
 use crate::faults::MethodFault;
@@ -22,7 +24,8 @@ const DEFAULT_METHOD_RESPONSE_TIMEOUT: u64 = 30;
 type MethodReply = oneshot::Receiver<(i32, Bytes)>;
 
 pub(super) struct PendingMethod {
-    device_id: String,
+    /// The identity asked (see `modules::identity_key`): only its session may answer.
+    key: String,
     reply: oneshot::Sender<(i32, Bytes)>,
 }
 
@@ -142,20 +145,61 @@ impl Hub {
         device_id: &str,
         call: &MethodCall,
     ) -> Result<MethodOutcome, OperationError> {
-        if !self.device_exists(device_id) {
+        self.invoke_identity(device_id, call).await
+    }
+
+    /// Invokes a direct method on a module and waits for its answer, as
+    /// `POST /twins/{id}/modules/{mid}/methods` (REST reference, "Modules - Invoke Method"):
+    /// delivered to the module's own session on the same `$iothub/methods/POST/...` topic,
+    /// with the same timeouts and errors as a device's.
+    pub async fn invoke_module_method(
+        &self,
+        device_id: &str,
+        module_id: &str,
+        call: &MethodCall,
+    ) -> Result<MethodOutcome, OperationError> {
+        super::validate_module_id(module_id)?;
+        self.invoke_identity(&super::identity_key(device_id, Some(module_id)), call)
+            .await
+    }
+
+    /// Whether the identity exists: `Ok`, or the 404 it is reported with.
+    fn identity_registered(&self, key: &str) -> Result<(), OperationError> {
+        let (device_id, module_id) = split_key(key);
+        let state = lock(&self.inner.state);
+        let Some(device) = state.devices.get(device_id) else {
             return Err(OperationError::DeviceNotFound(device_id.to_owned()));
+        };
+        match module_id {
+            Some(module_id) if !device.modules.contains_key(module_id) => {
+                Err(OperationError::ModuleNotFound {
+                    device: device_id.to_owned(),
+                    module: module_id.to_owned(),
+                })
+            }
+            _ => Ok(()),
         }
+    }
+
+    /// [`Hub::invoke_method`] for an identity key (faults are a device's: a module's key
+    /// names none).
+    async fn invoke_identity(
+        &self,
+        key: &str,
+        call: &MethodCall,
+    ) -> Result<MethodOutcome, OperationError> {
+        self.identity_registered(key)?;
         let deadline = tokio::time::Instant::now() + call.connect_timeout;
         let mut response_timeout = call.response_timeout;
-        match self.inner.faults.method(device_id, &call.name) {
+        match self.inner.faults.method(key, &call.name) {
             Some(MethodFault::Answer { status, payload }) => {
-                tracing::debug!(%device_id, method = %call.name, status, "answered by an injected fault");
+                tracing::debug!(identity = %key, method = %call.name, status, "answered by an injected fault");
                 return Ok(MethodOutcome { status, payload });
             }
             Some(MethodFault::Delay(delay)) => {
                 // Online first: an unreachable slow device still gets 404103, not 504101.
-                self.wait_for_method_session(device_id, call, deadline, || {
-                    Ok(self.method_ready(device_id).then_some(()))
+                self.wait_for_method_session(key, call, deadline, || {
+                    Ok(self.method_ready(key).then_some(()))
                 })
                 .await?;
                 if delay >= response_timeout {
@@ -169,14 +213,12 @@ impl Hub {
         }
         // Fast path: a connected, subscribed device needs no presence wait. (Registering with
         // `presence` takes its lock twice, for every call, from every REST connection.)
-        let sent = self.try_send_method(device_id, call)?;
+        let sent = self.try_send_method(key, call)?;
         let (rid, reply) = if let Some(sent) = sent {
             sent
         } else {
-            self.wait_for_method_session(device_id, call, deadline, || {
-                self.try_send_method(device_id, call)
-            })
-            .await?
+            self.wait_for_method_session(key, call, deadline, || self.try_send_method(key, call))
+                .await?
         };
         let answer = tokio::time::timeout(response_timeout, reply).await;
         lock(&self.inner.pending).remove(&rid);
@@ -206,7 +248,7 @@ impl Hub {
     /// `attempt` (which sends, or checks) at every change of presence until it gives `Some`.
     async fn wait_for_method_session<T>(
         &self,
-        device_id: &str,
+        key: &str,
         call: &MethodCall,
         deadline: tokio::time::Instant,
         mut attempt: impl FnMut() -> Result<Option<T>, OperationError>,
@@ -220,9 +262,7 @@ impl Hub {
             if let Some(done) = attempt()? {
                 return Ok(done);
             }
-            if !self.device_exists(device_id) {
-                return Err(OperationError::DeviceNotFound(device_id.to_owned()));
-            }
+            self.identity_registered(key)?;
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(OperationError::DeviceNotOnline {
                     timeout_secs: call.connect_timeout.as_secs(),
@@ -233,12 +273,12 @@ impl Hub {
 
     fn try_send_method(
         &self,
-        device_id: &str,
+        key: &str,
         call: &MethodCall,
     ) -> Result<Option<(u64, MethodReply)>, OperationError> {
         let sessions = lock(&self.inner.sessions);
         let Some(session) = sessions
-            .get(device_id)
+            .get(key)
             .filter(|s| s.subscriptions.methods.is_some())
         else {
             return Ok(None);
@@ -248,7 +288,7 @@ impl Hub {
         lock(&self.inner.pending).insert(
             rid,
             PendingMethod {
-                device_id: device_id.to_owned(),
+                key: key.to_owned(),
                 reply: reply_tx,
             },
         );
@@ -269,11 +309,13 @@ impl Hub {
         }
     }
 
-    /// A device's answer to a method request; ignored unless that device was asked.
-    pub fn method_response(&self, device_id: &str, rid: &str, status: i32, body: Bytes) {
+    /// An identity's answer to a method request (`key` is its session's, `{deviceId}` or
+    /// `{deviceId}/{moduleId}`); ignored unless that identity was asked, so a device cannot
+    /// answer its module's calls nor a module its device's.
+    pub fn method_response(&self, key: &str, rid: &str, status: i32, body: Bytes) {
         let Ok(rid) = rid.parse::<u64>() else { return };
         let mut pending = lock(&self.inner.pending);
-        if pending.get(&rid).is_some_and(|p| p.device_id == device_id)
+        if pending.get(&rid).is_some_and(|p| p.key == key)
             && let Some(waiter) = pending.remove(&rid)
         {
             let _ = waiter.reply.send((status, body));

@@ -4,6 +4,7 @@
 //!
 //! - `auth`: policies and their keys, service and device authentication.
 //! - `registry`: device identities (create, update, delete, read, list).
+//! - `modules`: module identities and module twins, kept inside their device's record.
 //! - `bulk`: the bulk registry (`POST /devices`), staged with `registry`'s own staging.
 //! - `seed`: a seed file's devices applied at start, idempotently.
 //! - `twins`: service twin updates (one device or a job's batch) and device reported patches.
@@ -16,7 +17,8 @@
 //! 1. **Device write locks** (`WriteLocks`, async, one per device id, taken in id order by
 //!    `Hub::write_locks`): held by a change to device records from staging to applying, so
 //!    two changes of one device never interleave, while other devices' changes and every read
-//!    go on. Never taken while holding 2 or 3.
+//!    go on. Never taken while holding 2 or 3. A module has no lock of its own: it lives in its
+//!    device's record, so its changes take its device's lock and commit its device's record.
 //! 2. **`state`** (std mutex): the registry as committed. Held only to read, stage or apply, never
 //!    across an `.await`, a commit or a serialization of records; a read of many twins (a query,
 //!    a job's device selection) takes it once per [`TWIN_READ_CHUNK`] documents.
@@ -41,6 +43,7 @@ mod bulk;
 mod error;
 mod export;
 mod methods;
+mod modules;
 mod record;
 mod registry;
 mod router;
@@ -59,6 +62,7 @@ pub use auth::{DeviceGrant, PolicyKeys, SAS_SKEW_SECS};
 pub use bulk::{BulkRequestError, check_bulk_request};
 pub use error::{AuthError, OperationError};
 pub use methods::{MAX_METHOD_PAYLOAD, MethodCall, MethodOutcome, validate_method_name};
+pub use modules::{MAX_MODULES_PER_DEVICE, identity_key, validate_module_id};
 pub use record::{NEVER, timestamp};
 pub use registry::{TUTORIAL_DEVICE_ID, validate_device_id};
 pub use router::{
@@ -176,12 +180,15 @@ impl Drop for WriteGuard {
 }
 
 /// A staged change of device records: what to put (with the desired patch its device should
-/// receive), what to delete, and whose sessions to close once it is applied. Made under the
-/// devices' write locks from committed records.
+/// receive), what to delete, the desired patches of modules (by identity key, see
+/// [`identity_key`]), and whose sessions to close once it is applied (identity keys; a device's
+/// key also closes its modules' sessions). Made under the devices' write locks from committed
+/// records.
 #[derive(Default)]
 struct DeviceChange {
     put: Vec<(DeviceRecord, Option<Map<String, Value>>)>,
     delete: Vec<String>,
+    module_desired: Vec<(String, Map<String, Value>)>,
     close_sessions: Vec<String>,
 }
 
@@ -343,17 +350,31 @@ impl Hub {
                     .publish(|| Change::Device(Arc::from(record.device_id.as_str())));
                 state.devices.insert(record.device_id.clone(), record);
             }
+            for (key, patch) in change.module_desired {
+                router::queue_desired_patch(&sessions, &key, patch);
+            }
+        }
+        // A device's sessions to close include its modules' (those it has now, or had before
+        // its deletion below).
+        let mut close: Vec<String> = Vec::with_capacity(change.close_sessions.len());
+        for key in change.close_sessions {
+            if let Some(device) = state.devices.get(&key) {
+                close.extend(device.modules.keys().map(|m| identity_key(&key, Some(m))));
+            }
+            close.push(key);
         }
         for id in &change.delete {
-            state.devices.remove(id);
+            if let Some(removed) = state.devices.remove(id) {
+                close.extend(removed.modules.keys().map(|m| identity_key(id, Some(m))));
+            }
             self.inner.telemetry.forget(id);
             self.inner
                 .feed
                 .publish(|| Change::Device(Arc::from(id.as_str())));
         }
         drop(state);
-        for id in &change.close_sessions {
-            self.kill_session(id);
+        for key in &close {
+            self.kill_session(key);
         }
     }
 }

@@ -1,6 +1,8 @@
-//! One device as the hub keeps it ([`DeviceRecord`]: identity, keys, twin sections, presence)
-//! and the documents built from it: the registry's device, the service's twin, etags.
+//! One device as the hub keeps it ([`DeviceRecord`]: identity, keys, twin sections, presence,
+//! and its module identities as [`ModuleRecord`]s) and the documents built from them: the
+//! registry's device and module, the service's twins, etags.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use base64::Engine as _;
@@ -9,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use hub_core::device::{
-    Authentication, Capabilities, ConnectionState, Device, SymmetricKey, X509Thumbprint,
+    Authentication, Capabilities, ConnectionState, Device, Module, SymmetricKey, X509Thumbprint,
 };
 use hub_core::twin::{Twin, TwinCollection, TwinProperties};
 use time::OffsetDateTime;
@@ -53,6 +55,10 @@ pub(super) struct DeviceRecord {
     /// The device's persistent MQTT session (CleanSession = 0), if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) session: Option<super::Subscriptions>,
+    /// The device's module identities by module id. Stored inside the device's record (older
+    /// records have none), so a module is committed, locked and deleted with its device.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(super) modules: BTreeMap<String, ModuleRecord>,
     #[serde(skip)]
     pub(super) connected: bool,
     #[serde(skip, default = "never")]
@@ -199,6 +205,20 @@ impl DeviceRecord {
         if current.last_activity_time > self.last_activity_time {
             self.last_activity_time = current.last_activity_time.clone();
         }
+        for (id, module) in &mut self.modules {
+            if let Some(now) = current.modules.get(id) {
+                module.keep_presence_of(&self.device_id, now);
+            }
+        }
+    }
+
+    /// Builds the cached twin documents of the device and of every module (after a load).
+    pub(super) fn refresh_all(&mut self) {
+        self.refresh();
+        let device_id = self.device_id.clone();
+        for module in self.modules.values_mut() {
+            module.refresh(&device_id);
+        }
     }
 
     /// Records a connect or disconnect and brings the cached twin document up to date by
@@ -223,6 +243,144 @@ impl DeviceRecord {
         } else {
             self.refresh();
         }
+    }
+}
+
+/// A module identity of a device and its module twin, as stored inside its [`DeviceRecord`].
+/// A module has no status of its own (the REST reference's `Module` has none): it is served
+/// while its device is enabled.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct ModuleRecord {
+    pub(super) module_id: String,
+    pub(super) generation_id: String,
+    pub(super) etag_seq: u64,
+    pub(super) auth_type: String,
+    pub(super) primary_key: Option<String>,
+    pub(super) secondary_key: Option<String>,
+    pub(super) primary_thumbprint: Option<String>,
+    pub(super) secondary_thumbprint: Option<String>,
+    #[serde(default)]
+    pub(super) managed_by: Option<String>,
+    pub(super) twin_version: u64,
+    pub(super) tags: Map<String, Value>,
+    pub(super) desired: Map<String, Value>,
+    pub(super) reported: Map<String, Value>,
+    pub(super) last_activity_time: String,
+    /// The module's persistent MQTT session (CleanSession = 0), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) session: Option<super::Subscriptions>,
+    #[serde(skip)]
+    pub(super) connected: bool,
+    #[serde(skip, default = "never")]
+    pub(super) connection_state_updated_time: String,
+    #[serde(skip, default = "empty_doc")]
+    pub(super) doc: Arc<Value>,
+}
+
+impl ModuleRecord {
+    pub(super) fn etag(&self) -> String {
+        etag_of(self.etag_seq)
+    }
+
+    pub(super) fn twin_etag(&self) -> String {
+        twin_etag_of(self.twin_version)
+    }
+
+    fn connection_state(&self) -> ConnectionState {
+        if self.connected {
+            ConnectionState::Connected
+        } else {
+            ConnectionState::Disconnected
+        }
+    }
+
+    /// The registry's `Module` document.
+    pub(super) fn module_json(&self, device_id: &str) -> Value {
+        let module = Module {
+            module_id: self.module_id.clone(),
+            managed_by: Some(self.managed_by.clone()),
+            device_id: device_id.to_owned(),
+            generation_id: Some(self.generation_id.clone()),
+            etag: Some(self.etag()),
+            connection_state: Some(self.connection_state()),
+            connection_state_updated_time: Some(self.connection_state_updated_time.clone()),
+            last_activity_time: Some(self.last_activity_time.clone()),
+            cloud_to_device_message_count: Some(0),
+            authentication: Some(Authentication {
+                symmetric_key: Some(SymmetricKey {
+                    primary_key: Some(self.primary_key.clone()),
+                    secondary_key: Some(self.secondary_key.clone()),
+                }),
+                x509_thumbprint: Some(X509Thumbprint {
+                    primary_thumbprint: Some(self.primary_thumbprint.clone()),
+                    secondary_thumbprint: Some(self.secondary_thumbprint.clone()),
+                }),
+                auth_type: self.auth_type.parse().ok(),
+                extra: Map::new(),
+            }),
+            extra: Map::new(),
+        };
+        // Plain strings, numbers and string-keyed maps: serializing cannot fail.
+        serde_json::to_value(module).unwrap_or(Value::Null)
+    }
+
+    /// The module twin: a twin document with `moduleId` set and `deviceEtag` the module
+    /// identity's etag; no `status` or `capabilities`, which modules do not have.
+    pub(super) fn twin_json(&self, device_id: &str) -> Value {
+        let twin = Twin {
+            device_id: device_id.to_owned(),
+            module_id: Some(Some(self.module_id.clone())),
+            etag: Some(self.twin_etag()),
+            device_etag: Some(self.etag()),
+            connection_state: Some(self.connection_state()),
+            last_activity_time: Some(self.last_activity_time.clone()),
+            cloud_to_device_message_count: Some(0),
+            authentication_type: self.auth_type.parse().ok(),
+            x509_thumbprint: Some(X509Thumbprint {
+                primary_thumbprint: Some(self.primary_thumbprint.clone()),
+                secondary_thumbprint: Some(self.secondary_thumbprint.clone()),
+            }),
+            model_id: Some(String::new()),
+            version: Some(self.twin_version),
+            tags: Some(self.tags.clone()),
+            properties: Some(TwinProperties {
+                desired: Some(TwinCollection(self.desired.clone())),
+                reported: Some(TwinCollection(self.reported.clone())),
+                extra: Map::new(),
+            }),
+            ..Twin::default()
+        };
+        // Plain strings, numbers and string-keyed maps: serializing cannot fail.
+        serde_json::to_value(twin).unwrap_or(Value::Null)
+    }
+
+    pub(super) fn refresh(&mut self, device_id: &str) {
+        self.doc = Arc::new(self.twin_json(device_id));
+    }
+
+    /// As [`DeviceRecord::keep_presence_of`], for a module; the cached twin is rebuilt when
+    /// the presence it shows changed meanwhile.
+    fn keep_presence_of(&mut self, device_id: &str, current: &ModuleRecord) {
+        let changed = self.connected != current.connected
+            || current.last_activity_time > self.last_activity_time;
+        self.connected = current.connected;
+        self.connection_state_updated_time = current.connection_state_updated_time.clone();
+        if current.last_activity_time > self.last_activity_time {
+            self.last_activity_time = current.last_activity_time.clone();
+        }
+        if changed {
+            self.refresh(device_id);
+        }
+    }
+
+    /// Records a connect or disconnect (see [`DeviceRecord::set_connected`]).
+    pub(super) fn set_connected(&mut self, device_id: &str, connected: bool, now: String) {
+        self.connected = connected;
+        if connected {
+            self.last_activity_time = now.clone();
+        }
+        self.connection_state_updated_time = now;
+        self.refresh(device_id);
     }
 }
 

@@ -26,11 +26,11 @@ pub fn validate_device_id(id: &str) -> Result<(), OperationError> {
 pub(super) struct DeviceUpdate {
     status: Option<String>,
     status_reason: Option<String>,
-    auth_type: String,
-    primary: Option<String>,
-    secondary: Option<String>,
-    primary_thumbprint: Option<String>,
-    secondary_thumbprint: Option<String>,
+    pub(super) auth_type: String,
+    pub(super) primary: Option<String>,
+    pub(super) secondary: Option<String>,
+    pub(super) primary_thumbprint: Option<String>,
+    pub(super) secondary_thumbprint: Option<String>,
     iot_edge: bool,
 }
 
@@ -173,6 +173,7 @@ pub(super) fn stage_device(
                 model_id: String::new(),
                 twin_jobs_applied: Vec::new(),
                 session: None,
+                modules: BTreeMap::new(),
                 connected: false,
                 connection_state_updated_time: NEVER.into(),
                 doc: empty_doc(),
@@ -248,7 +249,7 @@ pub(super) fn load_devices(
                 "the hub store's record of device {id} is unreadable: {e}"
             ))
         })?;
-        record.refresh();
+        record.refresh_all();
         devices.insert(id, record);
     }
     Ok(devices)

@@ -1,6 +1,9 @@
-//! The router to connected device sessions: the session table (one per device, with what it
+//! The router to connected device and module sessions: the session table (one per identity,
+//! keyed by its MQTT client id, `{deviceId}` or `{deviceId}/{moduleId}`, with what it
 //! subscribed to), presence (connection state in the registry, the wake-up for calls waiting on
-//! a device), and the outbound queue each session reads.
+//! an identity), and the outbound queue each session reads. A module's session is its own: it
+//! neither replaces nor is replaced by its device's (IoT Hub: "each module identity ... gets
+//! its own connection", Microsoft Learn, "Understand and use module twins in IoT Hub").
 
 use std::collections::HashMap;
 
@@ -14,6 +17,7 @@ use hub_core::topic::Topic;
 use serde::{Deserialize, Serialize};
 
 use super::auth::DeviceGrant;
+use super::modules::split_key;
 use super::{AuthError, DeviceChange, Hub, State, lock};
 use crate::feed::{Change, Feed};
 
@@ -77,8 +81,13 @@ pub struct OpenedSession {
 /// A connected session's registration; the session loop keeps it and passes it back.
 #[derive(Debug)]
 pub struct SessionTicket {
-    /// The device this session speaks for.
+    /// The identity's key in the session table: its MQTT client id, `{deviceId}` or
+    /// `{deviceId}/{moduleId}`.
+    pub key: String,
+    /// The device this session speaks for (the module's device, for a module).
     pub device_id: String,
+    /// The module this session speaks for, if it is a module's.
+    pub module_id: Option<String>,
     /// Unique per connection, so a replaced session cannot unregister its successor.
     pub conn_id: u64,
     /// Cancelled when the hub drops the session (replaced, backed up, or shutting down).
@@ -91,16 +100,16 @@ pub struct SessionTicket {
     pub clean_session: bool,
 }
 
-/// The sessions table: device id to its one live session.
+/// The sessions table: identity key (client id) to its one live session.
 pub(super) type Sessions = HashMap<String, SessionEntry>;
 
 /// Queues a desired-properties patch (with its `$version`) to the device's session, if it
 /// subscribed to them. The caller holds the state and sessions locks and the device's write lock
 /// and calls this in the order the versions were committed: that is what makes a device see its
 /// desired patches in version order.
-pub(super) fn queue_desired_patch(sessions: &Sessions, device_id: &str, patch: Map<String, Value>) {
+pub(super) fn queue_desired_patch(sessions: &Sessions, key: &str, patch: Map<String, Value>) {
     let Some(session) = sessions
-        .get(device_id)
+        .get(key)
         .filter(|s| s.subscriptions.desired.is_some())
     else {
         return;
@@ -138,13 +147,14 @@ impl Hub {
     /// a session the registry change already tried to close.
     pub async fn attach_session(
         &self,
-        device_id: &str,
+        key: &str,
         grant: &DeviceGrant,
         clean_session: bool,
     ) -> Result<OpenedSession, AuthError> {
         if clean_session {
-            self.store_session(device_id, None).await;
+            self.store_session(key, None).await;
         }
+        let (device_id, module_id) = split_key(key);
         let conn_id = self.next_id();
         let (tx, outbound) = mpsc::channel(SESSION_QUEUE);
         let kill = CancellationToken::new();
@@ -152,16 +162,17 @@ impl Hub {
         // The session table and the registry's connection state change under both locks (state
         // first), so a detach racing with a newer attach cannot leave the device `Disconnected`.
         let mut state = lock(&self.inner.state);
-        grant.still_valid(device_id, state.devices.get(device_id))?;
+        grant.still_valid(key, state.devices.get(device_id))?;
         // Checked under the state lock: a fault set meanwhile closes this session through
         // `kill_session`, which waits for this lock, so no connect slips past an offline fault.
-        if self.inner.faults.is_offline(device_id) {
-            return Err(AuthError::HeldOffline(device_id.to_owned()));
+        // Faults name a device's own session (`crate::faults`); a module's key names none.
+        if self.inner.faults.is_offline(key) {
+            return Err(AuthError::HeldOffline(key.to_owned()));
         }
         let restored = if clean_session {
             None
         } else {
-            state.devices.get(device_id).and_then(|d| d.session)
+            stored_session(&state, key)
         };
         let entry = SessionEntry {
             conn_id,
@@ -169,9 +180,16 @@ impl Hub {
             kill: kill.clone(),
             subscriptions: restored.unwrap_or_default(),
         };
-        let previous = lock(&self.inner.sessions).insert(device_id.to_owned(), entry);
+        let previous = lock(&self.inner.sessions).insert(key.to_owned(), entry);
         if let Some(device) = state.devices.get_mut(device_id) {
-            device.set_connected(true, now);
+            match module_id {
+                None => device.set_connected(true, now),
+                Some(module_id) => {
+                    if let Some(module) = device.modules.get_mut(module_id) {
+                        module.set_connected(device_id, true, now);
+                    }
+                }
+            }
         }
         drop(state);
         self.inner.feed.publish(|| Change::Device(device_id.into()));
@@ -184,7 +202,9 @@ impl Hub {
         }
         Ok(OpenedSession {
             ticket: SessionTicket {
+                key: key.to_owned(),
                 device_id: device_id.to_owned(),
+                module_id: module_id.map(str::to_owned),
                 conn_id,
                 kill,
                 outbound,
@@ -195,25 +215,31 @@ impl Hub {
         })
     }
 
-    /// Stores (`Some`) or discards (`None`) the device's persistent session, if that changes it.
-    /// A failed commit is logged: the connection goes on with what it has in memory.
-    async fn store_session(&self, device_id: &str, session: Option<Subscriptions>) {
+    /// Stores (`Some`) or discards (`None`) the identity's persistent session, if that changes
+    /// it. A failed commit is logged: the connection goes on with what it has in memory.
+    async fn store_session(&self, key: &str, session: Option<Subscriptions>) {
+        let (device_id, module_id) = split_key(key);
         let writing = self.write_locks([device_id]).await;
-        let Some(mut record) = lock(&self.inner.state)
-            .devices
-            .get(device_id)
-            .filter(|d| d.session != session)
-            .cloned()
-        else {
+        let Some(mut record) = ({
+            let state = lock(&self.inner.state);
+            let changes = stored_session(&state, key) != session;
+            state.devices.get(device_id).filter(|_| changes).cloned()
+        }) else {
             return;
         };
-        record.session = session;
+        match module_id {
+            None => record.session = session,
+            Some(module_id) => match record.modules.get_mut(module_id) {
+                Some(module) => module.session = session,
+                None => return,
+            },
+        }
         let change = DeviceChange {
             put: vec![(record, None)],
             ..DeviceChange::default()
         };
         if let Err(error) = self.commit_devices(writing, change).await {
-            tracing::error!(%device_id, %error, "could not save the device's MQTT session");
+            tracing::error!(identity = %key, %error, "could not save the MQTT session");
         }
     }
 
@@ -223,15 +249,15 @@ impl Hub {
         let mut state = lock(&self.inner.state);
         let removed = {
             let mut sessions = lock(&self.inner.sessions);
-            match sessions.get(&ticket.device_id) {
+            match sessions.get(&ticket.key) {
                 Some(entry) if entry.conn_id == ticket.conn_id => {
-                    sessions.remove(&ticket.device_id).is_some()
+                    sessions.remove(&ticket.key).is_some()
                 }
                 _ => false,
             }
         };
         if removed {
-            mark_disconnected(&self.inner.feed, &mut state, &ticket.device_id, now);
+            mark_disconnected(&self.inner.feed, &mut state, &ticket.key, now);
         }
     }
 
@@ -241,7 +267,7 @@ impl Hub {
     pub async fn set_subscriptions(&self, ticket: &SessionTicket, subscriptions: Subscriptions) {
         let current = {
             let mut sessions = lock(&self.inner.sessions);
-            match sessions.get_mut(&ticket.device_id) {
+            match sessions.get_mut(&ticket.key) {
                 Some(entry) if entry.conn_id == ticket.conn_id => {
                     entry.subscriptions = subscriptions;
                     true
@@ -251,18 +277,25 @@ impl Hub {
         };
         self.inner.presence.notify_waiters();
         if current && !ticket.clean_session {
-            self.store_session(&ticket.device_id, Some(subscriptions))
-                .await;
+            self.store_session(&ticket.key, Some(subscriptions)).await;
         }
     }
 
-    /// Updates the device's last activity time (kept in memory; not user data).
-    pub fn touch(&self, device_id: &str) {
+    /// Updates the identity's last activity time (kept in memory; not user data).
+    pub fn touch(&self, key: &str) {
         let now = self.now();
+        let (device_id, module_id) = split_key(key);
         if let Some(device) = lock(&self.inner.state).devices.get_mut(device_id) {
-            device.last_activity_time = now;
             // The cached document is refreshed on the next twin change or connection event;
             // rebuilding it on every packet would cost more than the query freshness is worth.
+            match module_id {
+                None => device.last_activity_time = now,
+                Some(module_id) => {
+                    if let Some(module) = device.modules.get_mut(module_id) {
+                        module.last_activity_time = now;
+                    }
+                }
+            }
         }
     }
 
@@ -276,7 +309,7 @@ impl Hub {
         message: Outbound,
     ) {
         let tx = lock(&self.inner.sessions)
-            .get(&ticket.device_id)
+            .get(&ticket.key)
             .filter(|entry| entry.conn_id == ticket.conn_id)
             .map(|entry| entry.tx.clone());
         let Some(tx) = tx else { return };
@@ -293,14 +326,15 @@ impl Hub {
         });
     }
 
-    /// Closes a device's session, if any (device deleted or disabled).
-    pub fn kill_session(&self, device_id: &str) {
+    /// Closes the session of an identity (a device id, or `{deviceId}/{moduleId}`), if any
+    /// (deleted, disabled or re-keyed).
+    pub fn kill_session(&self, key: &str) {
         let now = self.now();
         let mut state = lock(&self.inner.state);
-        let removed = lock(&self.inner.sessions).remove(device_id);
+        let removed = lock(&self.inner.sessions).remove(key);
         if let Some(entry) = removed {
             // The session's own detach will find its entry gone: record the disconnect here.
-            mark_disconnected(&self.inner.feed, &mut state, device_id, now);
+            mark_disconnected(&self.inner.feed, &mut state, key, now);
             entry.kill.cancel();
         }
         drop(state);
@@ -317,22 +351,51 @@ impl Hub {
         }
     }
 
-    /// How many device sessions are connected.
+    /// How many device and module sessions are connected.
     pub fn connected_count(&self) -> usize {
         lock(&self.inner.sessions).len()
     }
 
-    /// Whether the device is connected and subscribed to method requests.
-    pub fn method_ready(&self, device_id: &str) -> bool {
+    /// How many devices are connected, their modules' sessions left out (`GET
+    /// /statistics/service`'s `connectedDeviceCount`). Walks the session table: for that rare
+    /// call only.
+    pub fn connected_device_count(&self) -> usize {
         lock(&self.inner.sessions)
-            .get(device_id)
+            .keys()
+            .filter(|key| !key.contains('/'))
+            .count()
+    }
+
+    /// Whether the identity (a device id, or `{deviceId}/{moduleId}`) is connected and
+    /// subscribed to method requests.
+    pub fn method_ready(&self, key: &str) -> bool {
+        lock(&self.inner.sessions)
+            .get(key)
             .is_some_and(|s| s.subscriptions.methods.is_some())
     }
 }
 
-fn mark_disconnected(feed: &Feed, state: &mut State, device_id: &str, now: String) {
+fn mark_disconnected(feed: &Feed, state: &mut State, key: &str, now: String) {
+    let (device_id, module_id) = split_key(key);
     if let Some(device) = state.devices.get_mut(device_id) {
-        device.set_connected(false, now);
+        match module_id {
+            None => device.set_connected(false, now),
+            Some(module_id) => {
+                if let Some(module) = device.modules.get_mut(module_id) {
+                    module.set_connected(device_id, false, now);
+                }
+            }
+        }
         feed.publish(|| Change::Device(device_id.into()));
+    }
+}
+
+/// The persistent session stored with an identity, if any.
+fn stored_session(state: &State, key: &str) -> Option<Subscriptions> {
+    let (device_id, module_id) = split_key(key);
+    let device = state.devices.get(device_id)?;
+    match module_id {
+        None => device.session,
+        Some(module_id) => device.modules.get(module_id)?.session,
     }
 }

@@ -53,11 +53,33 @@ pub(super) fn stage_twin_update(
         }
         record.twin_jobs_applied.push(job.to_owned());
     }
+    let notify = apply_service_update(
+        &mut record.tags,
+        &mut record.desired,
+        twins::ServiceUpdate { tags, desired },
+        replace,
+        now,
+    )?;
+    record.twin_version += 1;
+    record.refresh();
+    Ok(Staged::Changed(Box::new(record), notify))
+}
+
+/// Applies a service update's `tags` and `desired` to a twin's sections (a device's or a
+/// module's), merging (`PATCH`) or replacing (`PUT`) them. Returns the desired patch the twin's
+/// session should receive (with its new `$version`), if desired properties changed.
+pub(super) fn apply_service_update(
+    record_tags: &mut Map<String, Value>,
+    record_desired: &mut Map<String, Value>,
+    twins::ServiceUpdate { tags, desired }: twins::ServiceUpdate<'_>,
+    replace: bool,
+    now: &str,
+) -> Result<Option<Map<String, Value>>, OperationError> {
     if let Some(tags) = tags {
         if replace {
             twins::validate_patch("tags", tags)?;
-            record.tags = tags.as_object().cloned().unwrap_or_default();
-            let size = twins::section_size(&record.tags);
+            *record_tags = tags.as_object().cloned().unwrap_or_default();
+            let size = twins::section_size(record_tags);
             if size > twins::MAX_TAGS_BYTES {
                 return Err(TwinError::TooLarge {
                     section: "tags",
@@ -67,23 +89,21 @@ pub(super) fn stage_twin_update(
                 .into());
             }
         } else {
-            twins::apply_tags(&mut record.tags, tags)?;
+            twins::apply_tags(record_tags, tags)?;
         }
     }
     let mut notify = None;
     if let Some(desired) = desired {
         let (version, mut patch) = if replace {
-            twins::replace_section(&mut record.desired, desired, Section::Desired, now)?
+            twins::replace_section(record_desired, desired, Section::Desired, now)?
         } else {
-            let version = twins::apply_patch(&mut record.desired, desired, Section::Desired, now)?;
+            let version = twins::apply_patch(record_desired, desired, Section::Desired, now)?;
             (version, desired.as_object().cloned().unwrap_or_default())
         };
         patch.insert("$version".into(), Value::from(version));
         notify = Some(patch);
     }
-    record.twin_version += 1;
-    record.refresh();
-    Ok(Staged::Changed(Box::new(record), notify))
+    Ok(notify)
 }
 
 impl Hub {

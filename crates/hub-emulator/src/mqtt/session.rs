@@ -1,5 +1,8 @@
-//! One device connection: CONNECT with SAS authentication, then the loop that serves IoT Hub's
-//! device topics (methods, twin, telemetry, C2D subscriptions) until the connection ends.
+//! One device or module connection: CONNECT with SAS authentication, then the loop that serves
+//! IoT Hub's device topics (methods, twin, telemetry, C2D subscriptions) until the connection
+//! ends. A module (client id `{deviceId}/{moduleId}`) is served the same `$iothub/...` topics on
+//! its own connection, about its own twin and methods ([DOCS mqtt] "Using the MQTT protocol
+//! directly (as a module)").
 //!
 //! Invariants: the hub knows the session only between a successful CONNECT and the end (a drop
 //! guard always calls `detach_session`); a device publishes and subscribes on its own topics
@@ -278,13 +281,11 @@ async fn authenticate(
             "empty client id; IoT Hub needs the device id",
         ));
     }
-    if device_id.contains('/') {
-        warn!(
-            "module identities ({device_id}) are not supported by this emulator; connect as the device"
-        );
+    // `{deviceId}/{moduleId}` is a module; one more `/` is neither.
+    if device_id.split('/').count() > 2 || device_id.starts_with('/') || device_id.ends_with('/') {
         return Err(Refusal::new(
             ConnectReturnCode::BadClientId,
-            "module identities are not supported",
+            "the client id must be `{deviceId}` or `{deviceId}/{moduleId}`",
         ));
     }
     let Some(login) = connect.login else {
@@ -559,8 +560,19 @@ fn error_answer(code: ErrorCode, text: impl fmt::Display) -> (u16, Bytes) {
 }
 
 impl Session<'_> {
+    /// The device this session speaks for (the module's device, for a module).
     fn device_id(&self) -> &str {
         &self.attached.ticket.device_id
+    }
+
+    /// The module this session speaks for, if it is a module's.
+    fn module_id(&self) -> Option<&str> {
+        self.attached.ticket.module_id.as_deref()
+    }
+
+    /// The identity's key for the hub's calls (`{deviceId}` or `{deviceId}/{moduleId}`).
+    fn key(&self) -> &str {
+        &self.attached.ticket.key
     }
 
     /// Handles every complete packet in `rbuf`; returns how many more bytes the next one needs.
@@ -615,7 +627,7 @@ impl Session<'_> {
         let now = Instant::now();
         if now >= self.next_touch {
             self.next_touch = now + TOUCH_INTERVAL;
-            self.attached.hub.touch(&self.attached.ticket.device_id);
+            self.attached.hub.touch(&self.attached.ticket.key);
         }
     }
 
@@ -665,7 +677,7 @@ impl Session<'_> {
                 module_id,
                 properties,
             } => {
-                if device_id != self.device_id() || module_id.is_some() {
+                if device_id != self.device_id() || module_id.as_deref() != self.module_id() {
                     return Err(End::Forbidden(format!(
                         "published telemetry on `{}`, another identity's topic",
                         publish.topic
@@ -681,15 +693,34 @@ impl Session<'_> {
                 }
                 self.telemetry += 1;
                 debug!(topic = %publish.topic, bytes = publish.payload.len(), "telemetry");
-                self.attached
-                    .hub
-                    .record_telemetry(self.device_id(), &publish.payload, &properties);
+                match self.module_id() {
+                    None => self.attached.hub.record_telemetry(
+                        self.device_id(),
+                        &publish.payload,
+                        &properties,
+                    ),
+                    Some(module_id) => {
+                        // A module's messages are its device's, marked with the module as IoT
+                        // Hub marks them (system property `iothub-connection-module-id`,
+                        // Microsoft Learn, "Create and read IoT Hub messages").
+                        let mut properties = properties;
+                        properties.push((
+                            "iothub-connection-module-id".to_owned(),
+                            module_id.to_owned(),
+                        ));
+                        self.attached.hub.record_telemetry(
+                            self.device_id(),
+                            &publish.payload,
+                            &properties,
+                        );
+                    }
+                }
             }
             Topic::MethodResponse { status, rid } => {
                 debug!(%rid, status, "method response");
                 self.attached
                     .hub
-                    .method_response(self.device_id(), &rid, status, publish.payload);
+                    .method_response(self.key(), &rid, status, publish.payload);
             }
             Topic::TwinGet { rid } => self.twin_get(rid).await?,
             Topic::TwinPatchReported { rid } => self.twin_patch(rid, &publish.payload).await?,
@@ -706,17 +737,28 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// The twin GET answer of this session's identity (its device's, or its module's).
+    fn twin_sections(&self) -> Option<Value> {
+        match self.module_id() {
+            None => self.attached.hub.device_twin(self.device_id()),
+            Some(module_id) => self
+                .attached
+                .hub
+                .module_twin_sections(self.device_id(), module_id),
+        }
+    }
+
     async fn twin_get(&mut self, rid: String) -> Result<(), End> {
         let Some(qos) = self.granted.twin_responses else {
             warn!(%rid, "twin GET without a subscription to $iothub/twin/res/#; IoT Hub sends no answer");
             return Ok(());
         };
-        let fault = self.attached.hub.faults().twin(self.device_id());
+        let fault = self.attached.hub.faults().twin(self.key());
         let (status, body) = match self.twin_refusal(fault, Operation::TwinRead).await {
             Some(refused) => refused,
-            None => match self.attached.hub.device_twin(self.device_id()) {
+            None => match self.twin_sections() {
                 Some(twin) => (200, Bytes::from(twin.to_string())),
-                None => twin_error(&OperationError::DeviceNotFound(self.device_id().to_owned())),
+                None => twin_error(&OperationError::DeviceNotFound(self.key().to_owned())),
             },
         };
         let topic = Topic::TwinResponse {
@@ -771,16 +813,25 @@ impl Session<'_> {
     async fn twin_patch(&mut self, rid: String, payload: &[u8]) -> Result<(), End> {
         // A throttled patch is not applied; the device hears 429 on its twin response topic. A
         // slow device's patch is applied at once and answered late.
-        let fault = self.attached.hub.faults().twin(self.device_id());
+        let fault = self.attached.hub.faults().twin(self.key());
         let result = match self.twin_refusal(fault, Operation::TwinUpdate).await {
             Some(refused) => Err(refused),
             None => match serde_json::from_slice::<Value>(payload) {
-                Ok(patch) => self
-                    .attached
-                    .hub
-                    .patch_reported(self.device_id(), patch)
-                    .await
-                    .map_err(|error| twin_error(&error)),
+                Ok(patch) => match self.module_id() {
+                    None => {
+                        self.attached
+                            .hub
+                            .patch_reported(self.device_id(), patch)
+                            .await
+                    }
+                    Some(module_id) => {
+                        self.attached
+                            .hub
+                            .patch_module_reported(self.device_id(), module_id, patch)
+                            .await
+                    }
+                }
+                .map_err(|error| twin_error(&error)),
                 Err(e) => Err(twin_error(&OperationError::InvalidArgument(format!(
                     "the reported properties patch is not valid JSON: {e}"
                 )))),
@@ -853,18 +904,25 @@ impl Session<'_> {
                 TopicFilter::Methods => granted.methods = Some(qos),
                 TopicFilter::TwinResponses => granted.twin_responses = Some(qos),
                 TopicFilter::TwinDesired => granted.desired = Some(qos),
-                TopicFilter::C2d { device_id } if device_id == self.device_id() => {
+                TopicFilter::C2d { device_id }
+                    if device_id == self.device_id() && self.module_id().is_none() =>
+                {
                     granted.c2d = Some(qos)
                 }
-                TopicFilter::C2d { .. } => {
-                    return Err(End::Forbidden(format!(
-                        "subscribed to `{}`, another device's messages",
-                        filter.path
-                    )));
+                // A module's own inputs (what the Python module client subscribes to for
+                // `on_message_received`, reference §7.2): kept as its message subscription;
+                // nothing is ever routed to it, as no C2D message is ever queued here.
+                TopicFilter::ModuleInputs {
+                    device_id,
+                    module_id,
+                } if device_id == self.device_id()
+                    && Some(module_id.as_str()) == self.module_id() =>
+                {
+                    granted.c2d = Some(qos)
                 }
-                TopicFilter::ModuleInputs { .. } => {
+                TopicFilter::C2d { .. } | TopicFilter::ModuleInputs { .. } => {
                     return Err(End::Forbidden(format!(
-                        "subscribed to `{}`; module identities are not supported",
+                        "subscribed to `{}`, another identity's messages",
                         filter.path
                     )));
                 }
@@ -894,6 +952,14 @@ impl Session<'_> {
                 Ok(TopicFilter::TwinResponses) => granted.twin_responses = None,
                 Ok(TopicFilter::TwinDesired) => granted.desired = None,
                 Ok(TopicFilter::C2d { device_id }) if device_id == self.device_id() => {
+                    granted.c2d = None
+                }
+                Ok(TopicFilter::ModuleInputs {
+                    device_id,
+                    module_id,
+                }) if device_id == self.device_id()
+                    && Some(module_id.as_str()) == self.module_id() =>
+                {
                     granted.c2d = None
                 }
                 _ => {}
