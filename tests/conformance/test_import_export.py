@@ -151,6 +151,10 @@ def test_export_then_import_into_a_fresh_hub_reproduces_the_registry(hubs, blob_
         source.create_device_with_sas(device_id, None, None, "enabled" if n else "disabled")
         twin = source.get_twin(device_id)
         source.update_twin(device_id, Twin(tags={"floor": n}, properties={"desired": {"setpoint": 20 + n}}), twin.etag)
+    # A module identity travels with its device, on its own line.
+    source.create_module_with_sas(ids[1], "thermostat", None, None, None)
+    module_twin = source.get_module_twin(ids[1], "thermostat")
+    source.update_module_twin(ids[1], "thermostat", Twin(tags={"kind": "module"}), module_twin.etag)
     container = f"registry-{uuid.uuid4().hex[:8]}"
     uri = container_sas_uri(blob_service, container)
 
@@ -158,7 +162,11 @@ def test_export_then_import_into_a_fresh_hub_reproduces_the_registry(hubs, blob_
                      JobProperties(type="export", output_blob_container_uri=uri, exclude_keys_in_export=False))
     assert export.status == "completed", export.failure_reason
     assert export.progress == 100
-    lines = {line["id"]: line for line in blob_lines(blob_service, container, "devices.txt")}
+    exported = blob_lines(blob_service, container, "devices.txt")
+    lines = {line["id"]: line for line in exported if "moduleId" not in line}
+    module_lines = [line for line in exported if line.get("moduleId") == "thermostat"]
+    assert len(module_lines) == 1 and module_lines[0]["id"] == ids[1], module_lines
+    assert module_lines[0]["tags"] == {"kind": "module"}
     assert set(ids) <= set(lines), "every device is exported, one JSON per line"
     first = lines[ids[0]]
     assert first["status"] == "disabled"
@@ -178,6 +186,10 @@ def test_export_then_import_into_a_fresh_hub_reproduces_the_registry(hubs, blob_
         twin = target.get_twin(device_id)
         assert twin.tags == {"floor": n}
         assert twin.properties.desired["setpoint"] == 20 + n
+    module_before = source.get_module(ids[1], "thermostat")
+    module_after = target.get_module(ids[1], "thermostat")
+    assert module_after.authentication.symmetric_key.primary_key == module_before.authentication.symmetric_key.primary_key
+    assert target.get_module_twin(ids[1], "thermostat").tags == {"kind": "module"}
     assert blob_lines(blob_service, container, "importErrors.log") == []
 
 

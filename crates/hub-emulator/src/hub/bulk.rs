@@ -131,8 +131,9 @@ fn stage_entry(
     let id = device.id.as_str();
     if device.module_id.as_deref().is_some_and(|m| !m.is_empty()) {
         return Err(OperationError::InvalidArgument(format!(
-            "module identities are not supported by hub-emulator (moduleId of device {id}); \
-             send device identities only"
+            "the bulk registry takes device identities only (moduleId of device {id}); create \
+             modules with PUT /devices/{id}/modules/{{moduleId}}, or import them with an import \
+             job"
         )));
     }
     // Without importMode, the C# SDK's default (its enum's 0) applies: createOrUpdate.

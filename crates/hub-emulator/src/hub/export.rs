@@ -32,10 +32,31 @@ impl Hub {
             };
             range.take(max).map(|(_, record)| record.clone()).collect()
         };
-        records
-            .into_iter()
-            .map(|record| export_line(record.device_json(), &record.twin_json(), exclude_keys))
-            .collect()
+        let mut lines = Vec::with_capacity(records.len());
+        for record in records {
+            lines.push(export_line(
+                record.device_json(),
+                &record.twin_json(),
+                exclude_keys,
+            ));
+            // A device's modules follow it, one line each with `moduleId`, as IoT Hub exports
+            // them (azure-iot-sdk-csharp issue 1146 shows an export with `$edgeAgent` lines).
+            for module in record.modules.values() {
+                let mut line = export_line(
+                    module.module_json(&record.device_id),
+                    &module.twin_json(&record.device_id),
+                    exclude_keys,
+                );
+                line.id.clone_from(&record.device_id);
+                line.module_id = module
+                    .module_json(&record.device_id)
+                    .get("moduleId")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                lines.push(line);
+            }
+        }
+        lines
     }
 
     /// How many devices the registry holds.

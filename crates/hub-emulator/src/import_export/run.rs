@@ -197,6 +197,17 @@ async fn import(
                 continue;
             }
         };
+        if device.module_id.as_deref().is_some_and(|m| !m.is_empty()) {
+            // A module line applies after the devices before it (its device may be among them).
+            if !batch.is_empty() {
+                errors.extend(jobs.hub.bulk_registry(&batch).await?);
+                batch.clear();
+            }
+            if let Err(error) = import_module(jobs, &device).await {
+                errors.push(error);
+            }
+            continue;
+        }
         // One bulk call names a device once: a repeated id starts the next call, so the
         // file's later line wins, as applying the lines in order would.
         if batch.len() == MAX_BULK_DEVICES || batch.iter().any(|d| d.id == device.id) {
@@ -227,6 +238,65 @@ async fn import(
         }
     }
     output.put(&jobs.client, IMPORT_ERRORS_BLOB, log).await?;
+    Ok(())
+}
+
+/// Applies a module line: its identity (created, or updated keeping what the line leaves out)
+/// and its twin's tags and desired properties. Only `createOrUpdate` and `delete` apply to
+/// modules here; the other modes are refused for the line.
+async fn import_module(
+    jobs: &ImportExportJobs,
+    line: &ExportImportDevice,
+) -> Result<(), DeviceRegistryOperationError> {
+    let module_id = line.module_id.clone().unwrap_or_default();
+    let failed = |error: OperationError| DeviceRegistryOperationError {
+        device_id: line.id.clone(),
+        error_code: error.code().name().to_owned(),
+        error_status: error.to_string(),
+        module_id: Some(module_id.clone()),
+        operation: None,
+    };
+    match line.import_mode {
+        Some(ImportMode::Delete) => {
+            return jobs
+                .hub
+                .delete_module(&line.id, &module_id, Some("*"))
+                .await
+                .map_err(failed);
+        }
+        Some(ImportMode::CreateOrUpdate) | None => {}
+        Some(other) => {
+            return Err(failed(OperationError::InvalidArgument(format!(
+                "importMode {other:?} is not served for module lines; use createOrUpdate or delete"
+            ))));
+        }
+    }
+    let mut body = serde_json::json!({"moduleId": module_id, "deviceId": line.id});
+    if let Some(authentication) = &line.authentication
+        && let Ok(value) = serde_json::to_value(authentication)
+    {
+        body["authentication"] = value;
+    }
+    let exists = jobs.hub.module_exists(&line.id, &module_id);
+    jobs.hub
+        .create_or_update_module(&line.id, &module_id, &body, exists.then_some("*"))
+        .await
+        .map_err(failed)?;
+    let mut twin = serde_json::Map::new();
+    if let Some(tags) = &line.tags {
+        twin.insert("tags".into(), Value::Object(tags.clone()));
+    }
+    if let Some(desired) = line.properties.as_ref().and_then(|p| p.desired.as_ref())
+        && let Ok(desired) = serde_json::to_value(desired)
+    {
+        twin.insert("properties".into(), serde_json::json!({"desired": desired}));
+    }
+    if !twin.is_empty() {
+        jobs.hub
+            .update_module_twin(&line.id, &module_id, &Value::Object(twin), Some("*"), false)
+            .await
+            .map_err(failed)?;
+    }
     Ok(())
 }
 
