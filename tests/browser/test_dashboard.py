@@ -236,6 +236,13 @@ def test_the_tutorial_device_connects_answers_lock_door_and_acknowledges_desired
     wait_for(lambda: '"floor": "3"' in text_of(browser, "#twin-reported"), what="the device's acknowledgement")
     shot(browser, "04-desired-acknowledged")
 
+    # A module identity created elsewhere is listed live, without its keys reaching the page.
+    hub.rest("PUT", "/devices/myDeviceId/modules/doorSensor", {"moduleId": "doorSensor", "deviceId": "myDeviceId"})
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, '#module-rows tr[data-module="doorSensor"]'),
+             what="the module listed")
+    module_key = hub.rest("GET", "/devices/myDeviceId/modules/doorSensor")["authentication"]["symmetricKey"]["primaryKey"]
+    assert module_key not in browser.page_source
+
     # A change made elsewhere shows without a reload.
     hub.rest("PATCH", "/twins/myDeviceId", {"tags": {"touched": True}})
     wait_for(lambda: '"touched": true' in text_of(browser, "#twin-tags"), what="the tag change shown live")

@@ -383,6 +383,19 @@ function deviceView(id) {
     } catch (error) { showError(errors, error); }
   }
 
+  // The device's module identities (their keys come blanked, as the device's do).
+  const modules = el("tbody", { id: "module-rows" });
+  async function loadModules() {
+    try {
+      const list = (await api("GET", `/devices/${encodeId(id)}/modules`)).json || [];
+      modules.replaceChildren(...list.map((m) => el("tr", { "data-module": m.moduleId },
+        el("td", { text: m.moduleId }),
+        el("td", { class: `state-${m.connectionState}`, text: m.connectionState }),
+        el("td", { class: "muted", text: m.lastActivityTime || "" }),
+        el("td", { class: "muted", text: m.managedBy || "" }))));
+    } catch (error) { showError(errors, error); }
+  }
+
   view.replaceChildren(
     el("p", {}, el("a", { href: "#/devices", text: "Devices" }), " / ", el("strong", { id: "device-id", text: id })),
     summary, errors,
@@ -390,15 +403,19 @@ function deviceView(id) {
     twinBox,
     el("div", { class: "grid" }, el("div", { class: "card" }, patchForm), el("div", { class: "card" }, methodForm)),
     el("h2", { text: "Recent telemetry" }), messagesNote,
-    el("table", {}, el("thead", {}, el("tr", {}, ["#", "Enqueued", "Body", "Properties"].map((h) => el("th", { text: h })))), messages));
-  const twinSoon = debounce(loadTwin, 300);
+    el("table", {}, el("thead", {}, el("tr", {}, ["#", "Enqueued", "Body", "Properties"].map((h) => el("th", { text: h })))), messages),
+    el("h2", { text: "Module identities" }),
+    el("table", {}, el("thead", {}, el("tr", {}, ["Module", "Connection", "Last activity", "Managed by"].map((h) => el("th", { text: h })))), modules));
+  const twinSoon = debounce(() => { loadTwin(); loadModules(); }, 300);
   const messagesSoon = debounce(loadMessages, 500);
   onChanges = (batch) => {
+    // A module's changes are its device's record's, so they arrive as the device's.
     if (batch.resync || batch.devices.includes(id)) twinSoon();
     if (batch.resync || batch.telemetry.includes(id)) messagesSoon();
   };
   loadTwin();
   loadMessages();
+  loadModules();
 }
 
 // ---- query console --------------------------------------------------------------------------
