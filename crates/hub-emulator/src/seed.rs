@@ -6,7 +6,7 @@
 //! (`configurations` will join it); every error names the file, the JSON path and, where the
 //! parser knows it, the line.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -36,6 +36,7 @@ const NOT_YET: &[(&str, &str)] = &[(
 pub struct Seed {
     path: PathBuf,
     devices: Vec<SeedDevice>,
+    modules: Vec<SeedModule>,
 }
 
 impl std::fmt::Debug for Seed {
@@ -103,6 +104,33 @@ struct DeviceEntry {
     #[serde(default)]
     tags: Option<Map<String, Value>>,
     #[serde(default)]
+    desired: Option<Map<String, Value>>,
+    #[serde(default)]
+    modules: Vec<ModuleEntry>,
+}
+
+/// One module identity of a device, as the file writes it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModuleEntry {
+    id: String,
+    #[serde(default)]
+    auth: Option<AuthEntry>,
+    #[serde(default)]
+    tags: Option<Map<String, Value>>,
+    #[serde(default)]
+    desired: Option<Map<String, Value>>,
+}
+
+/// A module a seed declares; `Debug` leaves the keys out.
+#[derive(Clone)]
+struct SeedModule {
+    device_index: usize,
+    device_id: String,
+    id: String,
+    primary_key: Option<String>,
+    secondary_key: Option<String>,
+    tags: Option<Map<String, Value>>,
     desired: Option<Map<String, Value>>,
 }
 
@@ -200,6 +228,7 @@ impl Seed {
         })?;
         let mut seen: HashMap<String, usize> = HashMap::with_capacity(parsed.devices.len());
         let mut devices = Vec::with_capacity(parsed.devices.len());
+        let mut modules = Vec::new();
         for (index, entry) in parsed.devices.into_iter().enumerate() {
             let at = |field: &str| format!("devices[{index}].{field}");
             hub_core::connection_string::validate_device_id(&entry.id)
@@ -223,6 +252,40 @@ impl Seed {
                         .map_err(|(at, problem)| invalid(&at, None, problem))?,
                 ),
             };
+            let mut module_ids = HashSet::with_capacity(entry.modules.len());
+            for (module_index, module) in entry.modules.into_iter().enumerate() {
+                let at = |field: &str| format!("devices[{index}].modules[{module_index}].{field}");
+                crate::hub::validate_module_id(&module.id)
+                    .map_err(|e| invalid(&at("id"), None, e.to_string()))?;
+                if !module_ids.insert(module.id.clone()) {
+                    return Err(invalid(
+                        &at("id"),
+                        None,
+                        format!(
+                            "module {} is declared twice for device {}",
+                            module.id, entry.id
+                        ),
+                    ));
+                }
+                let (primary_key, secondary_key) = match module.auth {
+                    None => (None, None),
+                    Some(auth) => (
+                        check_key(auth.primary_key, &at("auth.primaryKey"))
+                            .map_err(|(at, problem)| invalid(&at, None, problem))?,
+                        check_key(auth.secondary_key, &at("auth.secondaryKey"))
+                            .map_err(|(at, problem)| invalid(&at, None, problem))?,
+                    ),
+                };
+                modules.push(SeedModule {
+                    device_index: index,
+                    device_id: entry.id.clone(),
+                    id: module.id,
+                    primary_key,
+                    secondary_key,
+                    tags: module.tags,
+                    desired: module.desired,
+                });
+            }
             devices.push(SeedDevice {
                 id: entry.id,
                 status: entry.status,
@@ -235,6 +298,7 @@ impl Seed {
         Ok(Seed {
             path: path.to_owned(),
             devices,
+            modules,
         })
     }
 
@@ -251,19 +315,93 @@ impl Seed {
     /// Applies the file to `hub` in one transaction: all of it, or (when the hub refuses a
     /// device, e.g. a desired property name IoT Hub does not allow) none of it.
     pub async fn apply(&self, hub: &Hub) -> Result<SeedOutcome, SeedError> {
-        hub.apply_seed(&self.devices)
-            .await
-            .map_err(|refused| SeedError::Refused {
-                path: self.path.clone(),
-                index: refused.index,
-                device_id: self
-                    .devices
-                    .get(refused.index)
-                    .map(|d| d.id.clone())
-                    .unwrap_or_default(),
-                problem: refused.error.to_string(),
-            })
+        let outcome =
+            hub.apply_seed(&self.devices)
+                .await
+                .map_err(|refused| SeedError::Refused {
+                    path: self.path.clone(),
+                    index: refused.index,
+                    device_id: self
+                        .devices
+                        .get(refused.index)
+                        .map(|d| d.id.clone())
+                        .unwrap_or_default(),
+                    problem: refused.error.to_string(),
+                })?;
+        for module in &self.modules {
+            apply_module(hub, module)
+                .await
+                .map_err(|error| SeedError::Refused {
+                    path: self.path.clone(),
+                    index: module.device_index,
+                    device_id: module.device_id.clone(),
+                    problem: format!("module {}: {error}", module.id),
+                })?;
+        }
+        Ok(outcome)
     }
+}
+
+/// Brings one module to the file's state, after its device: created when missing; its keys
+/// replaced only when the file gives other ones; its twin patched only when the file's tags or
+/// desired properties would change it, so a restart with the same file changes no module's
+/// etag or version. Modules are applied one by one after the devices' transaction.
+async fn apply_module(hub: &Hub, module: &SeedModule) -> Result<(), crate::hub::OperationError> {
+    let (device_id, module_id) = (module.device_id.as_str(), module.id.as_str());
+    let mut body = serde_json::json!({"moduleId": module_id, "deviceId": device_id});
+    if module.primary_key.is_some() || module.secondary_key.is_some() {
+        body["authentication"] = serde_json::json!({
+            "type": "sas",
+            "symmetricKey": {"primaryKey": module.primary_key, "secondaryKey": module.secondary_key},
+        });
+    }
+    if !hub.module_exists(device_id, module_id) {
+        hub.create_or_update_module(device_id, module_id, &body, None)
+            .await?;
+    } else {
+        let current = hub.get_module(device_id, module_id)?;
+        let keys = current.pointer("/authentication/symmetricKey");
+        let differs = |name: &str, wanted: &Option<String>| {
+            wanted.as_deref().is_some_and(|key| {
+                keys.and_then(|k| k.get(name)).and_then(Value::as_str) != Some(key)
+            })
+        };
+        if differs("primaryKey", &module.primary_key)
+            || differs("secondaryKey", &module.secondary_key)
+        {
+            hub.create_or_update_module(device_id, module_id, &body, Some("*"))
+                .await?;
+        }
+    }
+    let twin = hub.get_module_twin(device_id, module_id)?;
+    let section = |pointer: &str| {
+        twin.pointer(pointer)
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut patch = Map::new();
+    if let Some(tags) = &module.tags
+        && crate::twins::patch_changes(&section("/tags"), tags)
+    {
+        patch.insert("tags".into(), Value::Object(tags.clone()));
+    }
+    if let Some(desired) = &module.desired
+        && crate::twins::patch_changes(&section("/properties/desired"), desired)
+    {
+        patch.insert("properties".into(), serde_json::json!({"desired": desired}));
+    }
+    if !patch.is_empty() {
+        hub.update_module_twin(
+            device_id,
+            module_id,
+            &Value::Object(patch),
+            Some("*"),
+            false,
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// serde_json's message without the " at line L column C" it appends: the error gives the

@@ -252,3 +252,73 @@ fn the_binary_refuses_a_bad_seed_file_with_its_path_and_line() {
         "{stderr}"
     );
 }
+
+/// A module's identity and twin as a restart must leave them.
+async fn module_snapshot(hub: &TestHub, device: &str, module: &str) -> Value {
+    let identity = hub
+        .call(
+            Method::GET,
+            &format!("/devices/{device}/modules/{module}"),
+            None,
+        )
+        .await;
+    assert_eq!(identity.status, StatusCode::OK, "{}", identity.body);
+    let twin = hub
+        .call(
+            Method::GET,
+            &format!("/twins/{device}/modules/{module}"),
+            None,
+        )
+        .await;
+    assert_eq!(twin.status, StatusCode::OK, "{}", twin.body);
+    json!({
+        "etag": identity.body["etag"],
+        "keys": identity.body["authentication"]["symmetricKey"],
+        "twinEtag": twin.body["etag"],
+        "version": twin.body["version"],
+        "tags": twin.body["tags"],
+        "desired": twin.body["properties"]["desired"]["telemetry"],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_declares_modules_and_a_restart_with_it_changes_none() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let seed = json!({
+        "devices": [{"id": "gateway-1", "modules": [
+            {"id": "sensor", "auth": {"primaryKey": KEY_A}, "tags": {"kind": "sensor"},
+             "desired": {"telemetry": {"interval": 10}}},
+            {"id": "logger"},
+        ]}]
+    });
+    let file = write_seed(dir.path(), "seed.json", &seed);
+    let hub = TestHub::start_with(seeded(&data, &file)).await;
+    let first = module_snapshot(&hub, "gateway-1", "sensor").await;
+    assert_eq!(first["keys"]["primaryKey"], KEY_A);
+    assert_eq!(first["tags"], json!({"kind": "sensor"}));
+    assert_eq!(first["desired"]["interval"], 10);
+    let logger = module_snapshot(&hub, "gateway-1", "logger").await;
+    assert!(logger["keys"]["primaryKey"].is_string(), "a generated key");
+    hub.running.shutdown().await;
+
+    let hub = TestHub::start_with(seeded(&data, &file)).await;
+    assert_eq!(
+        module_snapshot(&hub, "gateway-1", "sensor").await,
+        first,
+        "unchanged"
+    );
+    assert_eq!(
+        module_snapshot(&hub, "gateway-1", "logger").await,
+        logger,
+        "unchanged"
+    );
+    hub.running.shutdown().await;
+
+    // Declaring a module twice for a device is refused with its path.
+    let twice = json!({"devices": [{"id": "d", "modules": [{"id": "m"}, {"id": "m"}]}]});
+    let error = Seed::parse(Path::new("twice.json"), &twice.to_string())
+        .expect_err("refused")
+        .to_string();
+    assert!(error.contains("devices[0].modules[1].id"), "{error}");
+}
