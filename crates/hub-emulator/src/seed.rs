@@ -243,15 +243,8 @@ impl Seed {
                     ),
                 ));
             }
-            let (primary_key, secondary_key) = match entry.auth {
-                None => (None, None),
-                Some(auth) => (
-                    check_key(auth.primary_key, &at("auth.primaryKey"))
-                        .map_err(|(at, problem)| invalid(&at, None, problem))?,
-                    check_key(auth.secondary_key, &at("auth.secondaryKey"))
-                        .map_err(|(at, problem)| invalid(&at, None, problem))?,
-                ),
-            };
+            let (primary_key, secondary_key) = check_keys(entry.auth, &at("auth"))
+                .map_err(|(at, problem)| invalid(&at, None, problem))?;
             let mut module_ids = HashSet::with_capacity(entry.modules.len());
             for (module_index, module) in entry.modules.into_iter().enumerate() {
                 let at = |field: &str| format!("devices[{index}].modules[{module_index}].{field}");
@@ -267,15 +260,8 @@ impl Seed {
                         ),
                     ));
                 }
-                let (primary_key, secondary_key) = match module.auth {
-                    None => (None, None),
-                    Some(auth) => (
-                        check_key(auth.primary_key, &at("auth.primaryKey"))
-                            .map_err(|(at, problem)| invalid(&at, None, problem))?,
-                        check_key(auth.secondary_key, &at("auth.secondaryKey"))
-                            .map_err(|(at, problem)| invalid(&at, None, problem))?,
-                    ),
-                };
+                let (primary_key, secondary_key) = check_keys(module.auth, &at("auth"))
+                    .map_err(|(at, problem)| invalid(&at, None, problem))?;
                 modules.push(SeedModule {
                     device_index: index,
                     device_id: entry.id.clone(),
@@ -412,6 +398,18 @@ fn without_position(error: &serde_json::Error) -> String {
         Some((head, _)) => head.to_owned(),
         None => text,
     }
+}
+
+/// An `auth` entry's two keys, each checked by [`check_key`] (`at` is the entry's path).
+type Keys = (Option<String>, Option<String>);
+fn check_keys(auth: Option<AuthEntry>, at: &str) -> Result<Keys, (String, String)> {
+    let Some(auth) = auth else {
+        return Ok((None, None));
+    };
+    Ok((
+        check_key(auth.primary_key, &format!("{at}.primaryKey"))?,
+        check_key(auth.secondary_key, &format!("{at}.secondaryKey"))?,
+    ))
 }
 
 /// A key as IoT Hub takes it: base64 of 16 to 64 bytes (the hub's own rule for

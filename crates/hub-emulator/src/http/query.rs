@@ -110,36 +110,15 @@ fn compute_page(
     page_size: usize,
 ) -> Result<Page, ApiError> {
     let page = match query.source {
-        Source::Devices if query.is_aggregate() => {
-            let cursor = continuation.map(GroupCursor::decode).transpose()?;
-            let returned = cursor.as_ref().map_or(0, |c| c.returned);
-            let limit = page_limit(query, returned, page_size);
-            // An aggregate reads every matching twin for every page (IoT Hub recomputes too:
-            // results are eventually consistent [DOCS query-twins "Twin query limitations"]);
-            // what it keeps is bounded by the page, not by the number of groups.
-            let docs = state.hub.twin_documents_after(None);
-            let groups = query::aggregate_page(
-                query,
-                docs.iter().map(|d| d.as_ref()),
-                cursor.as_ref().map(|c| &c.after),
-                limit,
-            )
-            .map_err(query_error)?;
-            let sent = returned + groups.rows.len() as u64;
-            let more = groups.more && query.top.is_none_or(|top| sent < top);
-            let next = groups.last.filter(|_| more).map(|after| {
-                GroupCursor {
-                    after,
-                    returned: sent,
-                }
-                .encode()
-            });
-            Page {
-                rows: groups.rows,
-                next,
-                item_type: QueryItemType::Raw,
-            }
-        }
+        // An aggregate reads every matching twin for every page (IoT Hub recomputes too:
+        // results are eventually consistent [DOCS query-twins "Twin query limitations"]); what
+        // it keeps is bounded by the page, not by the number of groups.
+        Source::Devices if query.is_aggregate() => aggregate(
+            query,
+            &state.hub.twin_documents_after(None),
+            continuation,
+            page_size,
+        )?,
         Source::Devices => {
             let cursor = continuation
                 .map(|t| Cursor::decode(t, 1, query.top.is_some()))
@@ -193,34 +172,13 @@ fn compute_page(
             };
             rows_page(query, &matched, returned, page_size, job_key)
         }
-        Source::DevicesModules if query.is_aggregate() => {
-            let cursor = continuation.map(GroupCursor::decode).transpose()?;
-            let returned = cursor.as_ref().map_or(0, |c| c.returned);
-            let limit = page_limit(query, returned, page_size);
-            // As for device twins: every page of an aggregate reads every module twin.
-            let docs = state.hub.module_documents_from(None, usize::MAX);
-            let groups = query::aggregate_page(
-                query,
-                docs.iter().map(|d| d.as_ref()),
-                cursor.as_ref().map(|c| &c.after),
-                limit,
-            )
-            .map_err(query_error)?;
-            let sent = returned + groups.rows.len() as u64;
-            let more = groups.more && query.top.is_none_or(|top| sent < top);
-            let next = groups.last.filter(|_| more).map(|after| {
-                GroupCursor {
-                    after,
-                    returned: sent,
-                }
-                .encode()
-            });
-            Page {
-                rows: groups.rows,
-                next,
-                item_type: QueryItemType::Raw,
-            }
-        }
+        // As for device twins: every page of an aggregate reads every module twin.
+        Source::DevicesModules if query.is_aggregate() => aggregate(
+            query,
+            &state.hub.module_documents_from(None, usize::MAX),
+            continuation,
+            page_size,
+        )?,
         // Module twins in (deviceId, moduleId) order, read a batch at a time as device twins are.
         Source::DevicesModules => {
             let cursor = continuation
@@ -417,6 +375,39 @@ fn query_error(error: QueryError) -> ApiError {
         _ => error.message().to_owned(),
     };
     ApiError::argument(format!("Invalid query: {message}"))
+}
+
+/// One page of an aggregate (GROUP BY, COUNT) over `docs`, resumed after `continuation`.
+fn aggregate(
+    query: &Query,
+    docs: &[Arc<Value>],
+    continuation: Option<&str>,
+    page_size: usize,
+) -> Result<Page, ApiError> {
+    let cursor = continuation.map(GroupCursor::decode).transpose()?;
+    let returned = cursor.as_ref().map_or(0, |c| c.returned);
+    let limit = page_limit(query, returned, page_size);
+    let groups = query::aggregate_page(
+        query,
+        docs.iter().map(|d| d.as_ref()),
+        cursor.as_ref().map(|c| &c.after),
+        limit,
+    )
+    .map_err(query_error)?;
+    let sent = returned + groups.rows.len() as u64;
+    let more = groups.more && query.top.is_none_or(|top| sent < top);
+    let next = groups.last.filter(|_| more).map(|after| {
+        GroupCursor {
+            after,
+            returned: sent,
+        }
+        .encode()
+    });
+    Ok(Page {
+        rows: groups.rows,
+        next,
+        item_type: QueryItemType::Raw,
+    })
 }
 
 #[cfg(test)]
