@@ -52,6 +52,14 @@ error_codes! {
     DeserializationError = 400012,
     /// 400023: the etag in the body does not match.
     EtagDoesNotMatch = 400023,
+    /// 400401: a configuration's target condition is not a valid condition (Microsoft Learn, "Troubleshoot Azure IoT Hub error codes").
+    InvalidConfigurationTargetCondition = 400401,
+    /// 400402: a configuration's content is not valid (Microsoft Learn, "Troubleshoot Azure IoT Hub error codes").
+    InvalidConfigurationContent = 400402,
+    /// 400403: an update tried to change a configuration's content, which is immutable (Microsoft Learn, "Troubleshoot Azure IoT Hub error codes").
+    CannotModifyImmutableConfigurationContent = 400403,
+    /// 400404: a configuration's custom metric query is not valid (Microsoft Learn, "Troubleshoot Azure IoT Hub error codes").
+    InvalidConfigurationCustomMetricsQuery = 400404,
     /// 401002: credentials rejected.
     IotHubUnauthorizedAccess = 401002,
     /// 401003: not authorized.
@@ -75,6 +83,8 @@ error_codes! {
     JobNotFound = 404002,
     /// 404010: no such module.
     ModuleNotFound = 404010,
+    /// 404301: no such configuration (Microsoft Learn, "Troubleshoot Azure IoT Hub error codes").
+    ConfigurationNotFound = 404301,
     /// 404103: the device did not connect within the connect timeout.
     DeviceNotOnline = 404103,
     /// 404104: the device closed its connection.
@@ -86,6 +96,8 @@ error_codes! {
     /// 409301: a module with that id already exists on the device (azure-iot-sdk-csharp
     /// `iothub/service/src/Exceptions/IotHubServiceErrorCode.cs`: returned by module creates).
     ModuleAlreadyExistsOnDevice = 409301,
+    /// 409401: a configuration with this id exists (Microsoft Learn, "Troubleshoot Azure IoT Hub error codes").
+    ConfigurationAlreadyExists = 409401,
     /// 412001: `If-Match` etag does not match.
     PreconditionFailed = 412001,
     /// 413001: message or payload too large.
@@ -94,6 +106,8 @@ error_codes! {
     /// IoT Hub errors"; azure-iot-sdk-csharp `RegistryManager` maps a module create's 413 to
     /// `TooManyModulesOnDeviceException`).
     TooManyModulesOnDevice = 413003,
+    /// 413101: the hub holds as many configurations as its tier allows (Microsoft Learn, "Troubleshoot Azure IoT Hub error codes").
+    ConfigurationCountLimitExceeded = 413101,
     /// 429000: too many requests.
     GenericTooManyRequests = 429000,
     /// 429001: throttled.
@@ -429,6 +443,10 @@ mod tests {
             ("DeviceDefinedMultipleTimes", 400011),
             ("DeserializationError", 400012),
             ("EtagDoesNotMatch", 400023),
+            ("InvalidConfigurationTargetCondition", 400401),
+            ("InvalidConfigurationContent", 400402),
+            ("CannotModifyImmutableConfigurationContent", 400403),
+            ("InvalidConfigurationCustomMetricsQuery", 400404),
             ("IotHubUnauthorizedAccess", 401002),
             ("IotHubUnauthorized", 401003),
             ("IotHubQuotaExceeded", 403002),
@@ -439,14 +457,17 @@ mod tests {
             ("DeviceNotFound", 404001),
             ("JobNotFound", 404002),
             ("ModuleNotFound", 404010),
+            ("ConfigurationNotFound", 404301),
             ("DeviceNotOnline", 404103),
             ("DeviceConnectionClosedRemotely", 404104),
             ("DeviceAlreadyExists", 409001),
             ("JobAlreadyExists", 409104),
             ("ModuleAlreadyExistsOnDevice", 409301),
+            ("ConfigurationAlreadyExists", 409401),
             ("PreconditionFailed", 412001),
             ("MessageTooLarge", 413001),
             ("TooManyModulesOnDevice", 413003),
+            ("ConfigurationCountLimitExceeded", 413101),
             ("GenericTooManyRequests", 429000),
             ("ThrottlingException", 429001),
             ("ThrottleBacklogLimitExceeded", 429002),

@@ -2,7 +2,7 @@
 //!
 //! Module map:
 //! - protocol (pure: no I/O, no clock reads): [`connection_string`], [`sas`], [`policy`],
-//!   [`topic`], [`timestamp`], and the wire model [`device`], [`bulk`], [`twin`], [`method`],
+//!   [`topic`], [`timestamp`], and the wire model [`device`], [`bulk`], [`configuration`], [`twin`], [`method`],
 //!   [`job`], [`query`], [`error`]; [`hub_env`] (the local hub's settings file); [`tier`] (tiers and
 //!   their quotas).
 //! - clients (async I/O on tokio): [`tls`] (trust roots), [`device_client`] (MQTT),
@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod bulk;
+pub mod configuration;
 pub mod connection_string;
 pub mod device;
 pub mod device_client;

@@ -86,6 +86,11 @@ pub struct Twin {
     /// `capabilities`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<Capabilities>,
+    /// `configurations`: the automatic configurations that target this twin and their status
+    /// (read-only; set by the hub).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub configurations:
+        Option<std::collections::BTreeMap<String, crate::configuration::ConfigurationInfo>>,
     /// Keys this crate does not model, kept for the round trip.
     #[serde(flatten)]
     pub extra: Map<String, Value>,

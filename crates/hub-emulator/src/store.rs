@@ -89,6 +89,10 @@ pub enum Write {
         device_id: String,
         doc: String,
     },
+    /// Insert or replace an automatic configuration (JSON).
+    PutConfiguration { id: String, doc: String },
+    /// Remove an automatic configuration.
+    DeleteConfiguration { id: String },
     /// Insert or replace a value in the hub's settings (keys, policies).
     PutMeta { key: String, value: String },
 }
@@ -224,6 +228,7 @@ impl Store {
             "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS configurations (id TEXT PRIMARY KEY, doc TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS device_jobs (
                  job_id TEXT NOT NULL, device_id TEXT NOT NULL, doc TEXT NOT NULL,
                  PRIMARY KEY (job_id, device_id));",
@@ -338,6 +343,11 @@ impl Store {
         self.load_pairs("SELECT id, doc FROM devices")
     }
 
+    /// Every stored automatic configuration as `(id, json)`.
+    pub fn load_configurations(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.load_pairs("SELECT id, doc FROM configurations")
+    }
+
     /// Every stored job as `(id, json)`.
     pub fn load_jobs(&self) -> Result<Vec<(String, String)>, StoreError> {
         self.load_pairs("SELECT id, doc FROM jobs")
@@ -440,6 +450,16 @@ fn apply_refs(conn: &mut Connection, writes: &[&Write]) -> Result<(), StoreError
                         )
                         .and_then(|mut s| s.execute(params![job_id, device_id, doc]))
                         .map_err(sql("device job write"))?,
+                    Write::PutConfiguration { id, doc } => tx
+                        .prepare_cached(
+                            "INSERT OR REPLACE INTO configurations (id, doc) VALUES (?1, ?2)",
+                        )
+                        .and_then(|mut s| s.execute(params![id, doc]))
+                        .map_err(sql("configuration write"))?,
+                    Write::DeleteConfiguration { id } => tx
+                        .prepare_cached("DELETE FROM configurations WHERE id = ?1")
+                        .and_then(|mut s| s.execute(params![id]))
+                        .map_err(sql("configuration delete"))?,
                     Write::PutMeta { key, value } => tx
                         .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")
                         .and_then(|mut s| s.execute(params![key, value]))

@@ -25,6 +25,23 @@ pub enum OperationError {
     /// A module create beyond the per-device cap.
     #[error("Device {device} already has {max} modules, the most this hub allows on one device.")]
     TooManyModules { device: String, max: usize },
+    /// No configuration with this id.
+    #[error("Configuration {0} not found.")]
+    ConfigurationNotFound(String),
+    /// Create with a configuration id that exists.
+    #[error(
+        "A configuration with ID '{0}' already exists; update it with If-Match, or delete it first."
+    )]
+    ConfigurationAlreadyExists(String),
+    /// A configuration IoT Hub would refuse: its id, content, target condition or metrics
+    /// (`code` says which).
+    #[error("{message}")]
+    ConfigurationInvalid { code: ErrorCode, message: String },
+    /// A create beyond the tier's count of configurations.
+    #[error(
+        "The hub already has {max} configurations, the most its tier allows; delete one first."
+    )]
+    TooManyConfigurations { max: usize },
     /// `If-Match` named another etag.
     #[error("Precondition failed: the etag does not match the current {what} etag of '{id}'.")]
     PreconditionFailed { what: &'static str, id: String },
@@ -76,6 +93,12 @@ impl OperationError {
             OperationError::ModuleNotFound { .. } => ErrorCode::ModuleNotFound,
             OperationError::ModuleAlreadyExists { .. } => ErrorCode::ModuleAlreadyExistsOnDevice,
             OperationError::TooManyModules { .. } => ErrorCode::TooManyModulesOnDevice,
+            OperationError::ConfigurationNotFound(_) => ErrorCode::ConfigurationNotFound,
+            OperationError::ConfigurationAlreadyExists(_) => ErrorCode::ConfigurationAlreadyExists,
+            OperationError::ConfigurationInvalid { code, .. } => *code,
+            OperationError::TooManyConfigurations { .. } => {
+                ErrorCode::ConfigurationCountLimitExceeded
+            }
             OperationError::PreconditionFailed { .. } => ErrorCode::PreconditionFailed,
             OperationError::InvalidArgument(_) | OperationError::Twin(_) => {
                 ErrorCode::ArgumentInvalid

@@ -7,6 +7,8 @@
 //! - `modules`: module identities and module twins, kept inside their device's record.
 //! - `bulk`: the bulk registry (`POST /devices`), staged with `registry`'s own staging.
 //! - `seed`: a seed file's devices applied at start, idempotently.
+//! - `configurations`: automatic device and module configurations and the reconciler that
+//!   applies them to twins.
 //! - `twins`: service twin updates (one device or a job's batch) and device reported patches.
 //! - `router`: device sessions, presence, the outbound queue, desired-patch delivery.
 //! - `methods`: direct-method calls waiting for a device's answer.
@@ -40,6 +42,7 @@
 
 mod auth;
 mod bulk;
+mod configurations;
 mod error;
 mod export;
 mod methods;
@@ -60,6 +63,7 @@ use tokio::sync::{Notify, OwnedMutexGuard, oneshot};
 
 pub use auth::{DeviceGrant, PolicyKeys, SAS_SKEW_SECS};
 pub use bulk::{BulkRequestError, check_bulk_request};
+pub use configurations::{DEFAULT_MAX_CONFIGURATIONS, SETTLE as CONFIGURATION_SETTLE};
 pub use error::{AuthError, OperationError};
 pub use methods::{MAX_METHOD_PAYLOAD, MethodCall, MethodOutcome, validate_method_name};
 pub use modules::{MAX_MODULES_PER_DEVICE, identity_key, validate_module_id};
@@ -97,6 +101,15 @@ struct Inner {
     faults: Faults,
     feed: Feed,
     telemetry: TelemetryRings,
+    /// The configurations in force (a leaf lock: held only to read or replace the list).
+    configurations: Mutex<configurations::Configurations>,
+    /// Serializes configuration writes (create, update, delete) from check to apply.
+    configuration_writes: tokio::sync::Mutex<()>,
+    /// Whether any configuration exists: twin changes are only announced to the reconciler then.
+    configurations_in_force: std::sync::atomic::AtomicBool,
+    /// What the reconciler has yet to look at (a leaf lock).
+    configurations_pending: Mutex<configurations::apply::Pending>,
+    configurations_wake: Notify,
 }
 
 /// A cheap handle to the hub's shared state.
@@ -190,6 +203,8 @@ struct DeviceChange {
     delete: Vec<String>,
     module_desired: Vec<(String, Map<String, Value>)>,
     close_sessions: Vec<String>,
+    /// Made by the configurations' reconciler: not announced back to it.
+    from_configurations: bool,
 }
 
 impl Hub {
@@ -199,6 +214,8 @@ impl Hub {
     pub fn open(store: Store, host_names: Vec<String>) -> Result<Hub, OperationError> {
         let policies = auth::load_policies(&store)?;
         let devices = registry::load_devices(&store)?;
+        let configurations = configurations::load_configurations(&store)?;
+        let in_force = !configurations.ordered().is_empty();
         let hub = Hub {
             inner: Arc::new(Inner {
                 host_names,
@@ -213,6 +230,11 @@ impl Hub {
                 faults: Faults::default(),
                 feed: Feed::default(),
                 telemetry: TelemetryRings::new(crate::telemetry::DEFAULT_PER_DEVICE),
+                configurations: Mutex::new(configurations),
+                configuration_writes: tokio::sync::Mutex::new(()),
+                configurations_in_force: std::sync::atomic::AtomicBool::new(in_force),
+                configurations_pending: Mutex::new(configurations::apply::Pending::default()),
+                configurations_wake: Notify::new(),
             }),
         };
         if hub.inner.store.meta("created")?.is_none() {
@@ -335,6 +357,9 @@ impl Hub {
 
     /// Applies a committed change (see [`Hub::commit_devices`]).
     fn apply_devices(&self, change: DeviceChange) {
+        if !change.from_configurations {
+            self.twins_changed(change.put.iter().map(|(r, _)| r.device_id.as_str()));
+        }
         let mut state = lock(&self.inner.state);
         {
             let sessions = lock(&self.inner.sessions);

@@ -134,6 +134,7 @@ fn stage_module(
                 reported: twins::new_section(now, Section::Reported),
                 last_activity_time: NEVER.into(),
                 session: None,
+                configurations: std::collections::BTreeMap::new(),
                 connected: false,
                 connection_state_updated_time: NEVER.into(),
                 doc: empty_doc(),

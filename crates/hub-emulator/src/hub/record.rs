@@ -10,6 +10,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use hub_core::configuration::{ConfigurationInfo, ConfigurationStatus};
 use hub_core::device::{
     Authentication, Capabilities, ConnectionState, Device, Module, SymmetricKey, X509Thumbprint,
 };
@@ -59,6 +60,10 @@ pub(super) struct DeviceRecord {
     /// records have none), so a module is committed, locked and deleted with its device.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub(super) modules: BTreeMap<String, ModuleRecord>,
+    /// The automatic configurations targeting the twin and their status (the twin's
+    /// `configurations`), set by the configurations' reconciler.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(super) configurations: BTreeMap<String, ConfigurationStatus>,
     #[serde(skip)]
     pub(super) connected: bool,
     #[serde(skip, default = "never")]
@@ -180,6 +185,7 @@ impl DeviceRecord {
                 iot_edge: self.iot_edge,
                 extra: Map::new(),
             }),
+            configurations: twin_configurations(&self.configurations),
             extra: Map::new(),
         };
         // Plain strings, numbers and string-keyed maps: serializing cannot fail.
@@ -269,6 +275,9 @@ pub(super) struct ModuleRecord {
     /// The module's persistent MQTT session (CleanSession = 0), if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) session: Option<super::Subscriptions>,
+    /// As [`DeviceRecord::configurations`], for module configurations.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(super) configurations: BTreeMap<String, ConfigurationStatus>,
     #[serde(skip)]
     pub(super) connected: bool,
     #[serde(skip, default = "never")]
@@ -348,6 +357,7 @@ impl ModuleRecord {
                 reported: Some(TwinCollection(self.reported.clone())),
                 extra: Map::new(),
             }),
+            configurations: twin_configurations(&self.configurations),
             ..Twin::default()
         };
         // Plain strings, numbers and string-keyed maps: serializing cannot fail.
@@ -382,6 +392,19 @@ impl ModuleRecord {
         self.connection_state_updated_time = now;
         self.refresh(device_id);
     }
+}
+
+/// A twin's `configurations` map as IoT Hub shows it (left out while no configuration
+/// targets the twin).
+fn twin_configurations(
+    statuses: &BTreeMap<String, ConfigurationStatus>,
+) -> Option<BTreeMap<String, ConfigurationInfo>> {
+    (!statuses.is_empty()).then(|| {
+        statuses
+            .iter()
+            .map(|(id, status)| (id.clone(), ConfigurationInfo { status: *status }))
+            .collect()
+    })
 }
 
 pub(super) fn random_key() -> String {

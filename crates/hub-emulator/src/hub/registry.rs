@@ -174,6 +174,7 @@ pub(super) fn stage_device(
                 twin_jobs_applied: Vec::new(),
                 session: None,
                 modules: BTreeMap::new(),
+                configurations: BTreeMap::new(),
                 connected: false,
                 connection_state_updated_time: NEVER.into(),
                 doc: empty_doc(),
