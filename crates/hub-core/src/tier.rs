@@ -59,11 +59,14 @@ pub enum Operation {
     JobsOperation,
     /// Device operations run by jobs (one method call or twin update per device).
     JobDeviceOperation,
+    /// Automatic device and module configurations: create, get, list, update, delete, test
+    /// queries ("Configurations and edge deployments", 20/min/unit on every standard tier).
+    Configurations,
 }
 
 impl Operation {
     /// Every class, in the order of Microsoft's table.
-    pub const ALL: [Operation; 9] = [
+    pub const ALL: [Operation; 10] = [
         Operation::Registry,
         Operation::NewConnection,
         Operation::DeviceToCloud,
@@ -73,6 +76,7 @@ impl Operation {
         Operation::TwinUpdate,
         Operation::JobsOperation,
         Operation::JobDeviceOperation,
+        Operation::Configurations,
     ];
 
     /// The name Microsoft's table gives the throttle.
@@ -87,6 +91,7 @@ impl Operation {
             Operation::TwinUpdate => "twin updates",
             Operation::JobsOperation => "jobs operations",
             Operation::JobDeviceOperation => "jobs device operations",
+            Operation::Configurations => "configurations and edge deployments",
         }
     }
 }
@@ -221,7 +226,7 @@ pub struct Quotas {
 
 impl Quotas {
     /// The throttle of `operation`, or `None` where the tier does not offer it (basic tiers:
-    /// twins, methods, jobs and queries over twins).
+    /// twins, methods, jobs, queries over twins and automatic device management).
     pub fn rate(self, operation: Operation) -> Option<Rate> {
         let units = f64::from(self.units);
         let size = self.tier.size();
@@ -234,6 +239,7 @@ impl Quotas {
                     | Operation::JobsOperation
                     | Operation::JobDeviceOperation
                     | Operation::Query
+                    | Operation::Configurations
             )
         {
             return None;
@@ -270,6 +276,7 @@ impl Quotas {
             (Operation::JobDeviceOperation, 1) => Rate::per_second(10.0),
             (Operation::JobDeviceOperation, 2) => Rate::per_second(units.max(10.0)),
             (Operation::JobDeviceOperation, _) => Rate::per_second(50.0 * units),
+            (Operation::Configurations, _) => Rate::per_minute(20.0 * units),
         };
         Some(rate)
     }
@@ -372,6 +379,7 @@ mod tests {
                 Operation::TwinUpdate,
                 Operation::JobsOperation,
                 Operation::JobDeviceOperation,
+                Operation::Configurations,
             ] {
                 assert_eq!(quotas.rate(operation), None, "{tier} {operation:?}");
             }

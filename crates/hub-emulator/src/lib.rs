@@ -320,6 +320,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         });
     let jobs = jobs::Jobs::open(hub.clone(), config.active_job_cap(), throttles.job_pace())?;
     jobs.spawn(shutdown.clone(), &tracker);
+    hub.spawn_configurations(shutdown.clone(), &tracker);
     let acceptor = TlsAcceptor::from(tls.server_config.clone());
     tracker.spawn(mqtt::serve(
         mqtt_listener,

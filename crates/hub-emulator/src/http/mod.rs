@@ -5,11 +5,12 @@
 //! Module map: `server` (the HTTPS port's connection handler: HTTP/1.1 with upgrades, graceful
 //! shutdown), [`error`] ([`ApiError`]),
 //! [`auth`] (SAS checks), `extract` (JSON body / path / `If-Match`), `throttle` (the tier's
-//! throttles per request), `registry`, `twins`, `query`, `faults` (the emulator's own
+//! throttles per request), `registry`, `twins`, `query`, `configurations`, `import_export`, `faults` (the emulator's own
 //! fault-injection routes under `/$emulator/faults`), `health` (the emulator's own
 //! unauthenticated `GET /health`).
 
 pub mod auth;
+mod configurations;
 pub mod error;
 mod extract;
 mod faults;
@@ -120,6 +121,23 @@ pub fn router(state: AppState) -> Router {
             get(registry::get_module)
                 .put(registry::put_module)
                 .delete(registry::delete_module),
+        )
+        .route(
+            "/devices/{id}/applyConfigurationContent",
+            post(configurations::apply_on_edge_device),
+        )
+        .route("/configurations", get(configurations::list))
+        // A static route: wins over `/configurations/{id}` (whose ids cannot be `testQueries`,
+        // which has capitals).
+        .route(
+            "/configurations/testQueries",
+            post(configurations::test_queries),
+        )
+        .route(
+            "/configurations/{id}",
+            get(configurations::get)
+                .put(configurations::put)
+                .delete(configurations::delete),
         )
         .route(
             "/devices/{id}/commands",

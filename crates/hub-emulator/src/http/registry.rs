@@ -260,17 +260,7 @@ pub async fn list_devices(
     RawQuery(query): RawQuery,
 ) -> Result<Json<Vec<Value>>, ApiError> {
     let caller = require(&state, &headers, Permission::RegistryRead)?;
-    let top = match query_param(query.as_deref(), "top") {
-        None => MAX_LIST,
-        Some(text) => text
-            .parse::<usize>()
-            .map_err(|_| {
-                ApiError::argument(format!(
-                    "top must be a whole number from 1 to {MAX_LIST}, got `{text}`"
-                ))
-            })?
-            .clamp(1, MAX_LIST),
-    };
+    let top = top_param(query.as_deref(), MAX_LIST)?;
     let devices = state.hub.list_devices(top);
     Ok(Json(
         devices.into_iter().map(|d| for_caller(caller, d)).collect(),
@@ -304,6 +294,22 @@ pub async fn service_statistics(
     Ok(Json(
         json!({"connectedDeviceCount": state.hub.connected_device_count()}),
     ))
+}
+
+/// The `top` parameter of a list route: `max` when absent, clamped to 1..=`max`, 400 when it is
+/// not a number.
+pub(super) fn top_param(query: Option<&str>, max: usize) -> Result<usize, ApiError> {
+    match query_param(query, "top") {
+        None => Ok(max),
+        Some(text) => text
+            .parse::<usize>()
+            .map(|top| top.clamp(1, max))
+            .map_err(|_| {
+                ApiError::argument(format!(
+                    "top must be a whole number from 1 to {max}, got `{text}`"
+                ))
+            }),
+    }
 }
 
 /// The value of `name` in a raw query string (`top=5&api-version=...`), percent-decoded.

@@ -3,7 +3,7 @@
 //! authentication, so a refused caller spends nothing of the hub's quota). A refusal is 429
 //! `ThrottlingException` (429001) in IoT Hub's error body, with its `iothub-errorcode` header and
 //! no `Retry-After` (IoT Hub sends none). On a basic tier, what the tier lacks (twins, direct
-//! methods, Jobs v2, queries over twins) is refused here with 403010, as IoT Hub refuses it.
+//! methods, Jobs v2, queries over twins, configurations) is refused here with 403010, as IoT Hub refuses it.
 
 use axum::body::HttpBody as _;
 use axum::extract::{Request, State};
@@ -21,12 +21,17 @@ pub fn classify(method: &Method, path: &str, content_length: usize) -> Option<(O
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let operation = match (segments.as_slice(), method) {
         (["devices", "query"], &Method::POST) => Operation::Query,
+        (["configurations", ..] | ["devices", _, "applyConfigurationContent"], _) => {
+            Operation::Configurations
+        }
         (["devices", ..] | ["statistics", ..], _) => Operation::Registry,
-        (["twins", _, "methods"], _) => {
+        // Module twins and module methods share the device ones' throttles ("Twin reads
+        // (device and module)", and direct methods by payload whoever answers them).
+        (["twins", _, "methods"] | ["twins", _, "modules", _, "methods"], _) => {
             return Some((Operation::DirectMethod, method_meter_steps(content_length)));
         }
-        (["twins", _], &Method::GET) => Operation::TwinRead,
-        (["twins", _], _) => Operation::TwinUpdate,
+        (["twins", _] | ["twins", _, "modules", _], &Method::GET) => Operation::TwinRead,
+        (["twins", _] | ["twins", _, "modules", _], _) => Operation::TwinUpdate,
         // Jobs v2, and import/export jobs (IoT Hub's "Jobs operations (create, update, list,
         // delete)" throttle covers both).
         (["jobs", ..], _) => Operation::JobsOperation,
@@ -147,6 +152,36 @@ mod tests {
                 "/jobs/create",
                 Some((Operation::JobsOperation, 1)),
             ),
+            (
+                Method::GET,
+                "/twins/dev1/modules/m1",
+                Some((Operation::TwinRead, 1)),
+            ),
+            (
+                Method::PATCH,
+                "/twins/dev1/modules/m1",
+                Some((Operation::TwinUpdate, 1)),
+            ),
+            (
+                Method::PUT,
+                "/configurations/c1",
+                Some((Operation::Configurations, 1)),
+            ),
+            (
+                Method::GET,
+                "/configurations",
+                Some((Operation::Configurations, 1)),
+            ),
+            (
+                Method::POST,
+                "/configurations/testQueries",
+                Some((Operation::Configurations, 1)),
+            ),
+            (
+                Method::POST,
+                "/devices/dev1/applyConfigurationContent",
+                Some((Operation::Configurations, 1)),
+            ),
             (Method::GET, "/$iothub/websocket", None),
         ];
         for (method, path, expected) in cases {
@@ -155,6 +190,10 @@ mod tests {
         assert_eq!(
             classify(&Method::POST, "/twins/dev1/methods", 9000),
             Some((Operation::DirectMethod, 3))
+        );
+        assert_eq!(
+            classify(&Method::POST, "/twins/dev1/modules/m1/methods", 100),
+            Some((Operation::DirectMethod, 1))
         );
     }
 }
