@@ -8,7 +8,7 @@
 //! accepts 200/201 and 204, azure-iothub's `Registry` any 2xx.
 
 use axum::Json;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
@@ -35,18 +35,6 @@ fn max_count(state: &AppState) -> usize {
         .map_or(DEFAULT_MAX_CONFIGURATIONS, |q| max_configurations(q.tier))
 }
 
-/// The `{id}` segment of a configuration route, percent-decoded.
-fn configuration_id(
-    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
-) -> Result<String, ApiError> {
-    path.map(|Path(id)| id).map_err(|rejection| {
-        ApiError::argument(format!(
-            "the configuration id in the URL is invalid: {}",
-            rejection.body_text()
-        ))
-    })
-}
-
 /// `GET /configurations?top=n`: the hub's configurations in id order. IoT Hub does not page
 /// this list; a `top` beyond the hub's maximum count is lowered to it (REST reference,
 /// "Configuration - Get Configurations": "Value will be overridden if greater than the maximum
@@ -57,6 +45,7 @@ pub async fn list(
     RawQuery(query): RawQuery,
 ) -> Result<Json<Vec<Configuration>>, ApiError> {
     require(&state, &headers, Permission::RegistryRead)?;
+    // At least 1: `top_param` clamps to 1..=max (a basic tier's 0 is refused before this).
     let max = max_count(&state).max(1);
     let top = top_param(query.as_deref(), max)?;
     Ok(Json(state.hub.list_configurations(top)))
@@ -66,10 +55,9 @@ pub async fn list(
 pub async fn get(
     State(state): State<AppState>,
     headers: HeaderMap,
-    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    IdPath(id): IdPath,
 ) -> Result<Response, ApiError> {
     require(&state, &headers, Permission::RegistryRead)?;
-    let id = configuration_id(path)?;
     let configuration = state.hub.get_configuration(&id)?;
     Ok(with_etag(to_value(configuration)?))
 }
@@ -78,11 +66,10 @@ pub async fn get(
 pub async fn put(
     State(state): State<AppState>,
     headers: HeaderMap,
-    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    IdPath(id): IdPath,
     JsonBody(body): JsonBody<Configuration>,
 ) -> Result<Response, ApiError> {
     require(&state, &headers, Permission::RegistryWrite)?;
-    let id = configuration_id(path)?;
     let max = max_count(&state);
     let saved = state
         .hub
@@ -95,10 +82,9 @@ pub async fn put(
 pub async fn delete(
     State(state): State<AppState>,
     headers: HeaderMap,
-    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    IdPath(id): IdPath,
 ) -> Result<StatusCode, ApiError> {
     require(&state, &headers, Permission::RegistryWrite)?;
-    let id = configuration_id(path)?;
     state
         .hub
         .delete_configuration(&id, if_match(&headers)?)

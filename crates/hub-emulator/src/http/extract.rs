@@ -121,7 +121,7 @@ pub async fn read_body(
         .await)
 }
 
-/// The single `{id}` segment of a route, percent-decoded.
+/// The single `{id}` segment of a route (a device's or a configuration's id), percent-decoded.
 #[derive(Debug)]
 pub struct IdPath(pub String);
 
@@ -137,7 +137,7 @@ where
             .map(|Path(id)| IdPath(id))
             .map_err(|rejection| {
                 ApiError::argument(format!(
-                    "the device id in the URL is invalid: {}",
+                    "the id in the URL is invalid (percent-encode it as one path segment): {}",
                     rejection.body_text()
                 ))
             })
