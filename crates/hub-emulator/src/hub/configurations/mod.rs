@@ -377,7 +377,7 @@ impl Hub {
         id: &str,
         if_match: Option<&str>,
     ) -> Result<(), OperationError> {
-        let _writing = self.inner.configuration_writes.lock().await;
+        let writing = self.inner.configuration_writes.lock().await;
         let current = lock(&self.inner.configurations)
             .by_id
             .get(id)
@@ -395,6 +395,12 @@ impl Hub {
             .await?;
         lock(&self.inner.configurations).set(None, Some(id));
         self.configurations_changed();
+        drop(writing);
+        // The twins drop the deleted id from their `configurations` before the answer: a
+        // configuration created again under the same id (within the reconciler's settle time,
+        // or by a seed before the reconciler starts) would otherwise find twins saying its id
+        // is `Applied` already, and its new content would never reach them.
+        self.apply_configurations().await;
         tracing::info!(configuration = %id, "configuration deleted");
         Ok(())
     }
