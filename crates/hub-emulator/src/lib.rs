@@ -276,12 +276,16 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         hub.set_fault(device_id, spec.clone())?;
     }
     if let Some(seed) = &config.seed {
-        let outcome = seed.apply(&hub).await?;
+        let max_configurations = config.tier.map_or(hub::DEFAULT_MAX_CONFIGURATIONS, |q| {
+            hub_core::configuration::max_configurations(q.tier)
+        });
+        let outcome = seed.apply(&hub, max_configurations).await?;
         tracing::info!(
             file = %seed.path().display(),
             created = outcome.created,
             updated = outcome.updated,
             unchanged = outcome.unchanged,
+            configurations = seed.configuration_count(),
             "seed applied"
         );
     }

@@ -2,8 +2,8 @@
 //! declares devices (id, status, keys, tags, desired properties), read and checked whole before
 //! the hub opens anything, then applied at every start by [`Hub::apply_seed`]: missing devices
 //! are created, present ones brought to the file's state, and up-to-date ones left alone, so a
-//! restart with the same file changes nothing. Top-level keys other than `devices` are refused
-//! (`configurations` will join it); every error names the file, the JSON path and, where the
+//! restart with the same file changes nothing. Top-level keys other than `devices` and
+//! `configurations` are refused; every error names the file, the JSON path and, where the
 //! parser knows it, the line.
 
 use std::collections::{HashMap, HashSet};
@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use hub_core::configuration::Configuration;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -23,12 +24,24 @@ use crate::hub::{Hub, SeedDevice, SeedOutcome};
 pub const MAX_SEED_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Top-level keys a seed file may have.
-const TOP_LEVEL_KEYS: &[&str] = &["devices"];
-/// Top-level keys planned but not served yet, with what to do meanwhile.
-const NOT_YET: &[(&str, &str)] = &[(
-    "configurations",
-    "automatic device configurations are not supported by this hub-emulator yet; remove the key",
-)];
+const TOP_LEVEL_KEYS: &[&str] = &["devices", "configurations"];
+/// The keys a seeded configuration may have: what `PUT /configurations/{id}` takes, plus the
+/// hub's own fields of a document read back (`GET /configurations/{id}`), which are ignored,
+/// so a configuration copied from a hub can be pasted as it is. Anything else is a typo.
+const CONFIGURATION_KEYS: &[&str] = &[
+    "id",
+    "schemaVersion",
+    "labels",
+    "content",
+    "contentType",
+    "targetCondition",
+    "priority",
+    "metrics",
+    "createdTimeUtc",
+    "lastUpdatedTimeUtc",
+    "systemMetrics",
+    "etag",
+];
 
 /// A seed file, read and checked. `Debug` shows the file and its device count only: the file
 /// may hold keys.
@@ -37,6 +50,7 @@ pub struct Seed {
     path: PathBuf,
     devices: Vec<SeedDevice>,
     modules: Vec<SeedModule>,
+    configurations: Vec<Configuration>,
 }
 
 impl std::fmt::Debug for Seed {
@@ -44,6 +58,7 @@ impl std::fmt::Debug for Seed {
         f.debug_struct("Seed")
             .field("path", &self.path)
             .field("devices", &self.devices.len())
+            .field("configurations", &self.configurations.len())
             .finish()
     }
 }
@@ -88,6 +103,18 @@ pub enum SeedError {
         path: PathBuf,
         index: usize,
         device_id: String,
+        problem: String,
+    },
+    /// The hub refused one of the file's configurations (the devices, modules and the
+    /// configurations before it stay applied).
+    #[error(
+        "the seed file {} could not be applied: configurations[{index}] (configuration {id}): {problem}; fix that entry and start again",
+        path.display()
+    )]
+    RefusedConfiguration {
+        path: PathBuf,
+        index: usize,
+        id: String,
         problem: String,
     },
 }
@@ -150,6 +177,8 @@ struct AuthEntry {
 struct SeedDocument {
     #[serde(default)]
     devices: Vec<DeviceEntry>,
+    #[serde(default)]
+    configurations: Vec<Configuration>,
 }
 
 impl Seed {
@@ -199,9 +228,6 @@ impl Seed {
             ));
         };
         for key in top.keys() {
-            if let Some((_, what)) = NOT_YET.iter().find(|(name, _)| name == key) {
-                return Err(invalid(key, None, (*what).to_owned()));
-            }
             if !TOP_LEVEL_KEYS.contains(&key.as_str()) {
                 return Err(invalid(
                     key,
@@ -211,6 +237,28 @@ impl Seed {
                         TOP_LEVEL_KEYS.join(", ")
                     ),
                 ));
+            }
+        }
+        // The wire type takes unknown fields, as IoT Hub's REST API does; a file's typo is
+        // refused here instead.
+        if let Some(Value::Array(configurations)) = top.get("configurations") {
+            for (index, entry) in configurations.iter().enumerate() {
+                let Value::Object(entry) = entry else {
+                    continue;
+                };
+                if let Some(key) = entry
+                    .keys()
+                    .find(|k| !CONFIGURATION_KEYS.contains(&k.as_str()))
+                {
+                    return Err(invalid(
+                        &format!("configurations[{index}].{key}"),
+                        None,
+                        format!(
+                            "unknown field `{key}`; a configuration's fields are {}",
+                            CONFIGURATION_KEYS[..8].join(", ")
+                        ),
+                    ));
+                }
             }
         }
         let mut reader = serde_json::Deserializer::from_str(text);
@@ -281,10 +329,29 @@ impl Seed {
                 desired: entry.desired,
             });
         }
+        let mut configuration_ids: HashMap<&str, usize> = HashMap::new();
+        for (index, configuration) in parsed.configurations.iter().enumerate() {
+            let at = |field: &str| format!("configurations[{index}].{field}");
+            hub_core::configuration::validate_configuration_id(&configuration.id)
+                .map_err(|e| invalid(&at("id"), None, e.to_string()))?;
+            if let Some(first) = configuration_ids.insert(&configuration.id, index) {
+                return Err(invalid(
+                    &at("id"),
+                    None,
+                    format!(
+                        "configuration {} is already declared at configurations[{first}]; declare each configuration once",
+                        configuration.id
+                    ),
+                ));
+            }
+            hub_core::configuration::DesiredContent::parse(configuration.content.as_ref())
+                .map_err(|e| invalid(&at("content"), None, e.to_string()))?;
+        }
         Ok(Seed {
             path: path.to_owned(),
             devices,
             modules,
+            configurations: parsed.configurations,
         })
     }
 
@@ -298,9 +365,20 @@ impl Seed {
         self.devices.len()
     }
 
-    /// Applies the file to `hub` in one transaction: all of it, or (when the hub refuses a
-    /// device, e.g. a desired property name IoT Hub does not allow) none of it.
-    pub async fn apply(&self, hub: &Hub) -> Result<SeedOutcome, SeedError> {
+    /// How many configurations it declares.
+    pub fn configuration_count(&self) -> usize {
+        self.configurations.len()
+    }
+
+    /// Applies the file to `hub`: its devices in one transaction (all of them, or, when the
+    /// hub refuses one, e.g. a desired property name IoT Hub does not allow, none), then their
+    /// modules, then its configurations, each of those one by one. `max_configurations` is
+    /// the tier's count of configurations.
+    pub async fn apply(
+        &self,
+        hub: &Hub,
+        max_configurations: usize,
+    ) -> Result<SeedOutcome, SeedError> {
         let outcome =
             hub.apply_seed(&self.devices)
                 .await
@@ -323,6 +401,19 @@ impl Seed {
                     device_id: module.device_id.clone(),
                     problem: format!("module {}: {error}", module.id),
                 })?;
+        }
+        for (index, configuration) in self.configurations.iter().enumerate() {
+            apply_configuration(hub, configuration, max_configurations)
+                .await
+                .map_err(|error| SeedError::RefusedConfiguration {
+                    path: self.path.clone(),
+                    index,
+                    id: configuration.id.clone(),
+                    problem: error.to_string(),
+                })?;
+        }
+        if !self.configurations.is_empty() {
+            hub.settle_configurations().await;
         }
         Ok(outcome)
     }
@@ -386,6 +477,45 @@ async fn apply_module(hub: &Hub, module: &SeedModule) -> Result<(), crate::hub::
             false,
         )
         .await?;
+    }
+    Ok(())
+}
+
+/// Brings one configuration to the file's state: created when missing; updated (with
+/// `If-Match: *`) when its target condition, priority, labels or metric queries differ; left
+/// alone, etag and all, when they match. IoT Hub never lets a configuration's content change,
+/// so a file whose content differs from the hub's replaces the configuration: deleted, then
+/// created again (as the Azure CLI tells users to do), which leaves the old content's
+/// settings in the twins until the new one applies.
+async fn apply_configuration(
+    hub: &Hub,
+    wanted: &Configuration,
+    max: usize,
+) -> Result<(), crate::hub::OperationError> {
+    use hub_core::configuration::DesiredContent;
+    let id = wanted.id.as_str();
+    let Ok(current) = hub.get_configuration(id) else {
+        hub.put_configuration(id, wanted.clone(), None, max).await?;
+        tracing::info!(configuration = %id, "seed: configuration created");
+        return Ok(());
+    };
+    let content = |c: &Configuration| DesiredContent::parse(c.content.as_ref()).ok();
+    if content(&current) != content(wanted) {
+        hub.delete_configuration(id, None).await?;
+        hub.put_configuration(id, wanted.clone(), None, max).await?;
+        tracing::info!(configuration = %id, "seed: configuration replaced (its content changed)");
+        return Ok(());
+    }
+    let queries = |c: &Configuration| c.metrics.as_ref().and_then(|m| m.queries.clone());
+    let differs = current.target_condition.as_deref().unwrap_or_default()
+        != wanted.target_condition.as_deref().unwrap_or_default()
+        || current.priority.unwrap_or(0) != wanted.priority.unwrap_or(0)
+        || current.labels.clone().unwrap_or_default() != wanted.labels.clone().unwrap_or_default()
+        || queries(&current).unwrap_or_default() != queries(wanted).unwrap_or_default();
+    if differs {
+        hub.put_configuration(id, wanted.clone(), Some("*"), max)
+            .await?;
+        tracing::info!(configuration = %id, "seed: configuration updated");
     }
     Ok(())
 }
@@ -479,11 +609,6 @@ mod tests {
         assert!(
             top.contains("unknown top-level key `device`") && top.contains("devices"),
             "{top}"
-        );
-        let later = error(r#"{"configurations": []}"#);
-        assert!(
-            later.contains("configurations") && later.contains("not supported"),
-            "{later}"
         );
         let field = error(
             "{\"devices\": [\n {\"id\": \"d1\"},\n {\"id\": \"d2\", \"statu\": \"enabled\"}]}",

@@ -202,8 +202,12 @@ fn the_binary_refuses_a_bad_seed_file_with_its_path_and_line() {
         ),
         (
             "top.json",
-            "{\"devices\": [], \"configurations\": []}",
-            &["top.json", "configurations", "not supported"],
+            "{\"devices\": [], \"configuration\": []}",
+            &[
+                "top.json",
+                "unknown top-level key `configuration`",
+                "configurations",
+            ],
         ),
         (
             "field.json",
@@ -321,4 +325,114 @@ async fn a_seed_declares_modules_and_a_restart_with_it_changes_none() {
         .expect_err("refused")
         .to_string();
     assert!(error.contains("devices[0].modules[1].id"), "{error}");
+}
+
+/// Polls the twin of `id` until `done` holds (the configurations reconciler runs 50 ms after a
+/// change), then returns it.
+async fn twin_when(hub: &TestHub, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    for _ in 0..100 {
+        let twin = hub.call(Method::GET, &format!("/twins/{id}"), None).await;
+        if done(&twin.body) {
+            return twin.body;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the twin of {id} never reached the expected state");
+}
+
+fn seed_with_configuration(priority: i64, rate: i64) -> Value {
+    json!({
+        "devices": [{"id": "door-7", "tags": {"building": 43}}],
+        "configurations": [{
+            "id": "door-settings",
+            "targetCondition": "tags.building=43",
+            "priority": priority,
+            "labels": {"owner": "facilities"},
+            "content": {"deviceContent": {"properties.desired.lock": {"rate": rate}}},
+            "metrics": {"queries": {"locked": "SELECT deviceId FROM devices WHERE properties.reported.locked = true"}},
+        }]
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_declares_configurations_that_reach_twins_and_restarts_keep_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let file = write_seed(dir.path(), "seed.json", &seed_with_configuration(5, 1));
+    let hub = TestHub::start_with(seeded(&data, &file)).await;
+    let first = hub
+        .call(Method::GET, "/configurations/door-settings", None)
+        .await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.body);
+    assert_eq!(first.body["priority"], 5);
+    assert_eq!(first.body["labels"], json!({"owner": "facilities"}));
+    // Applied before the hub serves: the first read already sees it.
+    let twin = hub.call(Method::GET, "/twins/door-7", None).await.body;
+    assert_eq!(twin["properties"]["desired"]["lock"]["rate"], 1, "{twin}");
+    assert_eq!(twin["configurations"]["door-settings"]["status"], "Applied");
+    hub.running.shutdown().await;
+
+    // The same file again: the configuration is not written (same etag).
+    let hub = TestHub::start_with(seeded(&data, &file)).await;
+    let again = hub
+        .call(Method::GET, "/configurations/door-settings", None)
+        .await;
+    assert_eq!(again.body["etag"], first.body["etag"], "unchanged");
+    assert_eq!(again.body["createdTimeUtc"], first.body["createdTimeUtc"]);
+    hub.running.shutdown().await;
+
+    // A new priority updates it in place; a new content replaces it and reaches the twin.
+    write_seed(dir.path(), "seed.json", &seed_with_configuration(9, 1));
+    let hub = TestHub::start_with(seeded(&data, &file)).await;
+    let updated = hub
+        .call(Method::GET, "/configurations/door-settings", None)
+        .await;
+    assert_eq!(updated.body["priority"], 9);
+    assert_ne!(updated.body["etag"], first.body["etag"]);
+    assert_eq!(updated.body["createdTimeUtc"], first.body["createdTimeUtc"]);
+    hub.running.shutdown().await;
+
+    write_seed(dir.path(), "seed.json", &seed_with_configuration(9, 2));
+    let hub = TestHub::start_with(seeded(&data, &file)).await;
+    let replaced = hub
+        .call(Method::GET, "/configurations/door-settings", None)
+        .await;
+    assert_eq!(
+        replaced.body["content"]["deviceContent"]["properties.desired.lock"]["rate"],
+        2
+    );
+    twin_when(&hub, "door-7", |t| {
+        t["properties"]["desired"]["lock"]["rate"] == 2
+    })
+    .await;
+    hub.running.shutdown().await;
+}
+
+#[test]
+fn a_seed_refuses_bad_configurations_with_their_path() {
+    let error = |seed: Value| {
+        Seed::parse(Path::new("seed.json"), &seed.to_string())
+            .expect_err("refused")
+            .to_string()
+    };
+    let typo = error(json!({"configurations": [{"id": "a", "targetConditon": "*"}]}));
+    assert!(
+        typo.contains("configurations[0].targetConditon") && typo.contains("targetCondition"),
+        "{typo}"
+    );
+    let bad_id = error(json!({"configurations": [{"id": "Upper"}]}));
+    assert!(bad_id.contains("configurations[0].id"), "{bad_id}");
+    let content = json!({"deviceContent": {"properties.desired.x": 1}});
+    let twice = error(json!({"configurations": [
+        {"id": "a", "content": content}, {"id": "a", "content": content}]}));
+    assert!(
+        twice.contains("configurations[1].id") && twice.contains("configurations[0]"),
+        "{twice}"
+    );
+    let bad_content = error(json!({"configurations": [{"id": "a",
+        "content": {"deviceContent": {"tags.x": 1}}}]}));
+    assert!(
+        bad_content.contains("configurations[0].content"),
+        "{bad_content}"
+    );
 }

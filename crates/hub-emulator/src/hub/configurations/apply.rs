@@ -355,6 +355,13 @@ impl Hub {
         }
     }
 
+    /// Applies every configuration to every twin now, before returning: a seeded hub serves
+    /// its configurations' content from its first request. Called before the reconciler runs.
+    pub async fn settle_configurations(&self) -> usize {
+        self.configurations_changed();
+        self.apply_configurations().await
+    }
+
     /// Runs the reconciler until `shutdown`.
     pub fn spawn_configurations(&self, shutdown: CancellationToken, tracker: &TaskTracker) {
         let hub = self.clone();
