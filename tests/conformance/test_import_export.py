@@ -1,5 +1,5 @@
 """Import and export jobs through the official Python service SDK (azure-iot-hub's
-IoTHubJobManager), against a real Azure Storage emulator (Azurite, from npm), with the blobs read
+IoTHubJobManager, with IoTHubConfigurationManager for includeConfigurations), against a real Azure Storage emulator (Azurite, from npm), with the blobs read
 and written by the official azure-storage-blob SDK.
 
 This file starts its own Azurite (target/conformance/node_modules, or AZURITE_BLOB) and its own
@@ -21,8 +21,9 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from azure.iot.hub import IoTHubJobManager, IoTHubRegistryManager
-from azure.iot.hub.models import JobProperties, Twin
+from azure.iot.hub import IoTHubConfigurationManager, IoTHubJobManager, IoTHubRegistryManager
+from azure.iot.hub.models import (Configuration, ConfigurationContent, ConfigurationMetrics, JobProperties,
+                                  Twin)
 from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, generate_container_sas
 from msrest.exceptions import HttpOperationError
 
@@ -191,6 +192,72 @@ def test_export_then_import_into_a_fresh_hub_reproduces_the_registry(hubs, blob_
     assert module_after.authentication.symmetric_key.primary_key == module_before.authentication.symmetric_key.primary_key
     assert target.get_module_twin(ids[1], "thermostat").tags == {"kind": "module"}
     assert blob_lines(blob_service, container, "importErrors.log") == []
+
+
+def test_configurations_travel_with_include_configurations(hubs, blob_service):
+    source_cs, target_cs = hubs
+    source = IoTHubRegistryManager.from_connection_string(source_cs)
+    device_id = f"configured-{uuid.uuid4().hex[:6]}"
+    source.create_device_with_sas(device_id, None, None, "enabled")
+    source.update_twin(device_id, Twin(tags={"ring": "canary"}), "*")
+    configuration_id = f"fw-{uuid.uuid4().hex[:6]}"
+    created = IoTHubConfigurationManager.from_connection_string(source_cs).create_configuration(Configuration(
+        id=configuration_id, target_condition="tags.ring='canary'", priority=7, labels={"team": "fw"},
+        content=ConfigurationContent(device_content={"properties.desired.firmware": {"version": "2.1"}}),
+        metrics=ConfigurationMetrics(queries={"updated": "SELECT deviceId FROM devices WHERE properties.reported.firmware.version = '2.1'"})))
+    container = f"with-configurations-{uuid.uuid4().hex[:8]}"
+    uri = container_sas_uri(blob_service, container)
+
+    export = run_job(IoTHubJobManager.from_connection_string(source_cs),
+                     JobProperties(type="export", output_blob_container_uri=uri, include_configurations=True))
+    assert export.status == "completed", export.failure_reason
+    assert export.configurations_blob_name == "configurations.txt"
+    exported = {line["id"]: line for line in blob_lines(blob_service, container, "configurations.txt")}
+    assert exported[configuration_id]["targetCondition"] == "tags.ring='canary'"
+    assert exported[configuration_id]["etag"] == created.etag
+
+    # Into the empty hub: the devices first, then the configuration, which reaches the twin.
+    imported = run_job(IoTHubJobManager.from_connection_string(target_cs),
+                       JobProperties(type="import", input_blob_container_uri=uri, output_blob_container_uri=uri,
+                                     include_configurations=True))
+    assert imported.status == "completed", imported.failure_reason
+    assert blob_lines(blob_service, container, "importErrors.log") == []
+    target_configurations = IoTHubConfigurationManager.from_connection_string(target_cs)
+    copy = target_configurations.get_configuration(configuration_id)
+    assert copy.priority == 7 and copy.labels == {"team": "fw"}
+    assert copy.content.device_content == {"properties.desired.firmware": {"version": "2.1"}}
+    assert copy.metrics.queries["updated"].startswith("SELECT deviceId")
+    target = IoTHubRegistryManager.from_connection_string(target_cs)
+    twin = wait_for(lambda: (lambda t: t if t.properties.desired.get("firmware") == {"version": "2.1"} else None)(
+        target.get_twin(device_id)), what="the imported configuration to reach the twin")
+    assert twin.tags == {"ring": "canary"}
+
+    # A line with the one mode and the target's etag updates the configuration; the exported
+    # line after it carries an etag that no longer matches, so createOrUpdateIfMatchETag leaves
+    # the configuration alone and logs why; any other mode is refused for its line.
+    lines = [
+        json.dumps({"id": configuration_id, "importMode": "createOrUpdateIfMatchETag",
+                    "etag": target_configurations.get_configuration(configuration_id).etag,
+                    "targetCondition": "tags.ring='canary'", "priority": 9,
+                    "content": exported[configuration_id]["content"]}),
+        json.dumps({**exported[configuration_id], "priority": 8}),
+        json.dumps({"id": "other", "importMode": "delete"}),
+    ]
+    again = f"configurations-again-{uuid.uuid4().hex[:8]}"
+    again_uri = container_sas_uri(blob_service, again)
+    blob_service.get_blob_client(again, "devices.txt").upload_blob("")
+    blob_service.get_blob_client(again, "fleet.jsonl").upload_blob("\n".join(lines))
+    job = run_job(IoTHubJobManager.from_connection_string(target_cs),
+                  JobProperties(type="import", input_blob_container_uri=again_uri, output_blob_container_uri=again_uri,
+                                include_configurations=True, configurations_blob_name="fleet.jsonl"))
+    assert job.status == "completed", job.failure_reason
+    errors = blob_lines(blob_service, again, "importErrors.log")
+    assert len(errors) == 2, errors
+    assert errors[0]["errorCode"] == "PreconditionFailed" and "line 2 of fleet.jsonl" in errors[0]["errorStatus"], errors
+    assert "line 3" in errors[1]["errorStatus"] and "createOrUpdateIfMatchETag" in errors[1]["errorStatus"], errors
+    assert target_configurations.get_configuration(configuration_id).priority == 9
+    with pytest.raises(HttpOperationError):
+        target_configurations.get_configuration("other")
 
 
 def test_an_export_can_leave_the_keys_out(hubs, blob_service):

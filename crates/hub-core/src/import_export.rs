@@ -12,6 +12,14 @@ pub const DEFAULT_DEVICES_BLOB: &str = "devices.txt";
 /// The blob in the output container where an import lists the devices it could not apply (the
 /// C# SDK's `CommonConstants.ImportDevicesOutputBlobName`).
 pub const IMPORT_ERRORS_BLOB: &str = "importErrors.log";
+/// The blob an export with `includeConfigurations` writes its configurations to, and an import
+/// with it reads them from, when the job names none (`configurationsBlobName`: "Defaults to
+/// configurations.txt", REST reference "Jobs - Create Import Export Job").
+pub const DEFAULT_CONFIGURATIONS_BLOB: &str = "configurations.txt";
+/// The one `importMode` a configuration line of an import may give, and what a line without
+/// one means (the C# SDK's `ConfigurationImportMode` has this value only: created when missing,
+/// overwritten only when the line's etag matches).
+pub const CONFIGURATION_IMPORT_MODE: &str = "createOrUpdateIfMatchETag";
 
 /// What kind of import/export job (`type`; the SDKs send `export` and `import`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

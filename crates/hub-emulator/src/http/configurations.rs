@@ -28,7 +28,7 @@ use crate::hub::DEFAULT_MAX_CONFIGURATIONS;
 
 /// How many configurations this hub may hold: its tier's figure under `--tier`, else the
 /// standard tiers' 100.
-fn max_count(state: &AppState) -> usize {
+pub(super) fn max_count(state: &AppState) -> usize {
     state
         .throttles
         .quotas()

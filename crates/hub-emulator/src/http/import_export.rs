@@ -45,7 +45,9 @@ pub async fn create(
         // No key leaves through the page, not even by way of a blob it names.
         request.exclude_keys_in_export = Some(true);
     }
-    let job = state.import_export.create(request)?;
+    let job = state
+        .import_export
+        .create(request, super::configurations::max_count(&state))?;
     Ok(Json(for_caller(caller, job)))
 }
 

@@ -1,6 +1,7 @@
 //! IoT Hub's import and export jobs: the whole identity registry (identities, keys, tags,
-//! desired and reported properties) to a blob container, and a container's `devices.txt` into
-//! the registry (`POST /jobs/create`, `GET /jobs`, `GET /jobs/{id}`, `DELETE /jobs/{id}`).
+//! desired and reported properties) and, with `includeConfigurations`, its automatic device
+//! configurations to a blob container, and a container's `devices.txt` (and
+//! `configurations.txt`) into the registry (`POST /jobs/create`, `GET /jobs`, `GET /jobs/{id}`, `DELETE /jobs/{id}`).
 //!
 //! One job is active at a time, for every tier ("Only one active device import or export job is
 //! allowed at a time for all IoT Hub tiers", Microsoft Learn, "Import and export IoT Hub device
@@ -25,7 +26,7 @@ use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use hub_core::import_export::{DEFAULT_DEVICES_BLOB, ImportExportJob, ImportExportStatus};
+use hub_core::import_export::{ImportExportJob, ImportExportStatus};
 
 pub use blob::{BlobError, MAX_LINE_BYTES, STORAGE_VERSION};
 
@@ -103,7 +104,12 @@ impl ImportExportJobs {
     }
 
     /// `POST /jobs/create`: checks the document, refuses a second active job, and starts it.
-    pub fn create(&self, request: ImportExportJob) -> Result<ImportExportJob, ImportExportError> {
+    /// `max_configurations` is the tier's count, which an import's configurations stay within.
+    pub fn create(
+        &self,
+        request: ImportExportJob,
+        max_configurations: usize,
+    ) -> Result<ImportExportJob, ImportExportError> {
         let plan = run::Plan::from_request(&request)?;
         let job_id = uuid::Uuid::new_v4().to_string();
         let job = ImportExportJob {
@@ -119,6 +125,7 @@ impl ImportExportJobs {
                 .or(Some("keyBased".into())),
             input_blob_name: plan.input_blob_name(),
             output_blob_name: plan.output_blob_name(),
+            configurations_blob_name: plan.configurations_blob_name(),
             ..request
         };
         let cancel = self.shutdown.child_token();
@@ -148,7 +155,7 @@ impl ImportExportJobs {
         self.tracker.spawn(async move {
             let outcome = tokio::select! {
                 () = cancel.cancelled() => return,
-                outcome = plan.run(&jobs, &job_id) => outcome,
+                outcome = plan.run(&jobs, &job_id, max_configurations) => outcome,
             };
             jobs.finish(&job_id, outcome);
         });
@@ -248,9 +255,9 @@ fn forget_oldest(table: &mut Table) {
     }
 }
 
-/// The blob name a job uses for `name`, or the default.
-fn blob_name(name: Option<&String>) -> String {
+/// The blob name a job uses for `name`, or `default`.
+fn blob_name(name: Option<&String>, default: &str) -> String {
     name.filter(|n| !n.is_empty())
         .cloned()
-        .unwrap_or_else(|| DEFAULT_DEVICES_BLOB.to_owned())
+        .unwrap_or_else(|| default.to_owned())
 }

@@ -3,14 +3,20 @@
 //! container's blob; an import reads the input blob's lines and applies them 100 at a time
 //! through the bulk registry (the same staging as `POST /devices`, so every import mode, etag
 //! check and validation is the same), then writes the devices it could not apply to
-//! `importErrors.log` in the output container.
+//! `importErrors.log` in the output container. With `includeConfigurations`, an export also
+//! writes every configuration (as `GET /configurations/{id}` answers it) as one JSON line of
+//! `configurations.txt`, and an import applies that blob's lines after the devices, each with
+//! IoT Hub's one configuration import mode, `createOrUpdateIfMatchETag`; the configurations it
+//! cannot apply join the same error log.
 
 use serde_json::Value;
 
 use hub_core::bulk::{
     DeviceRegistryOperationError, ExportImportDevice, ImportMode, MAX_BULK_DEVICES,
 };
+use hub_core::configuration::Configuration;
 use hub_core::import_export::{
+    CONFIGURATION_IMPORT_MODE, DEFAULT_CONFIGURATIONS_BLOB, DEFAULT_DEVICES_BLOB,
     IMPORT_ERRORS_BLOB, ImportExportJob, ImportExportStatus, ImportExportType,
 };
 
@@ -41,11 +47,15 @@ pub(super) enum Plan {
         output: Container,
         blob: String,
         exclude_keys: bool,
+        /// The configurations' blob, when `includeConfigurations` is true.
+        configurations: Option<String>,
     },
     Import {
         input: Container,
         input_blob: String,
         output: Container,
+        /// The configurations' blob, when `includeConfigurations` is true.
+        configurations: Option<String>,
     },
 }
 
@@ -70,15 +80,11 @@ impl Plan {
                     uri.ok_or_else(|| invalid(format!("{field} is required for this job type")))?;
                 Container::parse(field, uri).map_err(|e| invalid(e.to_string()))
             };
-        if request.include_configurations == Some(true) {
-            return Err(invalid(
-                "includeConfigurations is not supported: hub-emulator has no configurations yet; \
-                 leave it out or false"
-                    .into(),
-            ));
-        }
-        let name = |field: &str, name: Option<&String>| -> Result<String, ImportExportError> {
-            let name = blob_name(name);
+        let name = |field: &str,
+                    name: Option<&String>,
+                    default: &str|
+         -> Result<String, ImportExportError> {
+            let name = blob_name(name, default);
             if name.starts_with('/') || name.contains(['?', '#']) || name.len() > 1024 {
                 return Err(invalid(format!(
                     "{field} `{name}` is not a blob name (at most 1,024 characters, no leading /, no ? or #)"
@@ -86,25 +92,44 @@ impl Plan {
             }
             Ok(name)
         };
+        let configurations = if request.include_configurations == Some(true) {
+            Some(name(
+                "configurationsBlobName",
+                request.configurations_blob_name.as_ref(),
+                DEFAULT_CONFIGURATIONS_BLOB,
+            )?)
+        } else {
+            None
+        };
         match request.job_type {
             Some(ImportExportType::Export) => Ok(Plan::Export {
                 output: container(
                     "outputBlobContainerUri",
                     request.output_blob_container_uri.as_ref(),
                 )?,
-                blob: name("outputBlobName", request.output_blob_name.as_ref())?,
+                blob: name(
+                    "outputBlobName",
+                    request.output_blob_name.as_ref(),
+                    DEFAULT_DEVICES_BLOB,
+                )?,
                 exclude_keys: request.exclude_keys_in_export.unwrap_or(false),
+                configurations,
             }),
             Some(ImportExportType::Import) => Ok(Plan::Import {
                 input: container(
                     "inputBlobContainerUri",
                     request.input_blob_container_uri.as_ref(),
                 )?,
-                input_blob: name("inputBlobName", request.input_blob_name.as_ref())?,
+                input_blob: name(
+                    "inputBlobName",
+                    request.input_blob_name.as_ref(),
+                    DEFAULT_DEVICES_BLOB,
+                )?,
                 output: container(
                     "outputBlobContainerUri",
                     request.output_blob_container_uri.as_ref(),
                 )?,
+                configurations,
             }),
             None => Err(invalid("type is required: export or import".into())),
         }
@@ -124,19 +149,46 @@ impl Plan {
         }
     }
 
-    pub(super) async fn run(&self, jobs: &ImportExportJobs, job_id: &str) -> Result<(), RunError> {
+    /// The configurations' blob, when the job includes them.
+    pub(super) fn configurations_blob_name(&self) -> Option<String> {
+        match self {
+            Plan::Export { configurations, .. } | Plan::Import { configurations, .. } => {
+                configurations.clone()
+            }
+        }
+    }
+
+    pub(super) async fn run(
+        &self,
+        jobs: &ImportExportJobs,
+        job_id: &str,
+        max_configurations: usize,
+    ) -> Result<(), RunError> {
         jobs.update(job_id, ImportExportStatus::Running, 0);
         match self {
             Plan::Export {
                 output,
                 blob,
                 exclude_keys,
-            } => export(jobs, job_id, output, blob, *exclude_keys).await,
+                configurations,
+            } => {
+                export(jobs, job_id, output, blob, *exclude_keys).await?;
+                if let Some(name) = configurations {
+                    export_configurations(jobs, output, name).await?;
+                }
+                Ok(())
+            }
             Plan::Import {
                 input,
                 input_blob,
                 output,
-            } => import(jobs, input, input_blob, output).await,
+                configurations,
+            } => {
+                let configurations = configurations
+                    .as_deref()
+                    .map(|name| (name, max_configurations));
+                import(jobs, input, input_blob, output, configurations).await
+            }
         }
     }
 }
@@ -175,11 +227,32 @@ async fn export(
     Ok(())
 }
 
+/// Every configuration, one JSON line each, as `GET /configurations/{id}` answers it (metrics
+/// counted now), so a line imports back as it is.
+async fn export_configurations(
+    jobs: &ImportExportJobs,
+    output: &Container,
+    blob: &str,
+) -> Result<(), RunError> {
+    let mut body = Vec::new();
+    for configuration in jobs.hub.list_configurations(usize::MAX) {
+        // A hub-core wire type the hub built: it always serializes.
+        if let Ok(text) = serde_json::to_vec(&configuration) {
+            body.extend_from_slice(&text);
+            body.push(b'\n');
+        }
+    }
+    output.put(&jobs.client, blob, body).await?;
+    Ok(())
+}
+
+/// `configurations`: the configurations' blob and the tier's count, when the job includes them.
 async fn import(
     jobs: &ImportExportJobs,
     input: &Container,
     input_blob: &str,
     output: &Container,
+    configurations: Option<(&str, usize)>,
 ) -> Result<(), RunError> {
     let mut lines = input.lines(&jobs.client, input_blob).await?;
     let mut batch: Vec<ExportImportDevice> = Vec::with_capacity(MAX_BULK_DEVICES);
@@ -218,6 +291,20 @@ async fn import(
     }
     if !batch.is_empty() {
         errors.extend(jobs.hub.bulk_registry(&batch).await?);
+    }
+    // After the devices, so target conditions see the tags the import just set.
+    if let Some((blob, max)) = configurations {
+        let mut lines = input.lines(&jobs.client, blob).await?;
+        while let Some((number, line)) = lines.next().await? {
+            if let Err((id, error)) = import_configuration(jobs, &line, max).await {
+                errors.push(DeviceRegistryOperationError {
+                    device_id: String::new(),
+                    error_code: error.code().name().to_owned(),
+                    error_status: format!("line {number} of {blob}: configuration {id}: {error}"),
+                    ..DeviceRegistryOperationError::default()
+                });
+            }
+        }
     }
     let mut log = Vec::new();
     if errors.dropped > 0 {
@@ -298,6 +385,67 @@ async fn import_module(
             .map_err(failed)?;
     }
     Ok(())
+}
+
+/// Applies one line of an import's configurations blob with `createOrUpdateIfMatchETag`: a
+/// configuration missing from the hub is created; an existing one is overwritten only when the
+/// line's etag matches the hub's (or is `*`), and then, as `PUT` with `If-Match`, only in what
+/// IoT Hub lets change (its content never does). Fails with the line's id and why.
+async fn import_configuration(
+    jobs: &ImportExportJobs,
+    line: &[u8],
+    max: usize,
+) -> Result<(), (String, OperationError)> {
+    let configuration = configuration_line(line).map_err(|why| {
+        (
+            "(unreadable)".to_owned(),
+            OperationError::InvalidArgument(why),
+        )
+    })?;
+    let id = configuration.id.clone();
+    let failed = |error| (id.clone(), error);
+    let if_match = match jobs.hub.get_configuration(&id) {
+        Err(_) => None,
+        Ok(_) => match configuration.etag.as_deref().filter(|e| !e.is_empty()) {
+            Some(etag) => Some(etag.to_owned()),
+            None => {
+                return Err(failed(OperationError::InvalidArgument(format!(
+                    "configuration {id} already exists and the line gives no etag; \
+                     createOrUpdateIfMatchETag overwrites only on a matching etag (or *)"
+                ))));
+            }
+        },
+    };
+    jobs.hub
+        .put_configuration(&id, configuration, if_match.as_deref(), max)
+        .await
+        .map(|_| ())
+        .map_err(failed)
+}
+
+/// One line of a configurations blob: a configuration document with an optional `importMode`,
+/// which can only be [`CONFIGURATION_IMPORT_MODE`].
+fn configuration_line(line: &[u8]) -> Result<Configuration, String> {
+    let mut value: Value = serde_json::from_slice(line).map_err(|e| format!("not JSON: {e}"))?;
+    let Some(object) = value.as_object_mut() else {
+        return Err("not a configuration: a line is one JSON object".into());
+    };
+    match object.remove("importMode") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(mode)) if mode.eq_ignore_ascii_case(CONFIGURATION_IMPORT_MODE) => {}
+        Some(other) => {
+            return Err(format!(
+                "importMode {other} is not a configuration import mode; the only one is \
+                 {CONFIGURATION_IMPORT_MODE}"
+            ));
+        }
+    }
+    let configuration: Configuration =
+        serde_json::from_value(value).map_err(|e| format!("not a configuration: {e}"))?;
+    if configuration.id.is_empty() {
+        return Err("its id is empty".into());
+    }
+    Ok(configuration)
 }
 
 /// An import's failures: the first [`MAX_LOGGED_ERRORS`], and how many more.
@@ -395,5 +543,52 @@ mod tests {
         ))
         .expect("an export");
         assert_eq!(plan.output_blob_name().as_deref(), Some("devices.txt"));
+        assert_eq!(plan.configurations_blob_name(), None);
+        let with = |json: &str| Plan::from_request(&request(json)).expect("a plan");
+        assert_eq!(
+            with(r#"{"type":"export","outputBlobContainerUri":"http://h/c?s=1","includeConfigurations":true}"#)
+                .configurations_blob_name()
+                .as_deref(),
+            Some("configurations.txt")
+        );
+        assert_eq!(
+            with(r#"{"type":"import","inputBlobContainerUri":"http://h/i?s=1","outputBlobContainerUri":"http://h/c?s=1","includeConfigurations":true,"configurationsBlobName":"c.jsonl"}"#)
+                .configurations_blob_name()
+                .as_deref(),
+            Some("c.jsonl")
+        );
+        assert_eq!(
+            with(r#"{"type":"export","outputBlobContainerUri":"http://h/c?s=1","includeConfigurations":false,"configurationsBlobName":"c.jsonl"}"#)
+                .configurations_blob_name(),
+            None,
+            "a name without includeConfigurations exports none"
+        );
+        assert!(
+            refused(r#"{"type":"export","outputBlobContainerUri":"http://h/c?s=1","includeConfigurations":true,"configurationsBlobName":"/c"}"#)
+                .contains("configurationsBlobName")
+        );
+    }
+
+    #[test]
+    fn a_configuration_line_takes_its_one_import_mode_and_refuses_others() {
+        let line = configuration_line(
+            br#"{"id":"fw","importMode":"createOrUpdateIfMatchETag","etag":"MQ==","priority":3,
+                "content":{"deviceContent":{"properties.desired.fw":{"v":1}}},
+                "systemMetrics":{"results":{"appliedCount":2}}}"#,
+        )
+        .expect("a configuration");
+        assert_eq!(line.id, "fw");
+        assert_eq!(line.priority, Some(3));
+        assert_eq!(line.etag.as_deref(), Some("MQ=="));
+        assert!(
+            configuration_line(br#"{"id":"fw"}"#).is_ok(),
+            "the mode may be left out"
+        );
+        let mode =
+            configuration_line(br#"{"id":"fw","importMode":"delete"}"#).expect_err("refused");
+        assert!(mode.contains("createOrUpdateIfMatchETag"), "{mode}");
+        assert!(configuration_line(br#"{"id":""}"#).is_err());
+        assert!(configuration_line(b"[1]").is_err());
+        assert!(configuration_line(b"{nope").is_err());
     }
 }
