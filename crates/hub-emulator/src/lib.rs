@@ -276,9 +276,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         hub.set_fault(device_id, spec.clone())?;
     }
     if let Some(seed) = &config.seed {
-        let max_configurations = config.tier.map_or(hub::DEFAULT_MAX_CONFIGURATIONS, |q| {
-            hub_core::configuration::max_configurations(q.tier)
-        });
+        let max_configurations = hub::max_configurations_on(config.tier.map(|q| q.tier));
         let outcome = seed.apply(&hub, max_configurations).await?;
         tracing::info!(
             file = %seed.path().display(),

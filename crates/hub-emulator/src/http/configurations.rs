@@ -14,7 +14,6 @@ use axum::response::Response;
 
 use hub_core::configuration::{
     Configuration, ConfigurationQueriesTestInput, ConfigurationQueriesTestResponse,
-    max_configurations,
 };
 use hub_core::error::ErrorCode;
 use hub_core::policy::Permission;
@@ -24,15 +23,11 @@ use super::auth::require;
 use super::error::ApiError;
 use super::extract::{IdPath, JsonBody, if_match};
 use super::registry::{top_param, with_etag};
-use crate::hub::DEFAULT_MAX_CONFIGURATIONS;
 
 /// How many configurations this hub may hold: its tier's figure under `--tier`, else the
 /// standard tiers' 100.
 pub(super) fn max_count(state: &AppState) -> usize {
-    state
-        .throttles
-        .quotas()
-        .map_or(DEFAULT_MAX_CONFIGURATIONS, |q| max_configurations(q.tier))
+    crate::hub::max_configurations_on(state.throttles.quotas().map(|q| q.tier))
 }
 
 /// `GET /configurations?top=n`: the hub's configurations in id order. IoT Hub does not page

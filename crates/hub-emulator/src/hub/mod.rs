@@ -63,7 +63,7 @@ use tokio::sync::{Notify, OwnedMutexGuard, oneshot};
 
 pub use auth::{DeviceGrant, PolicyKeys, SAS_SKEW_SECS};
 pub use bulk::{BulkRequestError, check_bulk_request};
-pub use configurations::{DEFAULT_MAX_CONFIGURATIONS, SETTLE as CONFIGURATION_SETTLE};
+pub use configurations::{SETTLE as CONFIGURATION_SETTLE, max_configurations_on};
 pub use error::{AuthError, OperationError};
 pub use methods::{MAX_METHOD_PAYLOAD, MethodCall, MethodOutcome, validate_method_name};
 pub use modules::{MAX_MODULES_PER_DEVICE, identity_key, validate_module_id};

@@ -404,17 +404,16 @@ async fn import_configuration(
     })?;
     let id = configuration.id.clone();
     let failed = |error| (id.clone(), error);
-    let if_match = match jobs.hub.get_configuration(&id) {
-        Err(_) => None,
-        Ok(_) => match configuration.etag.as_deref().filter(|e| !e.is_empty()) {
-            Some(etag) => Some(etag.to_owned()),
-            None => {
-                return Err(failed(OperationError::InvalidArgument(format!(
-                    "configuration {id} already exists and the line gives no etag; \
-                     createOrUpdateIfMatchETag overwrites only on a matching etag (or *)"
-                ))));
-            }
-        },
+    let if_match = if jobs.hub.configuration_exists(&id) {
+        let Some(etag) = configuration.etag.clone().filter(|e| !e.is_empty()) else {
+            return Err(failed(OperationError::InvalidArgument(format!(
+                "configuration {id} already exists and the line gives no etag; \
+                 createOrUpdateIfMatchETag overwrites only on a matching etag (or *)"
+            ))));
+        };
+        Some(etag)
+    } else {
+        None
     };
     jobs.hub
         .put_configuration(&id, configuration, if_match.as_deref(), max)

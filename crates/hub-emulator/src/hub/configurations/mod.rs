@@ -32,7 +32,13 @@ use crate::store::Write;
 pub use apply::SETTLE;
 
 /// How many configurations a hub holds when no tier is set: a standard hub's.
-pub const DEFAULT_MAX_CONFIGURATIONS: usize = 100;
+const DEFAULT_MAX_CONFIGURATIONS: usize = 100;
+
+/// How many configurations a hub on `tier` may hold: the tier's figure, or a standard hub's
+/// without `--tier`. The one place REST, seed files and import jobs take their cap from.
+pub fn max_configurations_on(tier: Option<hub_core::tier::Tier>) -> usize {
+    tier.map_or(DEFAULT_MAX_CONFIGURATIONS, wire::max_configurations)
+}
 
 /// A configuration as stored: what its creator gave (content, condition, metrics, labels) and
 /// the hub's own fields. Metrics' results are never stored; they are counted when read.
@@ -360,6 +366,11 @@ impl Hub {
         all.iter()
             .map(|c| self.configuration_document(c, &twins))
             .collect()
+    }
+
+    /// Whether the hub holds configuration `id` (without counting its metrics, as a `GET` does).
+    pub fn configuration_exists(&self, id: &str) -> bool {
+        lock(&self.inner.configurations).by_id.contains_key(id)
     }
 
     /// How many configurations the hub holds.
